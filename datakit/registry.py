@@ -1,0 +1,23 @@
+"""The stages a recipe can name, in the one order they run.
+
+Each entry is ``name -> "module:Class"``; the module holds the stage and its ``Settings``.
+Imports are lazy so that loading a recipe only imports what it uses.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+STAGES: dict[str, str] = {
+    "download": "datakit.download:DownloadStage",
+    # detect, filter, embed, attributes, dedup, cluster, caption, shard are added here as they land
+}
+
+
+def stage_class(name: str):
+    module, cls = STAGES[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def ordered(names) -> list[str]:
+    return [n for n in STAGES if n in set(names)]

@@ -1,0 +1,140 @@
+"""The manifest schema: the one place that defines columns, types, statuses and reason codes.
+
+Every input item ends as exactly one row of ``images.parquet``. Stages add columns; the
+stage that drops an item sets ``status="dropped"``, ``drop_stage``, ``reason`` (a code from
+``REASONS``) and ``detail`` (plain words: the HTTP status, the error text, the image it
+duplicates). ``manifests/README.md`` documents the same list for people; a test keeps the two
+in step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+KEPT = "kept"
+DROPPED = "dropped"
+REDACTED = "redacted"
+STATUSES = (KEPT, DROPPED, REDACTED)
+
+# reason code -> (stage that uses it, what it means)
+REASONS: dict[str, tuple[str, str]] = {
+    # download (URL sources) and read (folder sources)
+    "invalid_url": ("download", "the URL cannot be parsed or has no host"),
+    "unsupported_scheme": ("download", "the URL's scheme is not http or https"),
+    "refused_address": (
+        "download",
+        "the host resolves to a private, loopback, link-local or reserved address "
+        "(also checked after every redirect); allow with download.allow_private_addresses",
+    ),
+    "dns_error": ("download", "the host name does not resolve"),
+    "http_error": ("download", "the server answered with an error status (see http_status)"),
+    "timeout": ("download", "no complete answer within download.timeout_s, after retries"),
+    "connection_error": ("download", "the connection failed or closed before the body ended"),
+    "too_many_redirects": ("download", "more redirects than download.max_redirects, or a loop"),
+    "too_large": ("download", "the body is larger than download.max_bytes"),
+    "opted_out": ("download", "the server sent X-Robots-Tag noai or noimageai"),
+    "file_missing": ("download", "a folder-source file vanished or cannot be read"),
+    # decode (both source kinds)
+    "undecodable": ("download", "the bytes are not an image Pillow can fully decode"),
+    "too_many_pixels": ("download", "the image declares more pixels than download.max_pixels"),
+    "image_too_small": ("download", "the image's shorter side is under download.min_side"),
+    # exact duplicates, across all sources
+    "duplicate_exact": ("dedup", "same bytes (sha256) as the kept image named in duplicate_of"),
+    # faces
+    "no_face": ("detect", "no face found"),
+    "face_too_small_area": ("filter", "the subject's face box covers under filter.min_area_fraction of the image"),
+    "multiple_faces": ("filter", "more than one comparable face and none clearly dominates"),
+    "face_too_small_px": ("filter", "the subject's face box is under filter.min_face_px pixels"),
+    "face_blurry": ("filter", "the face crop's sharpness is under filter.min_sharpness"),
+    "duplicate_near": ("dedup", "a near-duplicate (perceptual hash and embedding) of duplicate_of"),
+    # identities
+    "identity_outlier": ("cluster", "the face does not match the dominant face of its name"),
+    "identity_too_small": ("cluster", "its identity has fewer than cluster.min_images images"),
+    "unclustered": ("cluster", "no identity cluster took this face"),
+    # runner
+    "stage_error": ("any", "the stage raised on this item; detail holds the error"),
+}
+
+LIST_F32 = pa.list_(pa.float32())
+
+# name -> (arrow type, description). Order is the column order of images.parquet.
+IMAGE_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
+    "image_id": (pa.string(), "stable id: first 16 hex of sha1(source name + NUL + locator)"),
+    "source": (pa.string(), "the recipe's name for the source"),
+    "source_kind": (pa.string(), "folder | urls"),
+    "locator": (pa.string(), "the URL, or the path relative to the folder source's root"),
+    "label": (pa.string(), "the name the source gives (identity folder or name column); null if none"),
+    "extra": (pa.string(), "the source row's other columns, as a JSON object"),
+    "status": (pa.string(), "kept | dropped | redacted"),
+    "drop_stage": (pa.string(), "the stage that dropped the item"),
+    "reason": (pa.string(), "reason code (see REASONS)"),
+    "detail": (pa.string(), "plain words on the decision: error text, HTTP status, kept twin"),
+    # download / decode
+    "http_status": (pa.int32(), "final HTTP status, null for folder sources and network errors"),
+    "attempts": (pa.int32(), "requests made for this item, retries included"),
+    "final_url": (pa.string(), "the URL after redirects"),
+    "content_type": (pa.string(), "the Content-Type header"),
+    "sha256": (pa.string(), "sha256 of the bytes as fetched or read"),
+    "bytes": (pa.int64(), "size of the bytes as fetched or read"),
+    "format": (pa.string(), "format Pillow decoded (JPEG, PNG, WEBP, ...)"),
+    "width": (pa.int32(), "width after EXIF orientation"),
+    "height": (pa.int32(), "height after EXIF orientation"),
+    "mode": (pa.string(), "Pillow mode before conversion to RGB"),
+    "duplicate_of": (pa.string(), "image_id of the kept twin for exact or near duplicates"),
+    # faces
+    "face_backend": (pa.string(), "face model backend (dlib | insightface)"),
+    "face_count": (pa.int32(), "faces found"),
+    "face_box": (LIST_F32, "subject's face box x0,y0,x1,y1 in pixels, RetinaFace convention"),
+    "face_score": (pa.float32(), "detector score of the subject's face"),
+    "face_area_fraction": (pa.float32(), "face box area / image area (RetinaFace convention)"),
+    "landmarks5": (LIST_F32, "5 points x,y (eyes, nose, mouth corners) in pixels"),
+    "landmarks68": (LIST_F32, "68 points x,y in pixels, when the backend gives them"),
+    "sharpness": (pa.float32(), "variance of the Laplacian on the face crop"),
+    "other_faces": (pa.string(), "JSON list of other faces' boxes and scores"),
+    "embedding": (LIST_F32, "identity embedding of the subject's face (L2-normalised)"),
+    "embedding_model": (pa.string(), "model that made the embedding"),
+    "phash": (pa.string(), "perceptual hash (hex) of the image"),
+    "age": (pa.float32(), "estimated age in years"),
+    "age_source": (pa.string(), "where age came from (model name) or null"),
+    "gender": (pa.string(), "female | male | null"),
+    "gender_source": (pa.string(), "names:<package> | model:<name> | null"),
+    "caption": (pa.string(), "caption used as the prompt"),
+    "caption_source": (pa.string(), "template | vlm:<model>"),
+    # identities and shards
+    "identity_id": (pa.string(), "identity the image belongs to (kept images)"),
+    "identity_distance": (pa.float32(), "embedding distance to its identity's centre"),
+    "review_flag": (pa.string(), "why a person should look at this row, or null"),
+    "shard": (pa.string(), "shard file (relative to OUTPUT) holding the sample"),
+    "key": (pa.string(), "the sample's key inside the shard"),
+    # auditing
+    "redacted_at": (pa.string(), "UTC time of redaction (ISO 8601)"),
+    "redaction_reason": (pa.string(), "why it was redacted"),
+}
+
+IMAGES_SCHEMA = pa.schema([pa.field(n, t) for n, (t, _) in IMAGE_COLUMNS.items()])
+
+
+def image_id(source: str, locator: str) -> str:
+    """Stable id of an input item: the same source name and locator always give the same id."""
+    return hashlib.sha1(f"{source}\0{locator}".encode()).hexdigest()[:16]
+
+
+def check_reason(code: str) -> str:
+    if code not in REASONS:
+        raise ValueError(f"unknown reason code {code!r}; known codes: {', '.join(sorted(REASONS))}")
+    return code
+
+
+def conform(table: pa.Table) -> pa.Table:
+    """Project a table onto IMAGES_SCHEMA: known columns cast, missing ones null, others dropped."""
+    columns = []
+    for field in IMAGES_SCHEMA:
+        if field.name in table.column_names:
+            columns.append(table.column(field.name).cast(field.type))
+        else:
+            columns.append(pa.nulls(table.num_rows, field.type))
+    return pa.Table.from_arrays(columns, schema=IMAGES_SCHEMA)

@@ -1,0 +1,149 @@
+"""The work folder of a build: where each stage's partitions live, atomic writes, markers.
+
+Layout under ``OUTPUT/_work/``::
+
+    recipe.json                   the resolved recipe and its hash (a resume must match it)
+    items/part-00000.parquet      the enumerated input items, fixed partitions
+    <stage>/part-00000.parquet    the columns that stage added or changed, same rows, same order
+    <stage>/stats-00000.json      counts and seconds for that partition
+    <stage>/_SUCCESS              every partition of the stage is done
+
+A file's presence is its completion marker: it is written under a temporary name in the same
+folder and renamed into place, so a killed run leaves either the whole file or none (and a
+stray temporary that the next run deletes). The view of partition *i* after stage *k* is the
+items file with each stage's columns laid over it in order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ITEMS = "items"
+TMP_PREFIX = ".tmp-"
+# Columns that hold bulk bytes: kept in the work folder, never in images.parquet.
+BULK_COLUMNS = ("image_bytes", "face_crop")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}-{path.name}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_table(path: Path, table: pa.Table) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}-{path.name}"
+    # Fixed writer settings so the same table gives the same bytes.
+    pq.write_table(table, tmp, compression="zstd", write_statistics=True, store_schema=True)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+class WorkDir:
+    def __init__(self, output: Path):
+        self.output = Path(output)
+        self.root = self.output / "_work"
+
+    # paths
+    def stage_dir(self, stage: str) -> Path:
+        return self.root / stage
+
+    def part_path(self, stage: str, part: int) -> Path:
+        return self.stage_dir(stage) / f"part-{part:05d}.parquet"
+
+    def stats_path(self, stage: str, part: int) -> Path:
+        return self.stage_dir(stage) / f"stats-{part:05d}.json"
+
+    def success_path(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "_SUCCESS"
+
+    # state
+    def is_done(self, stage: str) -> bool:
+        return self.success_path(stage).exists()
+
+    def part_done(self, stage: str, part: int) -> bool:
+        return self.part_path(stage, part).exists() and self.stats_path(stage, part).exists()
+
+    def num_parts(self) -> int:
+        marker = self.success_path(ITEMS)
+        if not marker.exists():
+            raise FileNotFoundError(f"{self.root}: the items have not been enumerated yet")
+        return int(json.loads(marker.read_text())["partitions"])
+
+    def mark_done(self, stage: str, info: dict) -> None:
+        atomic_write_json(self.success_path(stage), info)
+
+    def remove_temporaries(self) -> int:
+        """Delete what a killed run left half-written. Returns how many files went."""
+        removed = 0
+        if self.root.exists():
+            for p in self.root.rglob(f"{TMP_PREFIX}*"):
+                p.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    # writing
+    def write_part(self, stage: str, part: int, table: pa.Table, stats: dict) -> None:
+        # The table first, then the stats: a part counts as done only when both exist.
+        atomic_write_table(self.part_path(stage, part), table)
+        atomic_write_json(self.stats_path(stage, part), stats)
+
+    def read_stats(self, stage: str) -> list[dict]:
+        out = []
+        for p in sorted(self.stage_dir(stage).glob("stats-*.json")):
+            out.append(json.loads(p.read_text()))
+        return out
+
+    # reading
+    def read_view(self, part: int, stages: list[str], columns: list[str] | None = None) -> pa.Table:
+        """Partition ``part`` as it stands after ``stages`` (in order), optionally projected."""
+        table = pq.read_table(self.part_path(ITEMS, part))
+        for stage in stages:
+            update = pq.read_table(self.part_path(stage, part))
+            table = overlay(table, update, where=f"{stage} part {part}")
+        if columns is not None:
+            keep = [c for c in columns if c in table.column_names]
+            table = table.select(keep)
+        return table
+
+    def iter_views(self, stages: list[str], columns: list[str] | None = None) -> Iterator[pa.Table]:
+        for part in range(self.num_parts()):
+            yield self.read_view(part, stages, columns)
+
+    def read_all(self, stages: list[str], columns: list[str] | None = None) -> pa.Table:
+        """Every partition after ``stages``; pass ``columns`` to leave bulk bytes on disk."""
+        tables = list(self.iter_views(stages, columns))
+        return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+
+
+def overlay(base: pa.Table, update: pa.Table, where: str = "") -> pa.Table:
+    """Lay ``update``'s columns over ``base`` (same rows, same order): replace or append."""
+    if update.num_rows != base.num_rows:
+        raise ValueError(f"{where}: stage output has {update.num_rows} rows, input had {base.num_rows}")
+    if "image_id" in update.column_names and update.column("image_id") != base.column("image_id"):
+        raise ValueError(f"{where}: stage output rows are not in the input's order")
+    for name in update.column_names:
+        if name == "image_id":
+            continue
+        col = update.column(name)
+        if name in base.column_names:
+            base = base.set_column(base.column_names.index(name), name, col)
+        else:
+            base = base.append_column(name, col)
+    return base
