@@ -1,0 +1,51 @@
+"""The face-model backend interface that detect, filter, embed and attributes stages call.
+
+Coordinates are pixels of the image passed in. ``box`` follows RetinaFace's convention
+(x0, y0, x1, y1 around forehead-to-chin and ear-to-ear); each backend maps its own detector's
+box to that convention and says how in ``box_convention``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Face:
+    box: tuple[float, float, float, float]  # RetinaFace convention, pixels
+    score: float
+    landmarks5: np.ndarray  # (5, 2): left eye, right eye, nose, left mouth, right mouth
+    landmarks68: np.ndarray | None = None  # (68, 2) when the backend gives them
+    raw_box: tuple[float, float, float, float] | None = None  # the detector's own box
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def area(self) -> float:
+        x0, y0, x1, y1 = self.box
+        return max(0.0, x1 - x0) * max(0.0, y1 - y0)
+
+
+class FaceBackend(ABC):
+    name: str = ""
+    embedding_model: str = ""
+    embedding_dim: int = 0
+    box_convention: str = ""  # how the detector's box maps to RetinaFace's
+
+    @abstractmethod
+    def detect(self, rgb: np.ndarray) -> list[Face]:
+        """Every face in an HxWx3 uint8 RGB array, largest first."""
+
+    @abstractmethod
+    def embed(self, rgb: np.ndarray, face: Face) -> tuple[np.ndarray, np.ndarray]:
+        """(L2-normalised float32 embedding, aligned face crop as HxWx3 uint8 RGB)."""
+
+    def age_gender(self, rgb: np.ndarray, face: Face) -> tuple[float | None, str | None]:
+        """(age in years, "female" | "male") from a model, or (None, None) without one."""
+        return None, None
+
+    @property
+    def has_age_gender_model(self) -> bool:
+        return False
