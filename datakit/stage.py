@@ -54,6 +54,11 @@ class Stage:
         self.settings = settings
         self.context = context  # output folder, recipe-wide settings (allow_private_addresses...)
 
+    @classmethod
+    def provenance(cls, settings: Any, context: dict[str, Any]) -> dict:
+        """What build.json should record about this stage's models (names, files, sha256)."""
+        return {}
+
     def setup(self) -> None:
         """Load models, open sessions. Called once per worker before the first partition."""
 

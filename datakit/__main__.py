@@ -1,0 +1,5 @@
+import sys
+
+from datakit.cli import main
+
+sys.exit(main())

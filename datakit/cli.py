@@ -1,0 +1,147 @@
+"""``datakit`` command line: ``run`` a recipe, see a build's ``status``.
+
+Also ``python -m datakit``. Exit codes: 0 done, 1 the build failed, 2 bad recipe or arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from datakit import registry, schema
+
+console = Console()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/red]: run the same command again to resume")
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="datakit", description="Build and audit the HiFi-Portrait corpus.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run a build recipe (resumes an interrupted build)")
+    p.add_argument("recipe", type=Path, help="recipe YAML, e.g. pipelines/demo.yaml")
+    p.add_argument("--output", type=Path, help="override the recipe's output folder")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--restart", action="store_true", help="discard an earlier build in the output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="where a build stands")
+    p.add_argument("output", type=Path, help="the build's output folder")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("check", help="validate a recipe without running it")
+    p.add_argument("recipe", type=Path)
+    p.set_defaults(func=cmd_check)
+    return parser
+
+
+def cmd_check(args) -> int:
+    from datakit.recipe import RecipeError, load_recipe
+
+    try:
+        recipe = load_recipe(args.recipe)
+    except RecipeError as e:
+        console.print(f"[red]recipe error[/red]\n{e}", highlight=False)
+        return 2
+    console.print(f"{args.recipe}: ok ({len(recipe.sources)} sources; stages: {', '.join(recipe.stage_names())})")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from datakit import runner
+    from datakit.recipe import RecipeError, load_recipe
+
+    try:
+        recipe = load_recipe(args.recipe, output=args.output)
+    except RecipeError as e:
+        console.print(f"[red]recipe error[/red]\n{e}", highlight=False)
+        return 2
+    console.print(f"building [bold]{recipe.name}[/bold] into {recipe.output}")
+    try:
+        result = runner.run(recipe, address=args.address, restart=args.restart, quiet=args.quiet)
+    except (runner.BuildMismatch, RecipeError) as e:
+        console.print(f"[red]error[/red]: {e}", highlight=False)
+        return 2
+    print_summary(result)
+    return 0
+
+
+def print_summary(result) -> None:
+    table = Table(title=f"build summary: {result.output}")
+    for col in ("stage", "items in", "kept", "dropped", "dropped by reason", "worker s"):
+        table.add_column(col, justify="left" if col in ("stage", "dropped by reason") else "right")
+    for name, s in result.stages.items():
+        dropped = sum(s["dropped"].values())
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(s["dropped"].items(), key=lambda kv: -kv[1]))
+        table.add_row(name, str(s["items_in"]), str(s["kept"]), str(dropped), reasons or "-", f"{s['seconds']:.1f}")
+    console.print(table)
+    console.print(
+        f"{result.items} items: {result.kept} kept, {result.items - result.kept} dropped "
+        f"in {result.wall_seconds:.1f} s. Manifest: {result.output / 'images.parquet'}"
+    )
+
+
+def cmd_status(args) -> int:
+    from datakit.store import ITEMS, WorkDir
+
+    work = WorkDir(args.output)
+    recipe_file = work.root / "recipe.json"
+    if not recipe_file.exists():
+        console.print(f"[red]{args.output}[/red]: no build here (no _work/recipe.json)")
+        return 1
+    recorded = json.loads(recipe_file.read_text())
+    names = [n for n in registry.STAGES if n in recorded["recipe"]["stages"]]
+    table = Table(title=f"{args.output}: {recorded['recipe']['name']} (recipe {recorded['hash'][:12]})")
+    for col in ("stage", "state", "partitions done", "items in", "kept", "dropped"):
+        table.add_column(col)
+    if work.is_done(ITEMS):
+        info = json.loads(work.success_path(ITEMS).read_text())
+        parts = info["partitions"]
+        table.add_row("sources", "done", f"{parts}/{parts}", str(info["items"]), str(info["items"]), "0")
+    else:
+        parts = 0
+        table.add_row("sources", "not started", "-", "-", "-", "-")
+    for name in names:
+        done = sum(1 for p in range(parts) if work.part_done(name, p))
+        stats = work.read_stats(name)
+        state = "done" if work.is_done(name) else ("running or stopped" if done else "waiting")
+        table.add_row(
+            name,
+            state,
+            f"{done}/{parts}",
+            str(sum(s["items_in"] for s in stats)),
+            str(sum(s["kept"] for s in stats)),
+            str(sum(sum(s["dropped"].values()) for s in stats)),
+        )
+    console.print(table)
+    manifest = args.output / "images.parquet"
+    if manifest.exists():
+        import pyarrow.parquet as pq
+
+        rows = pq.read_metadata(manifest).num_rows
+        console.print(f"images.parquet: {rows} rows; build complete" if all(work.is_done(n) for n in names) else "")
+    else:
+        console.print("images.parquet: not written yet (the build has not finished)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

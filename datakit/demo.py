@@ -1,0 +1,66 @@
+"""``make demo``: build pipelines/demo.yaml offline.
+
+Serves ``data/demo/web`` on a free port of 127.0.0.1 for the URL-list source, points the
+recipe's ``${DATAKIT_DEMO_BASE_URL}`` at it, runs the build, and stops the server whatever
+happens. Usage: ``python -m datakit.demo [--output DIR] [--restart]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import threading
+from contextlib import contextmanager
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPE = REPO / "pipelines" / "demo.yaml"
+WEB_ROOT = REPO / "data" / "demo" / "web"
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format, *args):  # the build's manifest records every answer
+        pass
+
+
+@contextmanager
+def serve_folder(root: Path):
+    """A static file server on 127.0.0.1 (random free port); yields its base URL."""
+    handler = functools.partial(_QuietHandler, directory=str(root))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m datakit.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--output", type=Path, help="output folder (default: the recipe's, manifests/demo)")
+    parser.add_argument("--restart", action="store_true", help="discard an earlier demo build first")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+
+    from datakit.cli import main as cli_main
+
+    with serve_folder(WEB_ROOT) as base_url:
+        os.environ["DATAKIT_DEMO_BASE_URL"] = base_url
+        cli_args = ["run", str(RECIPE)]
+        if args.output:
+            cli_args += ["--output", str(args.output)]
+        if args.restart:
+            cli_args.append("--restart")
+        if args.quiet:
+            cli_args.append("--quiet")
+        return cli_main(cli_args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

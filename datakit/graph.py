@@ -1,0 +1,229 @@
+"""Nearest-neighbour graphs and graph clustering of L2-normalised embeddings (numpy only).
+
+Everything here works on rows of unit vectors, where squared Euclidean distance is
+``2 - 2 * dot``. Three pieces:
+
+- ``knn``: the k nearest neighbours of every row. Exact in blocks (memory ``block x n``, never
+  the full ``n x n`` matrix) up to ``exact_max`` rows; above that an inverted-file search:
+  k-means cells of ~``cell_size`` rows, and every row searches its own cell plus the cells
+  nearest to it (``probe`` cells), so the cost grows like ``n x probe x cell_size``, linear in
+  n for a fixed cell size (plus k-means, which costs ``n^2 / cell_size`` dot products: small).
+- ``agglomerate``: average-linkage agglomeration restricted to the edges of a graph. The
+  linkage of two clusters A and B is the root mean squared distance over all pairs (a, b),
+  which for unit vectors is ``sqrt(2 - 2 * mean(A) . mean(B))``: it needs only each cluster's
+  sum and count, so merging is O(1) and no pairwise matrix is ever built. Each round merges
+  every pair of clusters that are each other's best candidate under the threshold (a
+  matching, so no chaining within a round); rounds repeat until no pair qualifies. Cannot-link
+  groups (bit masks) keep, for example, two names of the same source apart.
+- ``pairwise_f`` and ``bcubed_f``: clustering quality against reference labels.
+
+Ties are broken by index everywhere, so the same input gives the same clusters.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+DEFAULT_BLOCK = 2048
+
+
+def _topk_rows(sims: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and values of the k largest entries of each row, best first (ties: lower index)."""
+    k = min(k, sims.shape[1])
+    if k <= 0:
+        empty = np.zeros((sims.shape[0], 0))
+        return empty.astype(np.int64), empty.astype(sims.dtype)
+    if k < sims.shape[1]:
+        part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+    else:
+        part = np.broadcast_to(np.arange(sims.shape[1]), sims.shape).copy()
+    vals = np.take_along_axis(sims, part, axis=1)
+    order = np.lexsort((part, -vals), axis=1)
+    return np.take_along_axis(part, order, axis=1), np.take_along_axis(vals, order, axis=1)
+
+
+def knn_exact(x: np.ndarray, k: int, block: int = DEFAULT_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """(neighbours (n, k) int64, distances (n, k) float32), self excluded, computed in row blocks.
+
+    Rows with fewer than k other rows get -1 and inf in the missing places.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n = x.shape[0]
+    idx = np.full((n, k), -1, dtype=np.int64)
+    dist = np.full((n, k), np.inf, dtype=np.float32)
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        sims = x[start:stop] @ x.T
+        sims[np.arange(stop - start), np.arange(start, stop)] = -np.inf  # not its own neighbour
+        nb, vals = _topk_rows(sims, min(k, n - 1))
+        idx[start:stop, : nb.shape[1]] = nb
+        dist[start:stop, : nb.shape[1]] = _to_distance(vals)
+    return idx, dist
+
+
+def _to_distance(sims: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.maximum(0.0, 2.0 - 2.0 * sims)).astype(np.float32)
+
+
+def kmeans(x: np.ndarray, cells: int, iterations: int = 10, seed: int = 0, sample: int = 64) -> np.ndarray:
+    """Unit-norm cell centres from spherical k-means on at most ``sample x cells`` rows."""
+    rng = np.random.default_rng(seed)
+    n = x.shape[0]
+    train = x[np.sort(rng.choice(n, size=min(n, sample * cells), replace=False))]
+    centres = train[np.sort(rng.choice(train.shape[0], size=cells, replace=False))].copy()
+    for _ in range(iterations):
+        assign = nearest_centre(train, centres)
+        sums = np.zeros_like(centres, dtype=np.float64)
+        np.add.at(sums, assign, train)
+        empty = np.bincount(assign, minlength=cells) == 0
+        sums[empty] = centres[empty]  # an empty cell keeps its old centre
+        centres = (sums / np.linalg.norm(sums, axis=1, keepdims=True)).astype(np.float32)
+    return centres
+
+
+def nearest_centre(x: np.ndarray, centres: np.ndarray, block: int = 16384) -> np.ndarray:
+    out = np.empty(x.shape[0], dtype=np.int64)
+    for start in range(0, x.shape[0], block):
+        out[start : start + block] = np.argmax(x[start : start + block] @ centres.T, axis=1)
+    return out
+
+
+def knn_ivf(x: np.ndarray, k: int, cell_size: int = 1024, probe: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate kNN: each cell's rows search that cell and the ``probe - 1`` cells nearest to it."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n = x.shape[0]
+    cells = max(1, n // cell_size)
+    centres = kmeans(x, cells, seed=seed)
+    assign = nearest_centre(x, centres)
+    order = np.argsort(assign, kind="stable")
+    bounds = np.searchsorted(assign[order], np.arange(cells + 1))
+    members = [order[bounds[c] : bounds[c + 1]] for c in range(cells)]
+    near_cells, _ = _topk_rows(centres @ centres.T, min(probe, cells))
+    idx = np.full((n, k), -1, dtype=np.int64)
+    dist = np.full((n, k), np.inf, dtype=np.float32)
+    for c in range(cells):
+        queries = members[c]
+        if queries.size == 0:
+            continue
+        cand = np.concatenate([members[j] for j in near_cells[c]])
+        sims = x[queries] @ x[cand].T
+        sims[cand[None, :] == queries[:, None]] = -np.inf
+        kk = min(k, cand.size - 1)
+        nb, vals = _topk_rows(sims, kk)
+        idx[queries, :kk] = cand[nb]
+        dist[queries, :kk] = _to_distance(vals)
+    # equal distances from different cells: order by (distance, index) for a fixed result
+    order = np.lexsort((idx, dist), axis=1)
+    return np.take_along_axis(idx, order, axis=1), np.take_along_axis(dist, order, axis=1)
+
+
+def knn(x: np.ndarray, k: int, exact_max: int = 50_000, **ivf) -> tuple[np.ndarray, np.ndarray]:
+    if x.shape[0] <= exact_max:
+        return knn_exact(x, k)
+    return knn_ivf(x, k, **ivf)
+
+
+def knn_edges(idx: np.ndarray, dist: np.ndarray, max_distance: float) -> tuple[np.ndarray, np.ndarray]:
+    """Undirected edges (a < b, unique) of a kNN result, keeping those under ``max_distance``."""
+    rows = np.repeat(np.arange(idx.shape[0]), idx.shape[1])
+    cols = idx.ravel()
+    ok = (cols >= 0) & (dist.ravel() < max_distance)
+    a, b = np.minimum(rows[ok], cols[ok]), np.maximum(rows[ok], cols[ok])
+    key = np.unique(a.astype(np.int64) * idx.shape[0] + b)
+    return key // idx.shape[0], key % idx.shape[0]
+
+
+def agglomerate(
+    vectors: np.ndarray,
+    edges: tuple[np.ndarray, np.ndarray],
+    threshold: float,
+    counts: np.ndarray | None = None,
+    cannot_link: np.ndarray | None = None,
+    chunk: int = 262_144,
+) -> np.ndarray:
+    """Cluster label (the smallest unit index in the cluster) of each unit.
+
+    ``vectors`` are unit vectors, or with ``counts`` the sums of ``counts`` unit vectors (a
+    unit can be a ready-made group). Two clusters merge only along ``edges`` (pairs of unit
+    indices), only when their linkage (RMS distance over all cross pairs) is under
+    ``threshold``, and never when their ``cannot_link`` bit masks (uint64) share a bit.
+    """
+    m = vectors.shape[0]
+    sums = np.asarray(vectors, dtype=np.float64).copy()
+    counts = np.ones(m, dtype=np.int64) if counts is None else np.asarray(counts, dtype=np.int64).copy()
+    masks = np.zeros(m, dtype=np.uint64) if cannot_link is None else np.asarray(cannot_link, dtype=np.uint64).copy()
+    label = np.arange(m, dtype=np.int64)
+    a, b = (np.asarray(e, dtype=np.int64) for e in edges)
+    limit = 2.0 - threshold * threshold  # linkage < threshold  <=>  mean(A) . mean(B) > limit / 2
+    while a.size:
+        a, b = label[a], label[b]
+        a, b = np.minimum(a, b), np.maximum(a, b)
+        key = np.unique(a[a != b] * m + b[a != b])
+        a, b = key // m, key % m
+        if a.size == 0:
+            break
+        means = (sums / counts[:, None]).astype(np.float32)
+        dots = np.empty(a.size, dtype=np.float32)
+        for s in range(0, a.size, chunk):
+            dots[s : s + chunk] = np.einsum("ij,ij->i", means[a[s : s + chunk]], means[b[s : s + chunk]])
+        ok = (2.0 * dots > limit) & ((masks[a] & masks[b]) == 0)
+        if not ok.any():
+            break
+        pa_, pb_, pd = a[ok], b[ok], dots[ok]
+        best = _best_partner(np.concatenate([pa_, pb_]), np.concatenate([pb_, pa_]), np.concatenate([pd, pd]), m)
+        mutual = best[pa_] == pb_
+        mutual &= best[pb_] == pa_
+        keep_a, gone_b = pa_[mutual], pb_[mutual]  # keep_a < gone_b: the label stays the smallest
+        sums[keep_a] += sums[gone_b]
+        counts[keep_a] += counts[gone_b]
+        masks[keep_a] |= masks[gone_b]
+        relabel = np.arange(m, dtype=np.int64)
+        relabel[gone_b] = keep_a
+        label = relabel[label]
+    return label
+
+
+def _best_partner(src: np.ndarray, dst: np.ndarray, dots: np.ndarray, m: int) -> np.ndarray:
+    """For each unit, the partner with the highest dot (ties: lowest index); -1 if none."""
+    order = np.lexsort((dst, -dots, src))
+    src, dst = src[order], dst[order]
+    first = np.ones(src.size, dtype=bool)
+    first[1:] = src[1:] != src[:-1]
+    best = np.full(m, -1, dtype=np.int64)
+    best[src[first]] = dst[first]
+    return best
+
+
+def linkage(a: np.ndarray, b: np.ndarray) -> float:
+    """RMS distance over all pairs of two sets of unit vectors."""
+    dot = float(np.mean(a, axis=0, dtype=np.float64) @ np.mean(b, axis=0, dtype=np.float64))
+    return float(np.sqrt(max(0.0, 2.0 - 2.0 * dot)))
+
+
+# ------------------------------------------------------------------ quality against labels
+
+
+def _pairs(counts) -> int:
+    return sum(c * (c - 1) // 2 for c in counts)
+
+
+def pairwise_f(pred, truth) -> float:
+    """F1 over pairs of items: a pair is positive when both are in the same cluster."""
+    pred, truth = list(pred), list(truth)
+    joint = _pairs(Counter(zip(pred, truth)).values())
+    p_pairs, t_pairs = _pairs(Counter(pred).values()), _pairs(Counter(truth).values())
+    precision = joint / p_pairs if p_pairs else 1.0
+    recall = joint / t_pairs if t_pairs else 1.0
+    return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+
+
+def bcubed_f(pred, truth) -> float:
+    """BCubed F1: per-item precision and recall of its cluster against its class, averaged."""
+    pred, truth = list(pred), list(truth)
+    joint = Counter(zip(pred, truth))
+    cp, ct = Counter(pred), Counter(truth)
+    precision = np.mean([joint[(p, t)] / cp[p] for p, t in zip(pred, truth)])
+    recall = np.mean([joint[(p, t)] / ct[t] for p, t in zip(pred, truth)])
+    return float(2 * precision * recall / (precision + recall))

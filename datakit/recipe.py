@@ -1,0 +1,227 @@
+"""Build recipes: YAML files under ``pipelines/`` that name sources, stages, output and Ray settings.
+
+Loading validates everything before any work starts. An unknown key, a wrong type, a missing
+file or an unset ``${VARIABLE}`` is a ``RecipeError`` whose message names the file, the key and
+what is expected. Relative paths are taken relative to the recipe file's folder, so a recipe
+means the same thing from any working directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from datakit import registry
+
+ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceBase(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    license: str | None = None
+    intended_use: str | None = None
+    homepage: str | None = None
+
+
+class FolderSource(SourceBase):
+    """``ROOT/<label>/<file>``: the VGGFace2-HQ layout; the folder name is the identity."""
+
+    kind: Literal["folder"]
+    root: Path
+    # null takes every file: a non-image must still become a manifest row (undecodable)
+    extensions: list[str] | None = None
+
+
+class UrlSource(SourceBase):
+    """A CSV, TSV, parquet or JSONL list of URLs, with an optional name column."""
+
+    kind: Literal["urls"]
+    path: Path
+    format: Literal["csv", "tsv", "parquet", "jsonl"] | None = None  # null: from the suffix
+    url_column: str = "url"
+    name_column: str | None = None
+    # Relative URLs are fetched from base_url (a mirror); the manifest keeps them as listed,
+    # so image ids do not change with the mirror's address.
+    base_url: str | None = None
+
+
+Source = Annotated[FolderSource | UrlSource, Field(discriminator="kind")]
+
+
+class RaySettings(_Strict):
+    address: str | None = None  # null: RAY_ADDRESS if set, else a local Ray
+    num_cpus: int | None = Field(default=None, ge=1)  # local Ray only
+    partition_size: int = Field(default=256, ge=1)  # items per partition (the unit of resume)
+
+
+class Recipe(_Strict):
+    name: str
+    description: str | None = None
+    output: Path
+    sources: list[Source] = Field(min_length=1)
+    faces: dict[str, Any] | None = None  # validated by datakit.faces.FaceSettings when used
+    stages: dict[str, dict[str, Any] | None]
+    ray: RaySettings = RaySettings()
+
+    # filled in after validation
+    path: Path | None = Field(default=None, exclude=True)
+
+    @field_validator("stages")
+    @classmethod
+    def _known_stages(cls, stages):
+        unknown = [n for n in stages if n not in registry.STAGES]
+        if unknown:
+            raise ValueError(
+                f"unknown stage {unknown[0]!r}; known stages, in run order: {', '.join(registry.STAGES)}"
+            )
+        if "download" not in stages:
+            raise ValueError("the download stage is required (it reads every source)")
+        return stages
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_names(cls, sources):
+        names = [s.name for s in sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"source names must be unique; repeated: {', '.join(dupes)}")
+        return sources
+
+    # derived views
+    def stage_names(self) -> list[str]:
+        return registry.ordered(self.stages)
+
+    def stage_settings(self, name: str):
+        return registry.stage_class(name).Settings.model_validate(self.stages.get(name) or {})
+
+    def face_settings(self):
+        from datakit.faces import FaceSettings  # imported late: only face recipes need it
+
+        return FaceSettings.model_validate(self.faces or {})
+
+    def canonical(self) -> dict:
+        """What determines the build's output: everything but where Ray runs."""
+        data = self.model_dump(mode="json")
+        data["ray"].pop("address", None)
+        data["ray"].pop("num_cpus", None)
+        for source in data["sources"]:
+            source.pop("base_url", None)  # a mirror's address; locators are kept as listed
+        data["stages"] = {n: self.stage_settings(n).model_dump(mode="json") for n in self.stage_names()}
+        return data
+
+    def hash(self) -> str:
+        blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def load_recipe(path: str | os.PathLike, output: str | os.PathLike | None = None) -> Recipe:
+    """Read, substitute ``${VAR}``, validate and resolve paths. Raises RecipeError."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: expected a mapping at the top level (name, output, sources, stages)")
+    raw = _substitute_env(raw, path, [])
+    if output is not None:
+        raw["output"] = str(output)
+    return validate_recipe(raw, path)
+
+
+def validate_recipe(raw: dict, path: Path) -> Recipe:
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError(_explain(e, path, raw)) from None
+    base = path.resolve().parent
+    recipe.path = path.resolve()
+    recipe.output = _resolve(base, recipe.output)
+    for i, source in enumerate(recipe.sources):
+        if isinstance(source, FolderSource):
+            source.root = _resolve(base, source.root)
+            if not source.root.is_dir():
+                raise RecipeError(f"{path}: sources[{i}].root: folder not found: {source.root}")
+        else:
+            source.path = _resolve(base, source.path)
+            if not source.path.is_file():
+                raise RecipeError(f"{path}: sources[{i}].path: file not found: {source.path}")
+    for name in recipe.stage_names():
+        try:
+            recipe.stage_settings(name)
+        except ValidationError as e:
+            raise RecipeError(_explain(e, path, raw, prefix=("stages", name))) from None
+    if recipe.faces is not None or any(n in recipe.stages for n in ("detect", "embed")):
+        try:
+            recipe.face_settings()
+        except ValidationError as e:
+            raise RecipeError(_explain(e, path, raw, prefix=("faces",))) from None
+    return recipe
+
+
+def _resolve(base: Path, p: Path) -> Path:
+    p = Path(os.path.expanduser(str(p)))
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def _substitute_env(node, path: Path, keys: list):
+    if isinstance(node, dict):
+        return {k: _substitute_env(v, path, keys + [str(k)]) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_substitute_env(v, path, keys + [f"[{i}]"]) for i, v in enumerate(node)]
+    if isinstance(node, str):
+
+        def replace(m):
+            value = os.environ.get(m.group(1))
+            if value is None:
+                key = ".".join(keys).replace(".[", "[")
+                raise RecipeError(f"{path}: {key}: environment variable {m.group(1)} is not set")
+            return value
+
+        return ENV_PATTERN.sub(replace, node)
+    return node
+
+
+def _explain(error: ValidationError, path: Path, raw: dict, prefix: tuple = ()) -> str:
+    lines = []
+    for err in error.errors():
+        loc = list(prefix) + [p for p in err["loc"] if not _is_union_tag(p)]
+        key = _format_key(loc)
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            what = "unknown key"
+        elif kind == "missing":
+            what = "required key is missing"
+        else:
+            given = err.get("input")
+            what = f"{err['msg']} (got {given!r})" if not isinstance(given, dict | list) else err["msg"]
+        lines.append(f"{path}: {key}: {what}")
+    return "\n".join(lines)
+
+
+def _is_union_tag(part) -> bool:
+    return part in ("folder", "urls")
+
+
+def _format_key(loc) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"

@@ -1,0 +1,157 @@
+"""Sources: turn a recipe's sources into input items, one per file or URL row, in a fixed order.
+
+Every item gets a stable ``image_id`` from its source name and locator (a locator repeated
+within a source gets ``#2``, ``#3``... appended before hashing, so each occurrence is its own
+row). Extra columns of URL lists are carried into the manifest as a JSON object, together with
+the row number, so an auditor can find the line in the original file.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urljoin
+
+import pyarrow as pa
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from datakit import schema
+from datakit.recipe import FolderSource, RecipeError, UrlSource
+
+ITEM_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("source", pa.string()),
+        ("source_kind", pa.string()),
+        ("locator", pa.string()),
+        ("label", pa.string()),
+        ("extra", pa.string()),
+        ("fetch_uri", pa.string()),  # absolute path or URL; not part of images.parquet
+        ("status", pa.string()),
+        ("drop_stage", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
+
+
+def iter_items(sources, recipe_path: Path | None = None) -> Iterator[dict]:
+    for source in sources:
+        rows = _folder_rows(source) if isinstance(source, FolderSource) else _url_rows(source, recipe_path)
+        seen: dict[str, int] = {}
+        for row in rows:
+            n = seen.get(row["locator"], 0) + 1
+            seen[row["locator"]] = n
+            key = row["locator"] if n == 1 else f"{row['locator']}#{n}"
+            row["image_id"] = schema.image_id(source.name, key)
+            row["source"] = source.name
+            row["status"] = schema.KEPT
+            row["drop_stage"] = row["reason"] = row["detail"] = None
+            yield row
+
+
+def items_table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=ITEM_SCHEMA)
+
+
+def _folder_rows(source: FolderSource) -> Iterator[dict]:
+    """Sorted walk of ROOT/<label>/<file>; files directly under ROOT have no label."""
+    exts = {e.lower().lstrip(".") for e in source.extensions} if source.extensions else None
+    root = source.root
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            if exts is not None and name.rsplit(".", 1)[-1].lower() not in exts:
+                continue
+            full = Path(dirpath) / name
+            rel = full.relative_to(root).as_posix()
+            parts = rel.split("/")
+            yield {
+                "source_kind": "folder",
+                "locator": rel,
+                "label": parts[0] if len(parts) > 1 else None,
+                "extra": None,
+                "fetch_uri": str(full),
+            }
+
+
+def read_url_table(source: UrlSource, recipe_path: Path | None = None) -> pa.Table:
+    fmt = source.format or _format_from_suffix(source.path)
+    where = f"{recipe_path}: sources[{source.name}].path" if recipe_path else str(source.path)
+    try:
+        if fmt in ("csv", "tsv"):
+            table = _read_delimited(source.path, "\t" if fmt == "tsv" else ",")
+        elif fmt == "parquet":
+            table = pq.read_table(source.path)
+        else:
+            table = pajson.read_json(source.path)
+    except (pa.ArrowInvalid, OSError, csv.Error, UnicodeDecodeError) as e:
+        raise RecipeError(f"{where}: cannot read {source.path} as {fmt}: {e}") from e
+    for key, col in (("url_column", source.url_column), ("name_column", source.name_column)):
+        if col is not None and col not in table.column_names:
+            raise RecipeError(
+                f"{where}: sources[{source.name}].{key}: column {col!r} not in {source.path} "
+                f"(its columns: {', '.join(table.column_names)})"
+            )
+    return table
+
+
+def _read_delimited(path: Path, delimiter: str) -> pa.Table:
+    """Every cell as text: a URL list is text, and ids or names must not turn into numbers."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        header = next(reader, None)
+        if not header:
+            raise csv.Error("the file is empty (no header row)")
+        columns: list[list[str | None]] = [[] for _ in header]
+        for line_no, cells in enumerate(reader, start=2):
+            if not cells:
+                continue
+            if len(cells) > len(header):
+                raise csv.Error(f"line {line_no} has {len(cells)} cells, the header has {len(header)}")
+            cells = cells + [None] * (len(header) - len(cells))
+            for col, cell in zip(columns, cells):
+                col.append(cell)
+    return pa.table({name: pa.array(col, pa.string()) for name, col in zip(header, columns)})
+
+
+def _url_rows(source: UrlSource, recipe_path: Path | None) -> Iterator[dict]:
+    table = read_url_table(source, recipe_path)
+    extra_cols = [c for c in table.column_names if c not in (source.url_column, source.name_column)]
+    for i, row in enumerate(table.to_pylist()):
+        raw_url = row.get(source.url_column)
+        url = "" if raw_url is None else str(raw_url).strip()
+        # With base_url the locator stays as listed: item ids do not depend on the mirror used.
+        locator = url
+        fetch_uri = urljoin(source.base_url, url) if source.base_url and url else url
+        name = row.get(source.name_column) if source.name_column else None
+        name = None if name is None or str(name).strip() == "" else str(name).strip()
+        extra = {"row": i + 1}
+        extra.update({c: _jsonable(row[c]) for c in extra_cols})
+        yield {
+            "source_kind": "urls",
+            "locator": locator,
+            "label": name,
+            "extra": json.dumps(extra, sort_keys=True, ensure_ascii=False),
+            "fetch_uri": fetch_uri,
+        }
+
+
+def _jsonable(v):
+    if v is None or isinstance(v, bool | int | float | str):
+        return v
+    return str(v)
+
+
+def _format_from_suffix(path: Path) -> str:
+    suffix = path.suffix.lower().lstrip(".")
+    mapping = {"csv": "csv", "tsv": "tsv", "txt": "tsv", "parquet": "parquet", "jsonl": "jsonl", "json": "jsonl"}
+    if suffix not in mapping:
+        raise RecipeError(f"{path}: cannot tell the format from the suffix; set format: csv|tsv|parquet|jsonl")
+    return mapping[suffix]

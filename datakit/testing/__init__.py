@@ -1,0 +1,1 @@
+"""Helpers that tests, the demo and the benchmarks share (a real local HTTP server)."""
