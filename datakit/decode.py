@@ -8,10 +8,10 @@ then conversion of CMYK, palette, grayscale and alpha images to RGB (alpha over 
 from __future__ import annotations
 
 import io
-import warnings
+import re
 from dataclasses import dataclass
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 64_000_000
 
@@ -35,21 +35,29 @@ class Decoded:
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+    """Decode ``data`` fully; raise DecodeError (too_many_pixels | undecodable) with plain-words
+    detail that holds no addresses or timings (the same bytes give the same text).
+
+    Thread-safe: it changes no global state (no warnings filters), so the download stage can
+    decode in several threads at once."""
     if not data:
         raise DecodeError("undecodable", "empty body")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            fmt = img.format or "unknown"
-            w, h = img.size
-            if w * h > max_pixels:
-                raise DecodeError("too_many_pixels", f"{w}x{h} = {w * h} pixels, limit {max_pixels}")
-            img.load()
+        img = Image.open(io.BytesIO(data))
+        fmt = img.format or "unknown"
+        w, h = img.size
+        if w * h > max_pixels:
+            raise DecodeError("too_many_pixels", f"{fmt} header declares {w}x{h} = {w * h} pixels, "
+                                                 f"over max_pixels {max_pixels}")
+        img.load()
     except DecodeError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise DecodeError("too_many_pixels", str(e)) from e
+    except Image.DecompressionBombError as e:  # Pillow's own hard limit, hit inside Image.open
+        declared = re.search(r"\((\d+) pixels\)", str(e))
+        count = f"{declared.group(1)} pixels" if declared else "more pixels than Pillow allows"
+        raise DecodeError("too_many_pixels", f"header declares {count}, over max_pixels {max_pixels}") from e
+    except UnidentifiedImageError as e:
+        raise DecodeError("undecodable", f"not an image format Pillow knows (starts with {data[:16]!r})") from e
     except Exception as e:  # Pillow raises many types for bad bytes; all mean the same here
         raise DecodeError("undecodable", f"{type(e).__name__}: {e}") from e
     mode = img.mode

@@ -42,7 +42,8 @@ from dataclasses import dataclass, field
 
 import aiohttp
 import pyarrow as pa
-from pydantic import Field
+import yarl
+from pydantic import Field, field_validator
 
 from datakit import netguard, schema
 from datakit.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
@@ -77,9 +78,17 @@ class Settings(StageSettings):
     max_redirects: int = Field(default=5, ge=0)
     allow_private_addresses: bool = Field(
         default=False, description="allow loopback and private networks (link-local and the rest stay refused)")
+    allowed_networks: list[str] = Field(
+        default_factory=list, description="CIDR blocks allowed whatever their kind, e.g. 10.1.2.0/24")
     respect_opt_out: bool = Field(default=True, description="drop items served with X-Robots-Tag noai/noimageai")
     user_agent: str = DEFAULT_USER_AGENT
     decode_threads: int = Field(default=2, ge=1, description="threads that decode and hash bodies, per task")
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _networks_parse(cls, value: list[str]) -> list[str]:
+        netguard.Policy.of(False, value)  # raises ValueError naming the bad entry
+        return value
 
 
 # ---------------------------------------------------------------- results of one item
@@ -118,14 +127,15 @@ class DownloadStage(Stage):
     def __init__(self, settings: Settings | None = None, context: dict | None = None):
         super().__init__(settings if settings is not None else Settings(), context or {})
         # The recipe may allow private addresses for every stage at once.
-        self.allow_private = bool(self.settings.allow_private_addresses
-                                  or self.context.get("allow_private_addresses", False))
+        self.policy = netguard.Policy.of(
+            self.settings.allow_private_addresses or bool(self.context.get("allow_private_addresses", False)),
+            self.settings.allowed_networks)
 
     def process(self, table: pa.Table) -> pa.Table:
         rows = table.select(["image_id", "source_kind", "fetch_uri", "status", "drop_stage", "reason",
                              "detail"]).to_pylist()
         live = [i for i, r in enumerate(rows) if r["status"] == schema.KEPT]
-        outcomes = _run_sync(lambda: _Partition(self.settings, self.allow_private).run([rows[i] for i in live]))
+        outcomes = _run_sync(lambda: _Partition(self.settings, self.policy).run([rows[i] for i in live]))
         by_row = dict(zip(live, outcomes))
         out = [_output_row(r, by_row.get(i)) for i, r in enumerate(rows)]
         return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
@@ -174,9 +184,9 @@ def _run_sync(make_coro):
 # ---------------------------------------------------------------- one partition
 
 class _Partition:
-    def __init__(self, settings: Settings, allow_private: bool):
+    def __init__(self, settings: Settings, policy: netguard.Policy):
         self.s = settings
-        self.allow_private = allow_private
+        self.policy = policy
         self.host_slots: dict[str, asyncio.Semaphore] = {}
 
     async def run(self, rows: list[dict]) -> list[Outcome]:
@@ -187,7 +197,7 @@ class _Partition:
         self.pool = ThreadPoolExecutor(self.s.decode_threads, thread_name_prefix="download-decode")
         connector = aiohttp.TCPConnector(
             limit=self.s.request_concurrency, limit_per_host=self.s.per_host_concurrency,
-            resolver=netguard.GuardedResolver(self.allow_private), ttl_dns_cache=300)
+            resolver=netguard.GuardedResolver(self.policy), ttl_dns_cache=300)
         try:
             async with aiohttp.ClientSession(
                 connector=connector, cookie_jar=aiohttp.DummyCookieJar(), trust_env=False,
@@ -223,7 +233,7 @@ class _Partition:
     # ------------------------------------------------------------ URL items
     async def _fetch(self, url: str) -> Outcome:
         try:
-            target = netguard.check_url(url, self.allow_private)
+            target = netguard.check_url(url, self.policy)
         except netguard.Refused as e:
             return Outcome(e.reason, e.detail, attempts=0, final_url=url)
         attempt = 0
@@ -265,7 +275,7 @@ class _Partition:
             if location is None:
                 return outcome
             try:
-                target = netguard.check_url(target.url.join(aiohttp.client.URL(location)), self.allow_private)
+                target = netguard.check_url(target.url.join(yarl.URL(location)), self.policy)
             except (netguard.Refused, ValueError) as e:
                 reason, detail = (e.reason, e.detail) if isinstance(e, netguard.Refused) else ("invalid_url", str(e))
                 return Outcome(reason, f"redirect from {seen[-1]} refused: {detail}",
@@ -345,7 +355,7 @@ class _Partition:
         async for chunk in resp.content.iter_chunked(READ_CHUNK):
             data += chunk
             if len(data) > limit:
-                return None, f"body is over max_bytes {limit} (stopped reading at {len(data)} bytes)"
+                return None, f"body is over max_bytes {limit} (no Content-Length; stopped reading there)"
         return bytes(data), None
 
     def _host_slot(self, host: str) -> asyncio.Semaphore:

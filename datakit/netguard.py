@@ -15,7 +15,8 @@ The downloader runs ``check_url`` on the first URL and on every redirect target.
 Policy: loopback (127.0.0.0/8, ::1) and private networks (10/8, 172.16/12, 192.168/16, the
 shared 100.64/10, fc00::/7) are refused unless ``allow_private`` is set. Link-local addresses
 (169.254/16 holds the cloud metadata service, fe80::/10), multicast, unspecified, reserved and
-other special-purpose ranges are refused always: no recipe has a reason to fetch from them.
+other special-purpose ranges are refused always, unless a recipe names a network in
+``allowed_networks`` (then exactly that network is allowed).
 """
 
 from __future__ import annotations
@@ -67,9 +68,34 @@ class Target:
     ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None  # set when the host is an IP literal
 
 
+@dataclass(frozen=True)
+class Policy:
+    """What the downloader may connect to. ``allowed_networks`` are CIDR blocks allowed whatever
+    their kind (say, an internal mirror's 10.1.2.0/24), for recipes that need exactly that."""
+
+    allow_private: bool = False
+    allowed_networks: tuple = ()
+
+    @classmethod
+    def of(cls, allow_private: bool = False, allowed_networks=()) -> Policy:
+        try:
+            nets = tuple(ipaddress.ip_network(n, strict=False) for n in allowed_networks)
+        except ValueError as e:
+            raise ValueError(f"allowed_networks: {e}") from e
+        return cls(bool(allow_private), nets)
+
+    def problem(self, address) -> str | None:
+        """None if connecting to ``address`` is allowed, else the kind of address it is."""
+        ip = ipaddress.ip_address(address) if isinstance(address, str) else address
+        ip = _embedded_ipv4(ip) or ip
+        if any(ip.version == net.version and ip in net for net in self.allowed_networks):
+            return None
+        return address_problem(ip, self.allow_private)
+
+
 def address_problem(address: str | ipaddress.IPv4Address | ipaddress.IPv6Address,
                     allow_private: bool) -> str | None:
-    """None if the policy allows connecting to ``address``, else the kind of address it is."""
+    """None if the default policy allows connecting to ``address``, else the kind of address."""
     ip = ipaddress.ip_address(address) if isinstance(address, str) else address
     ip = _embedded_ipv4(ip) or ip
     if any(ip in net for net in _LOOPBACK):
@@ -94,7 +120,7 @@ def _embedded_ipv4(ip) -> ipaddress.IPv4Address | None:
     return None
 
 
-def check_url(url: str | yarl.URL, allow_private: bool) -> Target:
+def check_url(url: str | yarl.URL, policy: Policy) -> Target:
     """Parse and judge a URL; raise Refused with reason invalid_url, unsupported_scheme or
     refused_address."""
     if isinstance(url, yarl.URL):
@@ -120,7 +146,7 @@ def check_url(url: str | yarl.URL, allow_private: bool) -> Target:
         raise Refused("invalid_url", f"bad port in {str(url)!r}: {e}") from e
     ip = _ip_literal(host, url)
     if ip is not None:
-        problem = address_problem(ip, allow_private)
+        problem = policy.problem(ip)
         if problem:
             raise Refused("refused_address", f"{host} is a {problem} address ({str(url)!r})")
     elif not _HOSTNAME.match(host):
@@ -147,15 +173,15 @@ def _ip_literal(host: str, url) -> ipaddress.IPv4Address | ipaddress.IPv6Address
 class GuardedResolver(AbstractResolver):
     """Resolves with aiohttp's default resolver, then refuses hosts with a forbidden address."""
 
-    def __init__(self, allow_private: bool, resolver: AbstractResolver | None = None):
-        self.allow_private = allow_private
+    def __init__(self, policy: Policy, resolver: AbstractResolver | None = None):
+        self.policy = policy
         self._resolver = resolver or DefaultResolver()
 
     async def resolve(self, host: str, port: int = 0,
                       family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
         results = await self._resolver.resolve(host, port, family=family)
         for result in results:
-            problem = address_problem(result["host"].split("%", 1)[0], self.allow_private)
+            problem = self.policy.problem(result["host"].split("%", 1)[0])
             if problem:
                 raise AddressRefused(f"{host} resolves to {result['host']}, a {problem} address")
         return results

@@ -246,6 +246,15 @@ async def _start(app: web.Application, sock: socket.socket) -> web.AppRunner:
     return runner
 
 
+async def _shutdown(runner: web.AppRunner) -> None:
+    """Stop listening, then end handlers still sleeping in a slow fault route."""
+    await runner.cleanup()
+    others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in others:
+        task.cancel()
+    await asyncio.gather(*others, return_exceptions=True)
+
+
 def _bound_socket() -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -360,7 +369,7 @@ class PhotoServer:
         if self._loop is not None:
             loop = self._loop
             if self._runner is not None:
-                asyncio.run_coroutine_threadsafe(self._runner.cleanup(), loop).result(30)
+                asyncio.run_coroutine_threadsafe(_shutdown(self._runner), loop).result(30)
             loop.call_soon_threadsafe(loop.stop)
             self._thread.join(30)
             loop.close()
