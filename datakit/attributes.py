@@ -93,11 +93,22 @@ def face_from_row(row: dict) -> Face:
     )
 
 
+def names_provenance() -> dict:
+    from importlib import metadata
+
+    return {"package": NAMES_PACKAGE, "version": metadata.version(NAMES_PACKAGE)}
+
+
 class AttributesStage(Stage):
     name = "attributes"
     kind = "partition"
     uses_model = True  # the face backend's age/gender model, when configured
     Settings = AttributesSettings
+
+    @classmethod
+    def provenance(cls, settings, context) -> dict:
+        # the face model itself is recorded by the face stages
+        return {"gender_from_names": names_provenance()} if settings.gender_from_names else {}
 
     def setup(self) -> None:
         self.names = NameGenders(self.settings.accept_mostly) if self.settings.gender_from_names else None
@@ -109,11 +120,12 @@ class AttributesStage(Stage):
         if wanted is False:
             return None
         face_settings = self.context.get("faces")
-        backend = self.context.get("face_backend")  # an already-built backend (tests, one process)
+        # context["face_backend"]: a backend object built by the caller (one process, tests)
+        backend = self.context.get("face_backend")
         if backend is None and face_settings is not None:
             from datakit.faces import load_backend
 
-            backend = load_backend(face_settings)
+            backend = load_backend(face_settings, self.context.get("recipe_dir"))
         if backend is not None and backend.has_age_gender_model:
             return backend
         if wanted is True:
