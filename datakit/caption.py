@@ -14,6 +14,7 @@ weights give the same captions. caption_source is "vlm:<model folder name>".
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Literal
 
@@ -79,6 +80,20 @@ def template_caption(gender: str | None, age: float | None, area_fraction: float
 # ---------------------------------------------------------------- vlm
 
 
+def model_folder(model_path: str, base_dir: str | None) -> Path:
+    """caption.model_path; a relative path is taken from the recipe's folder."""
+    path = Path(model_path).expanduser()
+    return Path(base_dir) / path if not path.is_absolute() and base_dir else path
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def resolve_device(device: str) -> str:
     import torch
 
@@ -92,16 +107,16 @@ def resolve_device(device: str) -> str:
 class VlmCaptioner:
     """A local image-captioning model: images in, one string each out."""
 
-    def __init__(self, settings: CaptionSettings):
+    def __init__(self, settings: CaptionSettings, base_dir: str | None = None):
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        path = Path(settings.model_path).expanduser()
+        path = model_folder(settings.model_path, base_dir)
+        problem = "no such folder" if not path.is_dir() else "no config.json in that folder"
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
-                f"caption.model_path {str(path)!r}: no config.json there; point it at a local folder "
-                "saved with save_pretrained (a BLIP captioning model and its processor); nothing "
-                "is downloaded"
+                f"caption.model_path {str(path)!r}: {problem}; point it at a local folder saved with "
+                "save_pretrained (a BLIP captioning model with its processor); nothing is downloaded"
             )
         self.device = resolve_device(settings.device)
         self.dtype = getattr(torch, settings.dtype)
@@ -134,19 +149,26 @@ class VlmCaptioner:
 class CaptionStage(Stage):
     name = "caption"
     kind = "partition"
-    uses_model = True  # in vlm mode; template mode sets False on the instance
+    uses_model = True  # the vlm mode's model; the template mode is cheap either way
     Settings = CaptionSettings
 
     OUTPUT = ("image_id", "status", "drop_stage", "reason", "detail", "caption", "caption_source")
 
     def __init__(self, settings, context):
         super().__init__(settings, context)
-        self.uses_model = settings.mode == "vlm"
         self.captioner: VlmCaptioner | None = None
+
+    @classmethod
+    def provenance(cls, settings, context) -> dict:
+        if settings.mode != "vlm":
+            return {"mode": "template"}
+        path = model_folder(settings.model_path, context.get("recipe_dir"))
+        files = {p.name: sha256_file(p) for p in sorted(path.iterdir()) if p.is_file()} if path.is_dir() else {}
+        return {"mode": "vlm", "model_path": str(path), "files_sha256": files}
 
     def setup(self) -> None:
         if self.settings.mode == "vlm" and self.captioner is None:
-            self.captioner = VlmCaptioner(self.settings)
+            self.captioner = VlmCaptioner(self.settings, self.context.get("recipe_dir"))
 
     def process(self, table: pa.Table) -> pa.Table:
         columns = {c: column(table, c) for c in self.OUTPUT}

@@ -1,0 +1,161 @@
+"""Caption stage: template captions from attributes, and a tiny BLIP model run from a local folder."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from datakit import schema
+from datakit.caption import CaptionSettings, CaptionStage, template_caption
+
+TINY_VOCAB = [
+    "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]",
+    "a", "photo", "of", "woman", "man", "person", "smiling", "in", "the", "portrait", "close", "up",
+]  # fmt: skip
+
+
+def rows(n, status=None, **columns) -> pa.Table:
+    data = {
+        "image_id": [f"id{i}" for i in range(n)],
+        "status": status or [schema.KEPT] * n,
+        "drop_stage": [None] * n,
+        "reason": [None] * n,
+        "detail": [None] * n,
+    }
+    data.update(columns)
+    return pa.table(data)
+
+
+def test_template_captions_say_what_the_attributes_say():
+    table = rows(
+        7,
+        gender=["female", "male", None, "female", "male", None, "female"],
+        age=[34.0, None, None, 8.0, 15.5, 71.0, 19.0],
+        face_area_fraction=[0.12, 0.45, None, 0.3, 0.1, 0.2, 0.05],
+    )
+    stage = CaptionStage(CaptionSettings(), {})
+    out = stage.process(table)
+    assert out.column("caption").to_pylist() == [
+        "a photo of a woman in her thirties",
+        "a close-up portrait photo of a man",
+        "a photo of a person",
+        "a close-up portrait photo of a girl",
+        "a photo of a teenage boy",
+        "a photo of a person in their seventies",
+        "a photo of a young woman",
+    ]
+    assert set(out.column("caption_source").to_pylist()) == {"template"}
+    assert stage.process(table).equals(out)  # deterministic
+
+
+def test_template_threshold_and_missing_columns():
+    assert template_caption("male", 45.0, 0.2, closeup=0.15) == "a close-up portrait photo of a man in his forties"
+    assert template_caption("male", 45.0, 0.2, closeup=0.3) == "a photo of a man in his forties"
+    assert template_caption("female", 123.0, None, closeup=0.3) == "a photo of a woman in her nineties"
+    # a table with no attribute columns at all (attributes stage not in the recipe)
+    out = CaptionStage(CaptionSettings(), {}).process(rows(2))
+    assert out.column("caption").to_pylist() == ["a photo of a person"] * 2
+
+
+def test_dropped_rows_keep_no_caption():
+    table = rows(2, status=[schema.DROPPED, schema.KEPT], gender=["male", "male"])
+    out = CaptionStage(CaptionSettings(), {}).process(table).to_pylist()
+    assert out[0]["caption"] is None and out[0]["caption_source"] is None and out[0]["status"] == schema.DROPPED
+    assert out[1]["caption"] == "a photo of a man"
+
+
+# ---------------------------------------------------------------- vlm
+
+
+@pytest.fixture(scope="module")
+def tiny_blip(tmp_path_factory):
+    """A randomly initialised BLIP captioner (2 layers of width 32) with a BERT tokenizer built
+    from a tiny vocabulary file, saved with save_pretrained: the real loading and generation code
+    runs, offline, in about a second."""
+    import torch
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipProcessor
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    folder = tmp_path_factory.mktemp("vlm")
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(TINY_VOCAB) + "\n")
+    tokenizer = BertTokenizer(str(vocab), bos_token="[DEC]")
+    ids = {t: TINY_VOCAB.index(t) for t in ("[PAD]", "[SEP]", "[DEC]")}
+    text = dict(
+        vocab_size=len(TINY_VOCAB), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=37, max_position_embeddings=64,
+        pad_token_id=ids["[PAD]"], sep_token_id=ids["[SEP]"], eos_token_id=ids["[SEP]"], bos_token_id=ids["[DEC]"],
+    )  # fmt: skip
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=32))
+    processor = BlipProcessor(image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tokenizer)
+    path = folder / "tiny-blip"
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def demo_photos(demo_dir, n):
+    files = sorted((demo_dir / "folder").glob("*/*.jpg"))[:n]
+    return [p.read_bytes() for p in files]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_vlm_captions_a_batch_of_photos(tiny_blip, demo_dir, dtype):
+    import torch
+
+    data = demo_photos(demo_dir, 5)
+    status = [schema.KEPT, schema.KEPT, schema.DROPPED, schema.KEPT, schema.KEPT]
+    table = rows(5, status=status, image_bytes=data)
+    settings = CaptionSettings(mode="vlm", model_path=str(tiny_blip), device="cpu", dtype=dtype, batch_size=2, max_new_tokens=6)
+    stage = CaptionStage(settings, {})
+    stage.setup()
+    assert stage.captioner.model.dtype == getattr(torch, dtype)
+    calls = []
+    real_caption = stage.captioner.caption
+    stage.captioner.caption = lambda images: calls.append(len(images)) or real_caption(images)
+    out = stage.process(table).to_pylist()
+
+    assert calls == [2, 2]  # 4 live rows in batches of 2; the dropped row is not captioned
+    for row, st in zip(out, status):
+        if st == schema.KEPT:
+            assert isinstance(row["caption"], str) and row["caption"]
+            assert set(row["caption"].split()) <= set(TINY_VOCAB)
+            assert row["caption_source"] == "vlm:tiny-blip"
+        else:
+            assert row["caption"] is None and row["caption_source"] is None
+    stage.captioner.caption = real_caption
+    assert stage.process(table).to_pylist() == out  # greedy decoding: same weights, same captions
+
+
+def test_vlm_prompt_starts_the_caption(tiny_blip, demo_dir):
+    settings = CaptionSettings(mode="vlm", model_path=str(tiny_blip), device="auto", prompt="a photo of", max_new_tokens=4)
+    stage = CaptionStage(settings, {})
+    out = stage.process(rows(2, image_bytes=demo_photos(demo_dir, 2)))
+    for caption in out.column("caption").to_pylist():
+        assert caption.startswith("a photo of")
+
+
+def test_vlm_relative_model_path_is_taken_from_the_recipe_folder(tiny_blip):
+    settings = CaptionSettings(mode="vlm", model_path="tiny-blip", device="cpu")
+    stage = CaptionStage(settings, {"recipe_dir": str(tiny_blip.parent)})
+    stage.setup()
+    assert stage.captioner.name == "tiny-blip"
+    info = CaptionStage.provenance(settings, {"recipe_dir": str(tiny_blip.parent)})
+    assert info["mode"] == "vlm" and len(info["files_sha256"]["model.safetensors"]) == 64
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    missing = tmp_path / "no-such-model"
+    stage = CaptionStage(CaptionSettings(mode="vlm", model_path=str(missing)), {})
+    with pytest.raises(FileNotFoundError, match=r"caption\.model_path") as error:
+        stage.setup()
+    assert str(missing) in str(error.value)
+
+
+def test_vlm_needs_a_model_path():
+    with pytest.raises(ValueError, match=r"caption\.model_path is required"):
+        CaptionSettings(mode="vlm")
+    with pytest.raises(ValueError):
+        CaptionSettings(mode="vlm", model_path="x", dtype="float8")
