@@ -241,14 +241,22 @@ DECISION_COLUMNS = ("status", "drop_stage", "reason", "detail")
 
 
 def keep_earlier_drops(view: pa.Table, update: pa.Table) -> pa.Table:
-    """The first drop stands: a later stage cannot revive a dropped row or rewrite why."""
-    if "status" not in view.column_names:
-        return update
-    dropped = pa.compute.not_equal(view.column("status"), schema.KEPT)
+    """Settle the decision columns of a stage's output against its input.
+
+    The first drop stands: a later stage cannot revive a dropped row or rewrite why. A null
+    in the output means "unchanged"; every output carries all four decision columns.
+    """
+    import pyarrow.compute as pc
+
+    dropped_before = pc.not_equal(view.column("status"), schema.KEPT)
     for col in DECISION_COLUMNS:
-        if col in update.column_names and col in view.column_names:
-            merged = pa.compute.if_else(dropped, view.column(col), update.column(col).cast(view.column(col).type))
+        before = view.column(col) if col in view.column_names else pa.nulls(view.num_rows, pa.string())
+        if col in update.column_names:
+            after = pc.coalesce(update.column(col).cast(pa.string()), before)
+            merged = pc.if_else(dropped_before, before, after)
             update = update.set_column(update.column_names.index(col), col, merged)
+        else:
+            update = update.append_column(col, before)
     return update
 
 
@@ -257,6 +265,9 @@ def process_item_by_item(stage: Stage, view: pa.Table) -> pa.Table:
     pieces = []
     for i in range(view.num_rows):
         row = view.slice(i, 1)
+        if row.column("status")[0].as_py() != schema.KEPT:
+            pieces.append(row.select(["image_id"]))  # dropped earlier: nothing to do
+            continue
         try:
             pieces.append(checked_update(stage.name, row, stage.process(row)))
         except Exception as error:  # noqa: BLE001
@@ -273,7 +284,7 @@ def process_item_by_item(stage: Stage, view: pa.Table) -> pa.Table:
                     ]
                 )
             )
-    return pa.concat_tables(pieces, promote_options="permissive")
+    return keep_earlier_drops(view, pa.concat_tables(pieces, promote_options="permissive"))
 
 
 def partition_stats(stage: str, part: int, view: pa.Table, update: pa.Table, seconds: float) -> dict:

@@ -59,26 +59,27 @@ def items_table(rows: list[dict]) -> pa.Table:
 
 
 def _folder_rows(source: FolderSource) -> Iterator[dict]:
-    """Sorted walk of ROOT/<label>/<file>; files directly under ROOT have no label."""
+    """ROOT/<label>/<file>, sorted by relative path; files directly under ROOT have no label."""
     exts = {e.lower().lstrip(".") for e in source.extensions} if source.extensions else None
     root = source.root
+    found = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
             if name.startswith("."):
                 continue
             if exts is not None and name.rsplit(".", 1)[-1].lower() not in exts:
                 continue
-            full = Path(dirpath) / name
-            rel = full.relative_to(root).as_posix()
-            parts = rel.split("/")
-            yield {
-                "source_kind": "folder",
-                "locator": rel,
-                "label": parts[0] if len(parts) > 1 else None,
-                "extra": None,
-                "fetch_uri": str(full),
-            }
+            found.append((Path(dirpath) / name).relative_to(root).as_posix())
+    for rel in sorted(found):
+        parts = rel.split("/")
+        yield {
+            "source_kind": "folder",
+            "locator": rel,
+            "label": parts[0] if len(parts) > 1 else None,
+            "extra": None,
+            "fetch_uri": str(root / rel),
+        }
 
 
 def read_url_table(source: UrlSource, recipe_path: Path | None = None) -> pa.Table:

@@ -1,0 +1,151 @@
+"""Recipe loading: every mistake is reported with the file, the key and what was expected."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from datakit.recipe import RecipeError, load_recipe
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path: Path, recipe: dict) -> Path:
+    (tmp_path / "photos" / "Someone").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "list.csv").write_text("url,name\nhttp://example.org/a.jpg,A\n")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def base() -> dict:
+    return {
+        "name": "t",
+        "output": "out",
+        "sources": [
+            {"name": "f", "kind": "folder", "root": "photos"},
+            {"name": "u", "kind": "urls", "path": "list.csv", "name_column": "name"},
+        ],
+        "stages": {"download": {"timeout_s": 5}},
+    }
+
+
+def error_of(tmp_path, recipe) -> str:
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write(tmp_path, recipe))
+    return str(info.value)
+
+
+def test_valid_recipe_resolves_paths_relative_to_the_file(tmp_path):
+    recipe = load_recipe(write(tmp_path, base()))
+    assert recipe.output == (tmp_path / "out").resolve()
+    assert recipe.sources[0].root == (tmp_path / "photos").resolve()
+    assert recipe.stage_names() == ["download"]
+    assert recipe.stage_settings("download").timeout_s == 5
+
+
+def test_unknown_top_level_key_is_named(tmp_path):
+    r = base() | {"ouput": "x"}
+    msg = error_of(tmp_path, r)
+    assert "recipe.yaml: ouput: unknown key" in msg
+
+
+def test_unknown_stage_setting_is_named_with_its_path(tmp_path):
+    r = base()
+    r["stages"]["download"]["timeout"] = 3
+    assert "stages.download.timeout: unknown key" in error_of(tmp_path, r)
+
+
+def test_wrong_type_names_key_and_value(tmp_path):
+    r = base()
+    r["stages"]["download"]["timeout_s"] = "soon"
+    msg = error_of(tmp_path, r)
+    assert "stages.download.timeout_s" in msg and "'soon'" in msg
+
+
+def test_unknown_stage_lists_the_known_ones(tmp_path):
+    r = base()
+    r["stages"]["detekt"] = {}
+    msg = error_of(tmp_path, r)
+    assert "detekt" in msg and "download" in msg
+
+
+def test_missing_folder_is_named(tmp_path):
+    r = base()
+    r["sources"][0]["root"] = "nowhere"
+    msg = error_of(tmp_path, r)
+    assert "sources[0].root: folder not found" in msg and "nowhere" in msg
+
+
+def test_missing_url_list_is_named(tmp_path):
+    r = base()
+    r["sources"][1]["path"] = "gone.csv"
+    assert "sources[1].path: file not found" in error_of(tmp_path, r)
+
+
+def test_source_kind_specific_key_is_checked(tmp_path):
+    r = base()
+    r["sources"][0]["url_column"] = "url"  # a folder source has no URL column
+    assert "sources[0].url_column: unknown key" in error_of(tmp_path, r)
+
+
+def test_missing_required_key(tmp_path):
+    r = base()
+    del r["output"]
+    assert "output: required key is missing" in error_of(tmp_path, r)
+
+
+def test_duplicate_source_names(tmp_path):
+    r = base()
+    r["sources"][1]["name"] = "f"
+    assert "repeated: f" in error_of(tmp_path, r)
+
+
+def test_unset_environment_variable_is_named(tmp_path, monkeypatch):
+    monkeypatch.delenv("NOT_SET_ANYWHERE", raising=False)
+    r = base()
+    r["sources"][1]["base_url"] = "${NOT_SET_ANYWHERE}"
+    msg = error_of(tmp_path, r)
+    assert "sources[1].base_url" in msg and "NOT_SET_ANYWHERE is not set" in msg
+
+
+def test_environment_variable_is_substituted(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIRROR", "http://127.0.0.1:9/")
+    r = base()
+    r["sources"][1]["base_url"] = "${MIRROR}"
+    assert load_recipe(write(tmp_path, r)).sources[1].base_url == "http://127.0.0.1:9/"
+
+
+def test_hash_ignores_where_ray_runs_but_not_settings(tmp_path):
+    a = load_recipe(write(tmp_path, base()))
+    r = base() | {"ray": {"address": "ray://somewhere:10001"}}
+    b = load_recipe(write(tmp_path, r))
+    assert a.hash() == b.hash()
+    r = base()
+    r["stages"]["download"]["timeout_s"] = 6
+    assert load_recipe(write(tmp_path, r)).hash() != a.hash()
+
+
+def test_not_yaml_mapping(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("- just\n- a list\n")
+    with pytest.raises(RecipeError, match="r.yaml: expected a mapping"):
+        load_recipe(p)
+
+
+def test_shipped_recipes_are_valid(monkeypatch):
+    monkeypatch.setenv("DATAKIT_DEMO_BASE_URL", "http://127.0.0.1:1/")
+    for path in sorted((REPO / "pipelines").glob("*.yaml")):
+        load_recipe(path)
+
+
+def test_cli_check_reports_the_key(tmp_path, capsys):
+    from datakit.cli import main
+
+    r = base()
+    r["stages"]["download"]["retries"] = -1
+    path = write(tmp_path, r)
+    assert main(["check", str(path)]) == 2
+    assert "stages.download.retries" in capsys.readouterr().out

@@ -1,0 +1,247 @@
+"""The Ray runner: every item accounted for, atomic checkpoints, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from datakit import registry, runner, schema
+from datakit.recipe import load_recipe
+from datakit.stage import Stage, drop
+from datakit.store import WorkDir
+
+REPO = Path(__file__).resolve().parent.parent
+PHOTOS = REPO / "data" / "demo" / "folder"
+
+
+class ExplodingStage(Stage):
+    """Test-only stage: raises on any partition holding an item whose locator says 'explode'."""
+
+    name = "detect"  # borrows a registered name so recipes validate
+
+    def process(self, table):
+        out = []
+        for row in table.to_pylist():
+            if "explode" in row["locator"]:
+                raise RuntimeError(f"cannot handle {row['locator']}")
+            out.append({"image_id": row["image_id"], "face_count": 1 if row["status"] == schema.KEPT else None})
+        return pa.Table.from_pylist(out)
+
+
+class ReviverStage(Stage):
+    """Test-only global stage that tries to revive every dropped row (the runner must refuse)."""
+
+    name = "dedup"
+    kind = "global"
+
+    def process_global(self, work, upstream):
+        t = work.read_all(upstream, columns=["image_id"])
+        n = t.num_rows
+        return pa.table({"image_id": t.column("image_id"), "status": [schema.KEPT] * n, "reason": [None] * n})
+
+
+@pytest.fixture
+def test_stages(monkeypatch):
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    monkeypatch.setitem(registry.STAGES, "detect", f"{__name__}:ExplodingStage")
+    monkeypatch.setitem(registry.STAGES, "dedup", f"{__name__}:ReviverStage")
+
+
+def make_folder(tmp_path: Path) -> Path:
+    root = tmp_path / "photos"
+    for person in ("Kofi_Annan", "Tony_Blair"):
+        (root / person).mkdir(parents=True)
+        for src in sorted((PHOTOS / person).iterdir())[:4]:
+            (root / person / src.name).write_bytes(src.read_bytes())
+    (root / "Tony_Blair" / "notes_explode.txt").write_text("not an image")
+    (root / "Tony_Blair" / "empty.jpg").write_bytes(b"")
+    return root
+
+
+def recipe_file(tmp_path: Path, stages: dict, partition_size: int = 3, **source) -> Path:
+    src = source or {"name": "photos", "kind": "folder", "root": str(make_folder(tmp_path))}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {"name": "t", "output": str(tmp_path / "out"), "sources": [src], "ray": {"partition_size": partition_size}, "stages": stages}
+        )
+    )
+    return path
+
+
+def test_folder_build_accounts_for_every_item(tmp_path, ray_local):
+    recipe = load_recipe(recipe_file(tmp_path, {"download": {}}))
+    result = runner.run(recipe, quiet=True)
+    images = pq.read_table(tmp_path / "out" / "images.parquet")
+    assert images.schema.equals(schema.IMAGES_SCHEMA)
+    rows = {r["locator"]: r for r in images.to_pylist()}
+    assert len(rows) == images.num_rows == result.items == 10
+    assert len(set(images.column("image_id").to_pylist())) == 10
+    assert rows["Tony_Blair/notes_explode.txt"]["reason"] == "undecodable"
+    assert rows["Tony_Blair/empty.jpg"]["reason"] == "undecodable"
+    photo = rows["Kofi_Annan/Kofi_Annan_0001.jpg"]
+    assert photo["status"] == "kept" and photo["label"] == "Kofi_Annan"
+    assert photo["sha256"] == hashlib.sha256((PHOTOS / "Kofi_Annan" / "Kofi_Annan_0001.jpg").read_bytes()).hexdigest()
+    assert (photo["width"], photo["height"], photo["format"]) == (150, 150, "JPEG")
+    build = json.loads((tmp_path / "out" / "build.json").read_text())
+    assert build["recipe_hash"] == recipe.hash()
+    assert build["counts"]["items"] == 10 and build["counts"]["kept"] == 8
+    assert build["counts"]["dropped_by_reason"] == {"undecodable": 2}
+    assert build["stages"]["download"]["items_in"] == 10 and build["stages"]["download"]["seconds"] >= 0
+    assert "ray" in build["packages"] and "pyarrow" in build["packages"]
+
+
+def test_a_failing_item_is_dropped_alone_and_a_later_stage_cannot_revive_drops(tmp_path, ray_local, test_stages):
+    recipe = load_recipe(recipe_file(tmp_path, {"download": {}, "detect": {}, "dedup": {}}))
+    runner.run(recipe, quiet=True)
+    rows = {r["locator"]: r for r in pq.read_table(tmp_path / "out" / "images.parquet").to_pylist()}
+    # notes_explode.txt was already dropped by download (undecodable); its decision stands
+    assert rows["Tony_Blair/notes_explode.txt"]["reason"] == "undecodable"
+    assert rows["Tony_Blair/empty.jpg"]["status"] == "dropped"
+    kept = [r for r in rows.values() if r["status"] == "kept"]
+    assert len(kept) == 8 and all(r["face_count"] == 1 for r in kept)
+
+
+def test_stage_error_reason_for_an_item_that_raises(tmp_path, ray_local, test_stages):
+    root = make_folder(tmp_path)
+    src = PHOTOS / "Kofi_Annan" / "Kofi_Annan_0005.jpg"
+    (root / "Kofi_Annan" / "explode_me.jpg").write_bytes(src.read_bytes())
+    recipe = load_recipe(recipe_file(tmp_path, {"download": {}, "detect": {}}, name="photos", kind="folder", root=str(root)))
+    runner.run(recipe, quiet=True)
+    rows = {r["locator"]: r for r in pq.read_table(tmp_path / "out" / "images.parquet").to_pylist()}
+    bad = rows["Kofi_Annan/explode_me.jpg"]
+    assert (bad["status"], bad["drop_stage"], bad["reason"]) == ("dropped", "detect", "stage_error")
+    assert "cannot handle" in bad["detail"]
+    # its partition neighbours were processed normally
+    assert sum(1 for r in rows.values() if r["status"] == "kept") == 8
+
+
+def test_second_run_skips_finished_work_and_changed_recipe_is_refused(tmp_path, ray_local):
+    path = recipe_file(tmp_path, {"download": {}})
+    runner.run(load_recipe(path), quiet=True)
+    work = WorkDir(tmp_path / "out")
+    parts = sorted(work.stage_dir("download").glob("part-*.parquet"))
+    mtimes = [p.stat().st_mtime_ns for p in parts]
+    first = (tmp_path / "out" / "images.parquet").read_bytes()
+    runner.run(load_recipe(path), quiet=True)
+    assert [p.stat().st_mtime_ns for p in parts] == mtimes
+    assert (tmp_path / "out" / "images.parquet").read_bytes() == first
+    changed = yaml.safe_load(path.read_text())
+    changed["stages"]["download"]["min_side"] = 200
+    path.write_text(yaml.safe_dump(changed))
+    with pytest.raises(runner.BuildMismatch, match="different recipe"):
+        runner.run(load_recipe(path), quiet=True)
+    # --restart discards the old build
+    result = runner.run(load_recipe(path), quiet=True, restart=True)
+    assert result.dropped_by_reason.get("image_too_small") == 8
+
+
+def test_manifest_opens_with_pyarrow_pandas_duckdb_and_datasets(tmp_path, ray_local):
+    runner.run(load_recipe(recipe_file(tmp_path, {"download": {}})), quiet=True)
+    path = tmp_path / "out" / "images.parquet"
+    assert pq.read_table(path).num_rows == 10
+
+    import pandas as pd
+
+    df = pd.read_parquet(path)
+    assert set(df["status"]) == {"kept", "dropped"}
+
+    import duckdb
+
+    counts = dict(duckdb.sql(f"select reason, count(*) from read_parquet('{path}') group by reason").fetchall())
+    assert counts == {None: 8, "undecodable": 2}
+
+    import datasets
+
+    ds = datasets.load_dataset("parquet", data_files=str(path), split="train", cache_dir=str(tmp_path / "hf"))
+    assert ds.num_rows == 10 and "image_id" in ds.column_names
+
+
+def test_status_command(tmp_path, ray_local, capsys):
+    from datakit.cli import main
+
+    runner.run(load_recipe(recipe_file(tmp_path, {"download": {}})), quiet=True)
+    assert main(["status", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "download" in out and "4/4" in out and "10 rows" in out
+    assert main(["status", str(tmp_path / "nothing")]) == 1
+
+
+def url_list(tmp_path: Path, server, n: int) -> Path:
+    photos = sorted(p.relative_to(PHOTOS).as_posix() for p in PHOTOS.rglob("*.jpg"))
+    lines = ["url,name"]
+    for i in range(n):
+        if i % 5 == 0:  # a slow answer in every partition, so the kill lands mid-stage
+            lines.append(f"{server.url('/fault/slow-headers')}?delay=0.4&i={i},")
+        else:
+            rel = photos[i % len(photos)]
+            lines.append(f"{server.file_url(rel, copy=i)},{rel.split('/')[0]}")
+    path = tmp_path / "urls.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def cli_run(recipe: Path, output: Path, **popen) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "datakit", "run", str(recipe), "--output", str(output), "--quiet"]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+
+
+@pytest.mark.timeout(400)
+def test_sigkill_mid_download_then_rerun_gives_the_clean_manifest(tmp_path):
+    from datakit.testing.httpserver import PhotoServer
+
+    with PhotoServer(PHOTOS) as server:
+        urls = url_list(tmp_path, server, 150)
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(
+            yaml.safe_dump(
+                {
+                    "name": "kill",
+                    "output": "unused",
+                    "sources": [{"name": "web", "kind": "urls", "path": str(urls), "name_column": "name"}],
+                    "ray": {"partition_size": 5, "num_cpus": 2},
+                    "stages": {"download": {"allow_private_addresses": True, "timeout_s": 5}},
+                }
+            )
+        )
+        clean = cli_run(recipe, tmp_path / "clean")
+        assert clean.wait(timeout=300) == 0, clean.stdout.read().decode()
+
+        killed_out = tmp_path / "killed"
+        victim = cli_run(recipe, killed_out)
+        work = WorkDir(killed_out)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            done = len(list(work.stage_dir("download").glob("part-*.parquet"))) if work.stage_dir("download").exists() else 0
+            if done >= 4:
+                break
+            time.sleep(0.05)
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait(timeout=30)
+        done = len(list(work.stage_dir("download").glob("part-*.parquet")))
+        assert 4 <= done < 30, f"the kill should land mid-stage ({done} of 30 partitions done)"
+        assert not work.is_done("download") and not (killed_out / "images.parquet").exists()
+
+        again = cli_run(recipe, killed_out)
+        out = again.communicate(timeout=300)[0].decode()
+        assert again.returncode == 0, out
+
+    a = pq.read_table(tmp_path / "clean" / "images.parquet")
+    b = pq.read_table(killed_out / "images.parquet")
+    assert a.num_rows == b.num_rows == 150
+    assert a.equals(b), "the resumed build's manifest differs from the clean build's"
+    assert len(set(b.column("image_id").to_pylist())) == 150
+    assert not list(work.root.rglob(".tmp-*"))
