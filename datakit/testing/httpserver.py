@@ -6,6 +6,7 @@ Tests, the demo and the download benchmark use it::
         server.file_url("Ben_Affleck/Ben_Affleck_0001.jpg")   # http://127.0.0.1:PORT/files/...
         server.url("/fault/status/404")
         server.hits()                                         # {"/files/...": 1, ...}
+        server.max_in_flight()                                # most requests open at once
 
     with PhotoServer(folder, in_process=False) as server:   # separate process (benchmarks)
         ...
@@ -37,7 +38,9 @@ Routes (every response is deterministic except where a route says it sleeps):
 ``/fault/noai?tag=noai``              the JPEG with ``X-Robots-Tag: <tag>``
 ``/fault/big?size=N&length=1``        N bytes of zeros; ``length=0`` sends them chunked, with no
                                       Content-Length
-``/_hits``                            JSON: requests seen per path (this route not counted)
+``/fault/hold/<key>?delay=S``         the JPEG after S seconds (to watch how many requests overlap)
+``/_stats``                           JSON: requests seen per path, and the most requests that
+                                      were open at once (this route is not counted)
 ====================================  ===============================================================
 """
 
@@ -111,12 +114,19 @@ def build_app(folder: Path | None) -> web.Application:
     files = load_folder(folder)
     jpeg = sample_jpeg()
     hits: Counter[str] = Counter()
+    load = {"in_flight": 0, "max_in_flight": 0}
 
     @web.middleware
     async def count_hits(request: web.Request, handler):
-        if request.path != "/_hits":
-            hits[request.path] += 1
-        return await handler(request)
+        if request.path == "/_stats":
+            return await handler(request)
+        hits[request.path] += 1
+        load["in_flight"] += 1
+        load["max_in_flight"] = max(load["max_in_flight"], load["in_flight"])
+        try:
+            return await handler(request)
+        finally:
+            load["in_flight"] -= 1
 
     def jpeg_response(**headers) -> web.Response:
         return web.Response(body=jpeg, content_type="image/jpeg", headers=headers)
@@ -213,8 +223,12 @@ def build_app(folder: Path | None) -> web.Application:
             pass  # the client stopped reading at its limit
         return resp
 
-    async def hit_counts(request):
-        return web.json_response(dict(hits))
+    async def hold(request):
+        await asyncio.sleep(float(request.query.get("delay", "0.2")))
+        return jpeg_response()
+
+    async def stats(request):
+        return web.json_response({"hits": dict(hits), "max_in_flight": load["max_in_flight"]})
 
     app = web.Application(middlewares=[count_hits])
     app.add_routes([
@@ -234,7 +248,8 @@ def build_app(folder: Path | None) -> web.Application:
         web.get("/fault/redirect", redirect),
         web.get("/fault/noai", noai),
         web.get("/fault/big", big),
-        web.get("/_hits", hit_counts),
+        web.get("/fault/hold/{key}", hold),
+        web.get("/_stats", stats),
     ])
     return app
 
@@ -303,11 +318,18 @@ class PhotoServer:
         url = self.url("/files/" + quote(relpath))
         return url if copy is None else f"{url}?copy={copy}"
 
+    def stats(self) -> dict:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
+        with opener.open(self.url("/_stats"), timeout=10) as resp:
+            return json.loads(resp.read())
+
     def hits(self) -> dict[str, int]:
         """Requests the server has seen, per path (query strings not included)."""
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
-        with opener.open(self.url("/_hits"), timeout=10) as resp:
-            return json.loads(resp.read())
+        return self.stats()["hits"]
+
+    def max_in_flight(self) -> int:
+        """The most requests the server was answering at the same time."""
+        return self.stats()["max_in_flight"]
 
     # ------------------------------------------------------------ start / stop
     def __enter__(self) -> PhotoServer:
