@@ -10,6 +10,9 @@ import importlib
 
 STAGES: dict[str, str] = {
     "download": "datakit.download:DownloadStage",
+    "attributes": "datakit.attributes:AttributesStage",
+    "dedup": "datakit.dedup:DedupStage",
+    "caption": "datakit.caption:CaptionStage",
     # detect, filter, embed, attributes, dedup, cluster, caption, shard are added here as they land
 }
 

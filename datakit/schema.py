@@ -98,6 +98,7 @@ IMAGE_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
     "embedding": (LIST_F32, "identity embedding of the subject's face (L2-normalised)"),
     "embedding_model": (pa.string(), "model that made the embedding"),
     "phash": (pa.string(), "perceptual hash (hex) of the image"),
+    "phash_mirror": (pa.string(), "perceptual hash (hex) of the image mirrored left-right (flipped copies match it)"),
     "age": (pa.float32(), "estimated age in years"),
     "age_source": (pa.string(), "where age came from (model name) or null"),
     "gender": (pa.string(), "female | male | null"),
