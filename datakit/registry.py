@@ -10,6 +10,9 @@ import importlib
 
 STAGES: dict[str, str] = {
     "download": "datakit.download:DownloadStage",
+    "detect": "datakit.detect:DetectStage",
+    "filter": "datakit.filter:FilterStage",
+    "embed": "datakit.embed:EmbedStage",
     "attributes": "datakit.attributes:AttributesStage",
     "dedup": "datakit.dedup:DedupStage",
     "caption": "datakit.caption:CaptionStage",

@@ -17,6 +17,8 @@ A recipe's top-level ``faces:`` section picks the backend and is validated by ``
 
 from __future__ import annotations
 
+import hashlib
+from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -24,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from datakit.faces.base import Face, FaceBackend
 
-__all__ = ["Face", "FaceBackend", "FaceSettings", "load_backend"]
+__all__ = ["Face", "FaceBackend", "FaceSettings", "load_backend", "model_provenance"]
 
 
 class FaceSettings(BaseModel):
@@ -41,6 +43,9 @@ class FaceSettings(BaseModel):
     detect_min_side: int = Field(default=200, ge=32, le=4096)
     # border added (fraction of the copy's longer side) for a second try when no face is found
     detect_pad: float = Field(default=0.25, ge=0.0, le=1.0)
+    # dlib: a last try on the copy enlarged twice when nothing is found, so that photos of small
+    # faces are dropped for their size rather than as "no face" (costs ~4x detection on those)
+    detect_upsample_on_miss: bool = True
     # detector score threshold; null = the backend's default (dlib 0.0, insightface 0.5)
     min_score: float | None = None
     device: Literal["cpu", "cuda"] = "cpu"
@@ -73,9 +78,7 @@ class FaceSettings(BaseModel):
         return ["CPUExecutionProvider"]
 
 
-def load_backend(settings: FaceSettings | dict | None, base_dir: str | Path | None = None) -> FaceBackend:
-    """Build the configured backend; a relative ``model_dir`` is taken from ``base_dir``
-    (the recipe's folder)."""
+def _resolve(settings: FaceSettings | dict | None, base_dir) -> tuple[FaceSettings, Path | None]:
     if not isinstance(settings, FaceSettings):
         settings = FaceSettings.model_validate(settings or {})
     model_dir = None
@@ -83,6 +86,13 @@ def load_backend(settings: FaceSettings | dict | None, base_dir: str | Path | No
         model_dir = Path(settings.model_dir).expanduser()
         if not model_dir.is_absolute() and base_dir is not None:
             model_dir = Path(base_dir) / model_dir
+    return settings, model_dir
+
+
+def load_backend(settings: FaceSettings | dict | None, base_dir: str | Path | None = None) -> FaceBackend:
+    """Build the configured backend; a relative ``model_dir`` is taken from ``base_dir``
+    (the recipe's folder)."""
+    settings, model_dir = _resolve(settings, base_dir)
     if settings.backend == "dlib":
         from datakit.faces.dlib_backend import DlibBackend
 
@@ -90,3 +100,27 @@ def load_backend(settings: FaceSettings | dict | None, base_dir: str | Path | No
     from datakit.faces.insightface_backend import InsightFaceBackend
 
     return InsightFaceBackend(settings, model_dir)
+
+
+def model_provenance(settings: FaceSettings | dict | None, base_dir: str | Path | None = None) -> dict:
+    """Backend, embedding model and sha256 of every weight file it would load (for build.json)."""
+    settings, model_dir = _resolve(settings, base_dir)
+    if settings.backend == "dlib":
+        from datakit.faces import dlib_backend as module
+    else:
+        from datakit.faces import insightface_backend as module
+    files = module.model_files(settings, model_dir)
+    return {
+        "backend": settings.backend,
+        "settings": settings.model_dump(mode="json"),
+        "files": {role: {"path": str(p), "sha256": _sha256(str(p))} for role, p in sorted(files.items())},
+    }
+
+
+@lru_cache(maxsize=64)
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -39,8 +39,11 @@ class FaceBackend(ABC):
         """Every face in an HxWx3 uint8 RGB array, largest first."""
 
     @abstractmethod
-    def embed(self, rgb: np.ndarray, face: Face) -> tuple[np.ndarray, np.ndarray]:
-        """(L2-normalised float32 embedding, aligned face crop as HxWx3 uint8 RGB)."""
+    def embed(
+        self, rgb: np.ndarray, face: Face, crop_size: int = 256, crop_padding: float = 0.25
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(L2-normalised float32 embedding, aligned face crop as crop_size x crop_size x 3 uint8
+        RGB with crop_padding of the aligned face's side added around it)."""
 
     def age_gender(self, rgb: np.ndarray, face: Face) -> tuple[float | None, str | None]:
         """(age in years, "female" | "male") from a model, or (None, None) without one."""

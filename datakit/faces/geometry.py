@@ -4,7 +4,9 @@ Detection runs on a copy whose longer side is brought into ``[min_side, max_side
 that clears 10% of the image is large, so big photos lose nothing by shrinking, and small ones
 (150 px LFW frames, 112 px aligned crops) are enlarged enough for a detector's smallest window.
 Tight aligned crops have no margin around the face, which defeats sliding-window detectors; when
-the copy gives no face, the detector runs once more on the copy with a replicated border.
+the copy gives no face, the detector runs once more on the copy with a replicated border, and
+(for detectors with a fixed smallest window, like dlib's 80 px HOG window) once more on the copy
+enlarged twice, so that a photo of small faces is dropped for their size, not as "no face".
 """
 
 from __future__ import annotations
@@ -49,9 +51,10 @@ def detect_on_copy(
     min_side: int,
     max_side: int,
     pad: float,
+    upsample_on_miss: bool = False,
 ) -> Detections:
-    """Run ``run`` on the detection copy (retrying with a border when it finds nothing);
-    boxes and points come back in the original image's pixels."""
+    """Run ``run`` on the detection copy, retrying as the module docstring says when it finds
+    nothing; boxes and points come back in the original image's pixels."""
     scale = detection_scale(rgb.shape[0], rgb.shape[1], min_side, max_side)
     copy = np.ascontiguousarray(resize(rgb, scale))
     boxes, scores, points = run(copy)
@@ -60,6 +63,11 @@ def detect_on_copy(
         offset = max(1, round(pad * max(copy.shape[:2])))
         padded = cv2.copyMakeBorder(copy, offset, offset, offset, offset, cv2.BORDER_REPLICATE)
         boxes, scores, points = run(padded)
+        if len(boxes) == 0:
+            offset = 0
+    if len(boxes) == 0 and upsample_on_miss:
+        scale *= 2.0
+        boxes, scores, points = run(np.ascontiguousarray(resize(copy, 2.0)))
     boxes = (np.asarray(boxes, dtype=np.float64).reshape(-1, 4) - offset) / scale
     if points is not None:
         points = (np.asarray(points, dtype=np.float64) - offset) / scale

@@ -1,0 +1,89 @@
+"""detect: find every face, its box, score and landmarks; drop images without one.
+
+The subject is the largest face (by its box's area inside the image). Its box (RetinaFace
+convention, may reach past the image's edge as RetinaFace's do), score, area fraction (the part
+of the box inside the image over the image's area), 5 and 68 landmarks and a sharpness figure
+(variance of the Laplacian on its box resized to ``sharpness_size`` grey pixels) go into the
+manifest; the other faces go into ``other_faces`` as JSON, largest first. The filter stage
+decides on them; this stage only drops images where the backend finds no face at all.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field
+
+from datakit.decode import load_rgb
+from datakit.faces import geometry, model_provenance
+from datakit.faces.stageio import backend_from_context, face_settings, floats, input_rows, update_table
+from datakit import schema
+from datakit.stage import Stage, StageSettings, drop
+
+COLUMNS = (
+    "face_backend",
+    "face_count",
+    "face_box",
+    "face_score",
+    "face_area_fraction",
+    "landmarks5",
+    "landmarks68",
+    "sharpness",
+    "other_faces",
+)
+
+
+class Settings(StageSettings):
+    sharpness_size: int = Field(default=128, ge=16, le=1024)
+
+
+class DetectStage(Stage):
+    name = "detect"
+    uses_model = True
+    Settings = Settings
+
+    @classmethod
+    def provenance(cls, settings, context) -> dict:
+        return model_provenance(face_settings(context), context.get("recipe_dir"))
+
+    def setup(self) -> None:
+        self.backend = backend_from_context(self.context)
+
+    def process(self, table: pa.Table) -> pa.Table:
+        rows = input_rows(table, ())
+        blobs = table.column("image_bytes").to_pylist()
+        for row, blob in zip(rows, blobs):
+            if row["status"] == schema.KEPT:
+                self.detect_row(row, blob)
+        return update_table(rows, COLUMNS)
+
+    def detect_row(self, row: dict, blob: bytes) -> None:
+        pixels = np.array(load_rgb(blob), dtype=np.uint8)
+        height, width = pixels.shape[:2]
+        faces = self.backend.detect(pixels)
+        faces.sort(key=lambda f: geometry.clipped_area(f.box, height, width), reverse=True)
+        row["face_backend"] = self.backend.name
+        row["face_count"] = len(faces)
+        if not faces:
+            drop(row, self.name, "no_face", f"{self.backend.name} found no face in the {width}x{height} image")
+            return
+        image_area = float(width * height)
+        subject, others = faces[0], faces[1:]
+        row["face_box"] = floats(subject.box)
+        row["face_score"] = float(subject.score)
+        row["face_area_fraction"] = geometry.clipped_area(subject.box, height, width) / image_area
+        row["landmarks5"] = floats(subject.landmarks5)
+        row["landmarks68"] = None if subject.landmarks68 is None else floats(subject.landmarks68)
+        row["sharpness"] = geometry.sharpness(pixels, subject.box, self.settings.sharpness_size)
+        row["other_faces"] = json.dumps(
+            [
+                {
+                    "box": [round(v, 2) for v in floats(f.box)],
+                    "score": round(float(f.score), 4),
+                    "area_fraction": round(geometry.clipped_area(f.box, height, width) / image_area, 5),
+                }
+                for f in others
+            ]
+        )

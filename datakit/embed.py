@@ -1,0 +1,80 @@
+"""embed: the identity embedding of each kept image's subject, and its aligned face crop.
+
+The backend aligns the subject's face from the landmarks the detect stage recorded, computes
+the L2-normalised embedding (dlib: 128-d ResNet; insightface: 512-d ArcFace) and returns an
+aligned crop of ``crop_size`` pixels with ``crop_padding`` margin. The crop is the face refiner's
+input: it goes into the bulk column ``face_crop`` as JPEG (quality ``jpeg_quality``) and on to
+the shards, never into images.parquet.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+from pydantic import Field
+
+from datakit import schema
+from datakit.decode import load_rgb
+from datakit.faces import model_provenance
+from datakit.faces.stageio import (
+    backend_from_context,
+    face_from_row,
+    face_settings,
+    floats,
+    input_rows,
+    update_table,
+)
+from datakit.stage import Stage, StageSettings
+
+COLUMNS = ("embedding", "embedding_model", "face_crop")
+NEEDS = ("face_backend", "face_box", "face_score", "landmarks5", "landmarks68")
+
+
+class Settings(StageSettings):
+    crop_size: int = Field(default=256, ge=64, le=1024)
+    crop_padding: float = Field(default=0.25, ge=0.0, le=1.0)
+    jpeg_quality: int = Field(default=95, ge=50, le=100)
+
+
+class EmbedStage(Stage):
+    name = "embed"
+    uses_model = True
+    Settings = Settings
+
+    @classmethod
+    def provenance(cls, settings, context) -> dict:
+        return model_provenance(face_settings(context), context.get("recipe_dir"))
+
+    def setup(self) -> None:
+        self.backend = backend_from_context(self.context)
+
+    def process(self, table: pa.Table) -> pa.Table:
+        rows = input_rows(table, NEEDS)
+        blobs = table.column("image_bytes").to_pylist()
+        for row, blob in zip(rows, blobs):
+            if row["status"] == schema.KEPT:
+                self.embed_row(row, blob)
+        return update_table(rows, COLUMNS)
+
+    def embed_row(self, row: dict, blob: bytes) -> None:
+        if row["face_backend"] != self.backend.name:
+            raise ValueError(
+                f"row {row['image_id']}: its face was detected by {row['face_backend']!r} but the "
+                f"embed stage runs {self.backend.name!r}; one build uses one face backend"
+            )
+        face = face_from_row(row)
+        pixels = np.array(load_rgb(blob), dtype=np.uint8)
+        s = self.settings
+        vector, crop = self.backend.embed(pixels, face, crop_size=s.crop_size, crop_padding=s.crop_padding)
+        row["embedding"] = floats(vector)
+        row["embedding_model"] = self.backend.embedding_model
+        row["face_crop"] = jpeg(crop, s.jpeg_quality)
+
+
+def jpeg(rgb: np.ndarray, quality: int) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).save(out, format="JPEG", quality=quality)
+    return out.getvalue()

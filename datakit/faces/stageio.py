@@ -1,0 +1,60 @@
+"""What the face stages share: reading their input rows and building the update table.
+
+Each face stage returns ``image_id``, the drop columns (``status``, ``drop_stage``, ``reason``,
+``detail``) and the columns it adds, one row per input row. Rows an earlier stage dropped keep
+their drop columns and get nulls in the new ones.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from datakit import schema
+from datakit.faces import FaceSettings, load_backend
+from datakit.faces.base import Face
+
+DROP_COLUMNS = ("status", "drop_stage", "reason", "detail")
+
+
+def input_rows(table: pa.Table, columns: tuple[str, ...]) -> list[dict]:
+    """The drop columns and ``columns`` of every row, as dicts (missing columns read as null)."""
+    names = ("image_id", *DROP_COLUMNS, *columns)
+    data = {n: table.column(n).to_pylist() if n in table.column_names else [None] * table.num_rows for n in names}
+    return [{n: data[n][i] for n in names} for i in range(table.num_rows)]
+
+
+def update_table(rows: list[dict], columns: tuple[str, ...]) -> pa.Table:
+    """``image_id``, the drop columns and ``columns``, typed as in the manifest schema."""
+    types = {n: t for n, (t, _) in schema.IMAGE_COLUMNS.items()}
+    types["face_crop"] = pa.binary()
+    names = ("image_id", *DROP_COLUMNS, *columns)
+    return pa.table({n: pa.array([r.get(n) for r in rows], type=types[n]) for n in names})
+
+
+def face_settings(context: dict) -> FaceSettings:
+    value = context.get("faces")
+    return value if isinstance(value, FaceSettings) else FaceSettings.model_validate(value or {})
+
+
+def backend_from_context(context: dict):
+    return load_backend(face_settings(context), base_dir=context.get("recipe_dir"))
+
+
+def floats(values) -> list[float]:
+    return [float(v) for v in np.asarray(values, dtype=np.float64).reshape(-1)]
+
+
+def face_from_row(row: dict) -> Face:
+    """The subject's face as the detect stage recorded it."""
+    if row.get("face_box") is None or row.get("landmarks5") is None:
+        raise ValueError(
+            f"row {row['image_id']}: no face box or landmarks; the detect stage must run before this one"
+        )
+    lm68 = row.get("landmarks68")
+    return Face(
+        box=tuple(row["face_box"]),
+        score=row.get("face_score") or 0.0,
+        landmarks5=np.asarray(row["landmarks5"], dtype=np.float64).reshape(5, 2),
+        landmarks68=None if lm68 is None else np.asarray(lm68, dtype=np.float64).reshape(68, 2),
+    )
