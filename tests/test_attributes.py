@@ -197,3 +197,50 @@ def test_settings_are_strict():
         AttributesSettings(use_modle=True)
     with pytest.raises(Exception):
         AttributesSettings(use_model="sometimes")
+
+
+def png_bytes(value: int, size=(200, 160)) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", size, (value, value, value)).save(out, "PNG")
+    return out.getvalue()
+
+
+def test_insightface_genderage_model_through_load_backend(tmp_path):
+    """The real insightface loading and inference code (datakit.faces.load_backend) on a pack of
+    small ONNX files exported from torch (tests/onnx_models.py): its genderage model answers
+    "male" for a bright crop, "female" for a dark one, and age 30."""
+    from onnx_models import write_pack
+
+    from datakit.faces import FaceSettings
+
+    pack = write_pack(tmp_path / "buffalo_l", landmarks68=False)
+    faces = FaceSettings(backend="insightface", model_dir=str(pack))
+    box, points = [50.0, 40.0, 150.0, 130.0], [80, 70, 120, 70, 100, 90, 85, 110, 115, 110]
+    table = table_of(
+        ["Angelina_Jolie", None, None],
+        image_bytes=[png_bytes(250), png_bytes(250), png_bytes(10)],
+        face_box=[box] * 3,
+        landmarks5=[points] * 3,
+        face_score=[0.9] * 3,
+    )
+    out = make_stage(context={"faces": faces}).process(table).to_pylist()  # use_model: auto
+    assert [r["age"] for r in out] == pytest.approx([30.0] * 3)
+    assert {r["age_source"] for r in out} == {"model:insightface"}
+    assert [(r["gender"], r["gender_source"]) for r in out] == [
+        ("female", "names:gender-guesser"),  # the name wins over the model's "male"
+        ("male", "model:insightface"),
+        ("female", "model:insightface"),
+    ]
+
+
+def test_dlib_backend_has_no_age_model():
+    from datakit.faces import FaceSettings
+
+    faces = FaceSettings(backend="dlib")
+    assert make_stage(context={"faces": faces}).backend is None  # auto: names only, no age
+    with pytest.raises(ValueError, match="face backend 'dlib'"):
+        make_stage(use_model=True, context={"faces": faces})
