@@ -97,7 +97,9 @@ def phash_table(view: pa.Table) -> pa.Table:
                 log.warning("dedup: no phash for %s: %s: %s", image_id, type(e).__name__, e)
         hashes.append(h)
         mirrors.append(m)
-    return pa.table({"image_id": ids, "phash": pa.array(hashes, pa.string()), "phash_mirror": pa.array(mirrors, pa.string())})
+    return pa.table(
+        {"image_id": ids, "phash": pa.array(hashes, pa.string()), "phash_mirror": pa.array(mirrors, pa.string())}
+    )
 
 
 def _phash_partition(output, part: int, upstream: list[str]) -> pa.Table:
@@ -108,22 +110,20 @@ def _phash_partition(output, part: int, upstream: list[str]) -> pa.Table:
 
 
 def compute_phashes(work, upstream: list[str], num_cpus: float) -> pa.Table:
-    parts = work.num_parts()
-    try:
-        import ray
+    """phash and phash_mirror of every row, partitions in order: one Ray task per partition when
+    Ray is running (the runner runs this stage inside a Ray task), else one after the other."""
+    import ray
 
-        use_ray = ray.is_initialized()
-    except ImportError:
-        use_ray = False
-    if use_ray:
+    parts = range(work.num_parts())
+    progress = dict(desc="dedup: phash", unit="part", total=len(parts))
+    if ray.is_initialized():
         task = ray.remote(num_cpus=num_cpus)(_phash_partition)
-        refs = [task.remote(str(work.output), part, upstream) for part in range(parts)]
-        tables = []
-        for ref in tqdm(refs, desc="dedup: phash", unit="part"):
-            tables.append(ray.get(ref))
+        refs = [task.remote(str(work.output), part, upstream) for part in parts]
+        tables = [ray.get(ref) for ref in tqdm(refs, **progress)]
     else:
-        tables = [_phash_partition(work.output, part, upstream) for part in tqdm(range(parts), desc="dedup: phash", unit="part")]
-    return pa.concat_tables(tables) if tables else pa.table({"image_id": [], "phash": [], "phash_mirror": []})
+        tables = [_phash_partition(work.output, part, upstream) for part in tqdm(parts, **progress)]
+    empty = pa.table({c: pa.array([], pa.string()) for c in ("image_id", "phash", "phash_mirror")})
+    return pa.concat_tables(tables) if tables else empty
 
 
 def hex_to_u64(values: list[str | None]) -> tuple[np.ndarray, np.ndarray]:
@@ -199,9 +199,10 @@ def keep_order(table: pa.Table, source_order: list[str]) -> np.ndarray:
     rank_of_source = {s: r for r, s in enumerate(source_order)}
     widths = table.column("width").to_pylist() if "width" in table.column_names else [None] * table.num_rows
     heights = table.column("height").to_pylist() if "height" in table.column_names else [None] * table.num_rows
+    sources, ids = table.column("source").to_pylist(), table.column("image_id").to_pylist()
     keys = [
         (-((w or 0) * (h or 0)), rank_of_source.get(s, len(rank_of_source)), image_id)
-        for w, h, s, image_id in zip(widths, heights, table.column("source").to_pylist(), table.column("image_id").to_pylist())
+        for w, h, s, image_id in zip(widths, heights, sources, ids)
     ]
     order = sorted(range(len(keys)), key=keys.__getitem__)
     rank = np.empty(len(keys), dtype=np.int64)
@@ -223,7 +224,11 @@ class DedupStage(Stage):
 
     def process_global(self, work, upstream: list[str]) -> pa.Table:
         table = work.read_all(upstream, columns=READ_COLUMNS)
-        out = {c: table.column(c).to_pylist() if c in table.column_names else [None] * table.num_rows for c in OUTPUT_COLUMNS[:6]}
+        # the decision columns as they stand; rows this stage does not drop keep their values
+        out = {
+            c: table.column(c).to_pylist() if c in table.column_names else [None] * table.num_rows
+            for c in ("image_id", "status", "drop_stage", "reason", "detail", "duplicate_of")
+        }
         source_order = list(self.context.get("source_order") or []) + sources_in_order(table)
         rank = keep_order(table, list(dict.fromkeys(source_order)))
         live = np.array([s == schema.KEPT for s in out["status"]], dtype=bool)
