@@ -50,9 +50,10 @@ import asyncio
 import io
 import json
 import mimetypes
-import multiprocessing
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import urllib.request
 import zlib
@@ -277,20 +278,28 @@ def _bound_socket() -> socket.socket:
     return sock
 
 
-def _serve_forever(folder: str | None, conn) -> None:
-    """Entry point of the server process: report the port, then serve until terminated."""
+def main(argv: list[str] | None = None) -> int:
+    """``python -m datakit.testing.httpserver [FOLDER]``: serve until interrupted. Prints
+    ``PORT <n>`` on its first line of output once it listens (PhotoServer(in_process=False)
+    reads it)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m datakit.testing.httpserver", description=main.__doc__)
+    parser.add_argument("folder", nargs="?", type=Path, help="folder served under /files/")
+    args = parser.parse_args(argv)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
+    sock = _bound_socket()
+    runner = loop.run_until_complete(_start(build_app(args.folder), sock))
+    print(f"PORT {sock.getsockname()[1]}", flush=True)
     try:
-        sock = _bound_socket()
-        loop.run_until_complete(_start(build_app(Path(folder) if folder else None), sock))
-        conn.send(("ok", sock.getsockname()[1]))
-    except Exception as e:  # the parent shows it
-        conn.send(("error", f"{type(e).__name__}: {e}"))
-        return
+        loop.run_forever()
+    except KeyboardInterrupt:
+        pass
     finally:
-        conn.close()
-    loop.run_forever()
+        loop.run_until_complete(_shutdown(runner))
+        loop.close()
+    return 0
 
 
 class PhotoServer:
@@ -368,25 +377,27 @@ class PhotoServer:
             raise RuntimeError(f"PhotoServer failed to start: {failure[0]}") from failure[0]
 
     def _start_process(self) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        parent, child = ctx.Pipe(duplex=False)
-        self._process = ctx.Process(target=_serve_forever, args=(str(self.folder) if self.folder else None, child),
-                                    name="PhotoServer", daemon=True)
-        self._process.start()
-        child.close()
-        if not parent.poll(60):
-            self._process.terminate()
-            raise RuntimeError("PhotoServer process did not start within 60 s")
-        state, value = parent.recv()
-        if state != "ok":
-            self._process.join(5)
-            raise RuntimeError(f"PhotoServer process failed to start: {value}")
-        self.port = value
+        # A fresh interpreter (not multiprocessing): callers need no __main__ guard, and the
+        # server shares no GIL with the client under test.
+        cmd = [sys.executable, "-m", "datakit.testing.httpserver"] + ([str(self.folder)] if self.folder else [])
+        self._process = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        line = self._process.stdout.readline()  # blocks until it listens or dies
+        if not line.startswith("PORT "):
+            self._process.kill()
+            self._process.wait(10)
+            raise RuntimeError(f"PhotoServer process failed to start (exit {self._process.returncode}); "
+                               "its error is printed above")
+        self.port = int(line.split()[1])
 
     def stop(self) -> None:
         if self._process is not None:
             self._process.terminate()
-            self._process.join(10)
+            try:
+                self._process.wait(10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait(10)
+            self._process.stdout.close()
             self._process = None
         if self._loop is not None:
             loop = self._loop
@@ -397,3 +408,7 @@ class PhotoServer:
             loop.close()
             self._loop = None
         self.port = None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
