@@ -247,7 +247,12 @@ def _merge_units(emb, unit_rows, unit_name, p: Params):
     counts = np.array([len(r) for r in unit_rows], dtype=np.int64)
     sources = sorted({k.split("\0", 1)[0] for k in unit_name if k is not None})
     bit = {s: np.uint64(1) << np.uint64(i % 64) for i, s in enumerate(sources)}
-    masks = np.array([bit[k.split("\0", 1)[0]] if k is not None else np.uint64(0) for k in unit_name], dtype=np.uint64)
+    # A name keeps apart from other names of its source only when it holds an identity's worth of
+    # faces: a few misfiled faces under a stray name must not block their person's identity.
+    masks = np.array(
+        [bit[k.split("\0", 1)[0]] if k is not None and c >= p.min_images else np.uint64(0) for k, c in zip(unit_name, counts)],
+        dtype=np.uint64,
+    )
     means = sums / counts[:, None]
     centres = (means / np.linalg.norm(means, axis=1, keepdims=True)).astype(np.float32)
     k = min(p.neighbors, m - 1)

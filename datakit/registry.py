@@ -15,7 +15,9 @@ STAGES: dict[str, str] = {
     "embed": "datakit.embed:EmbedStage",
     "attributes": "datakit.attributes:AttributesStage",
     "dedup": "datakit.dedup:DedupStage",
+    "cluster": "datakit.cluster:ClusterStage",
     "caption": "datakit.caption:CaptionStage",
+    "shard": "datakit.shard:ShardStage",
     # detect, filter, embed, attributes, dedup, cluster, caption, shard are added here as they land
 }
 

@@ -118,6 +118,42 @@ IMAGE_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
 
 IMAGES_SCHEMA = pa.schema([pa.field(n, t) for n, (t, _) in IMAGE_COLUMNS.items()])
 
+# identities.parquet: one row per kept identity (written by the shard stage).
+IDENTITY_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
+    "identity_id": (pa.string(), "stable id (see datakit/cluster.py): sha1 of the identity's first name, or of its first image"),
+    "names": (pa.list_(pa.string()), "distinct labels of its images, sorted"),
+    "sources": (pa.list_(pa.string()), "distinct sources of its images, sorted"),
+    "images": (pa.int64(), "kept images of the identity"),
+    "gender": (pa.string(), "majority gender of its images (female | male), null if none known"),
+    "female": (pa.int64(), "images with gender female"),
+    "male": (pa.int64(), "images with gender male"),
+    "age_mean": (pa.float32(), "mean estimated age over images that have one"),
+    "age_min": (pa.float32(), "youngest estimated age"),
+    "age_max": (pa.float32(), "oldest estimated age"),
+    "shards": (pa.list_(pa.string()), "shard files (relative to OUTPUT) holding its samples (one, by design)"),
+}
+IDENTITIES_SCHEMA = pa.schema([pa.field(n, t) for n, (t, _) in IDENTITY_COLUMNS.items()])
+
+# shards.parquet: one row per WebDataset tar under OUTPUT/shards/.
+SHARD_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
+    "path": (pa.string(), "tar file relative to OUTPUT"),
+    "bytes": (pa.int64(), "size of the tar file"),
+    "sha256": (pa.string(), "sha256 of the tar file"),
+    "samples": (pa.int64(), "samples (images) in the tar"),
+    "identities": (pa.int64(), "identities in the tar (none is split across tars)"),
+}
+SHARDS_SCHEMA = pa.schema([pa.field(n, t) for n, (t, _) in SHARD_COLUMNS.items()])
+
+# shard_members.parquet: one row per tar member, to re-hash shards member by member.
+SHARD_MEMBER_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
+    "shard": (pa.string(), "tar file relative to OUTPUT"),
+    "key": (pa.string(), "sample key (the image_id)"),
+    "member": (pa.string(), "member name inside the tar, e.g. KEY.jpg"),
+    "bytes": (pa.int64(), "size of the member's content"),
+    "sha256": (pa.string(), "sha256 of the member's content"),
+}
+SHARD_MEMBERS_SCHEMA = pa.schema([pa.field(n, t) for n, (t, _) in SHARD_MEMBER_COLUMNS.items()])
+
 
 def image_id(source: str, locator: str) -> str:
     """Stable id of an input item: the same source name and locator always give the same id."""
