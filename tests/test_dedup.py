@@ -297,12 +297,10 @@ def test_phash_pass_on_ray_gives_the_same_result(tmp_path, faces_dir, embedder, 
         [item("a", "x.jpg", original), item("a", "y.jpg", dev_photo(faces_dir, "Jerry_Seinfeld", 3))],
         [item("b", "flip.jpg", flipped_jpeg(original)), item("b", "x.jpg", original)],
     ]
+    data = [r["image_bytes"] for part in parts for r in part]
     work, upstream = write_work(tmp_path, parts, embedder)
+    assert ray_local.is_initialized()
     on_ray = DedupStage(DedupSettings(), {}).process_global(work, upstream)
-    ray_local.shutdown()
-    try:
-        in_process = DedupStage(DedupSettings(), {}).process_global(work, upstream)
-    finally:
-        ray_local.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    assert on_ray.equals(in_process)
+    assert on_ray.column("phash").to_pylist() == [phash_pair(b)[0] for b in data]
+    assert on_ray.column("phash_mirror").to_pylist() == [phash_pair(b)[1] for b in data]
     assert on_ray.column("reason").to_pylist() == [None, None, "duplicate_near", "duplicate_exact"]
