@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from datakit.decode import load_rgb
+from datakit.decode import DecodeError, load_rgb
 from datakit.faces import geometry, model_provenance
 from datakit.faces.stageio import backend_from_context, face_settings, floats, input_rows, update_table
 from datakit import schema
@@ -60,7 +60,11 @@ class DetectStage(Stage):
         return update_table(rows, COLUMNS)
 
     def detect_row(self, row: dict, blob: bytes) -> None:
-        pixels = np.array(load_rgb(blob), dtype=np.uint8)
+        try:
+            pixels = np.array(load_rgb(blob), dtype=np.uint8)
+        except DecodeError as e:  # download decodes first; this guards work folders made otherwise
+            drop(row, self.name, e.reason, e.detail)
+            return
         height, width = pixels.shape[:2]
         faces = self.backend.detect(pixels)
         faces.sort(key=lambda f: geometry.clipped_area(f.box, height, width), reverse=True)
