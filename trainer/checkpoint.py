@@ -1,0 +1,184 @@
+"""Checkpoints without pickle: safetensors for tensors, JSON for everything else.
+
+A checkpoint folder ``OUTPUT/checkpoints/step-NNNNNNN/`` holds
+
+- ``controlnet/`` and ``face_refiner/``: diffusers ``save_pretrained`` folders (config.json +
+  safetensors), loadable with ``from_pretrained``;
+- ``face_attention.safetensors``: the trained key/value projections of the face attention;
+- ``optimizer.safetensors`` + ``optimizer.json``: AdamW's moment tensors and its param groups;
+- ``rng-rank{R}.safetensors``: each rank's noise generator and torch RNG states;
+- ``trainer_state.json``: step, loader position, LR-scheduler and grad-scaler state, data
+  counters, the config, and where the frozen base came from.
+
+``OUTPUT/checkpoints/latest`` is a one-line text file naming the newest complete checkpoint; a
+checkpoint is written under a temporary name and renamed when complete, so ``latest`` never
+points at a partial one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_FILE = "trainer_state.json"
+
+
+def checkpoint_root(output: Path) -> Path:
+    return Path(output) / "checkpoints"
+
+
+def resolve_checkpoint(path: str | Path, output: Path | None = None) -> Path:
+    """A checkpoint folder from: a checkpoint folder, a run folder, a checkpoints folder, or
+    ``latest`` (relative to ``output``)."""
+    path = Path(path)
+    if str(path) == "latest":
+        if output is None:
+            raise ValueError("'latest' needs the run's output folder")
+        path = checkpoint_root(output)
+    for candidate in (path, path / "checkpoints"):
+        if (candidate / STATE_FILE).is_file():
+            return candidate
+        latest = candidate / "latest"
+        if latest.is_file():
+            found = candidate / latest.read_text().strip()
+            if (found / STATE_FILE).is_file():
+                return found
+            raise FileNotFoundError(f"{latest} names {found.name}, which is not a complete checkpoint")
+    raise FileNotFoundError(f"no checkpoint at {path} (looked for {STATE_FILE} and checkpoints/latest)")
+
+
+# ---------------------------------------------------------------- optimizer
+
+
+def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for param_id, values in state["state"].items():
+        for name, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{param_id}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(param_id), {})[name] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_files(tensors: dict, meta: dict) -> dict:
+    state: dict = {}
+    for key, value in tensors.items():
+        param_id, name = key.split(".", 1)
+        state.setdefault(int(param_id), {})[name] = value
+    for param_id, values in meta["scalars"].items():
+        state.setdefault(int(param_id), {}).update(values)
+    groups = meta["param_groups"]
+    for group in groups:
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+    return {"state": state, "param_groups": groups}
+
+
+# ---------------------------------------------------------------- RNG
+
+
+def rng_tensors(generator: torch.Generator) -> dict:
+    tensors = {"noise_generator": generator.get_state(), "torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for index, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{index}"] = state
+    return tensors
+
+
+def restore_rng(tensors: dict, generator: torch.Generator) -> None:
+    generator.set_state(tensors["noise_generator"])
+    torch.set_rng_state(tensors["torch_cpu"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+        if states:
+            torch.cuda.set_rng_state_all(states)
+
+
+# ---------------------------------------------------------------- save / load
+
+
+def save_trained_parts(net, folder: Path) -> None:
+    net.controlnet.save_pretrained(folder / "controlnet", safe_serialization=True)
+    net.refiner.save_pretrained(folder / "face_refiner", safe_serialization=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in net.face_attention.state_dict().items()}
+    if tensors:
+        save_file(tensors, folder / "face_attention.safetensors")
+
+
+def _load_folder_weights(folder: Path) -> dict:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors weights in {folder}")
+    weights = {}
+    for file in files:
+        weights.update(load_file(file))
+    return weights
+
+
+def load_trained_parts(net, folder: Path) -> None:
+    net.controlnet.load_state_dict(_load_folder_weights(folder / "controlnet"), strict=True)
+    net.refiner.load_state_dict(_load_folder_weights(folder / "face_refiner"), strict=True)
+    face_file = folder / "face_attention.safetensors"
+    if len(net.face_attention):
+        if not face_file.is_file():
+            raise FileNotFoundError(f"{face_file} missing but the model uses face attention")
+        net.face_attention.load_state_dict(load_file(face_file), strict=True)
+
+
+def begin(output: Path, step: int) -> Path:
+    """A fresh temporary folder for the checkpoint of ``step`` (main process)."""
+    tmp = checkpoint_root(output) / f".tmp-step-{step:07d}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def save_main(tmp: Path, net, optimizer, state: dict) -> None:
+    save_trained_parts(net, tmp)
+    tensors, meta = optimizer_to_files(optimizer)
+    save_file(tensors, tmp / "optimizer.safetensors")
+    (tmp / "optimizer.json").write_text(json.dumps(meta) + "\n")
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, default=str) + "\n")
+
+
+def save_rank_rng(tmp: Path, rank: int, generator: torch.Generator) -> None:
+    save_file(rng_tensors(generator), tmp / f"rng-rank{rank}.safetensors")
+
+
+def finish(output: Path, tmp: Path, step: int, keep: int) -> Path:
+    """Rename the temporary folder, point ``latest`` at it, prune older checkpoints."""
+    root = checkpoint_root(output)
+    final = root / f"step-{step:07d}"
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    latest_tmp = root / ".latest.tmp"
+    latest_tmp.write_text(final.name + "\n")
+    latest_tmp.replace(root / "latest")
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def load_state(folder: Path) -> dict:
+    return json.loads((folder / STATE_FILE).read_text())
+
+
+def load_optimizer(folder: Path, optimizer: torch.optim.Optimizer) -> None:
+    tensors = load_file(folder / "optimizer.safetensors")
+    meta = json.loads((folder / "optimizer.json").read_text())
+    optimizer.load_state_dict(optimizer_from_files(tensors, meta))
+
+
+def load_rank_rng(folder: Path, rank: int, generator: torch.Generator) -> None:
+    path = folder / f"rng-rank{rank}.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing: the checkpoint was written by fewer ranks than this run has")
+    restore_rng(load_file(path), generator)

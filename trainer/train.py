@@ -1,0 +1,578 @@
+"""Train HiFi-Net and the face refiner on the shards.
+
+    python -m trainer.train --config tiny --shards manifests/demo/shards --output runs/tiny
+    accelerate launch --multi_gpu --num_processes 8 -m trainer.train --config sdxl \\
+        --model /models/sdxl-base --shards /data/shards --output runs/sdxl
+
+Top to bottom, one run:
+
+1. config (``trainer/configs/<name>.yaml`` + ``--set section.field=value``) and an
+   ``accelerate.Accelerator`` (bf16/fp16 autocast on GPU, fp32 on CPU, gloo on CPU, NCCL on GPU).
+2. the frozen base from local folders (``tiny`` builds one from a seed into ``OUTPUT/base``),
+   HiFi-Net built on it (ControlNet from the UNet, face refiner, face attention), gradient
+   checkpointing, AdamW on the trained parameters only, LR warm-up and schedule.
+3. the identity stream (``trainer/data.py``), one per process, resampled and split by rank and
+   worker so every rank takes the same number of steps.
+4. each step: VAE latents of the target, noise and timestep from a seeded generator, prompt /
+   face / joint dropout for classifier-free guidance (IP-Adapter's scheme), the noise-prediction
+   MSE, backward (gradient accumulation through ``accelerator.accumulate``), clipping, step.
+5. every N steps and at the end: a checkpoint (safetensors + JSON, no pickle), validation on
+   held-out identities (face similarity, landmark error, detector misses), logs to the console,
+   ``OUTPUT/metrics.jsonl`` and TensorBoard (``OUTPUT/logs``). At the end: ``loss.png`` and
+   ``samples.png``.
+
+``--resume latest`` restores weights, optimizer, LR schedule, grad scaler, every rank's RNG and
+the data position, so the continued run repeats what an uninterrupted one would have done (on CPU
+the loss sequence is identical; tests/test_trainer_train.py checks it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from trainer import checkpoint as ckpt
+from trainer.config import Config, load_config
+from trainer.data import IdentityStream, fixed_examples, in_order, list_shards, make_loader, mix_seed, probe_shards
+from trainer.plots import loss_curve, sample_grid
+
+log = logging.getLogger("trainer.train")
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def cast(dtype: torch.dtype) -> dict:
+    """``.to()`` arguments: no dtype when it is float32 already (diffusers warns about any cast)."""
+    return {} if dtype == torch.float32 else {"dtype": dtype}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="tiny", help="preset name (tiny, sdxl) or a YAML file")
+    parser.add_argument("--shards", default="manifests/demo/shards", help="shard folder, glob or brace pattern")
+    parser.add_argument("--output", default=None, help="run folder (default runs/<config name>)")
+    parser.add_argument("--model", default=None, help="local diffusers SDXL folder (config sdxl)")
+    parser.add_argument("--image-encoder", default=None, help="local CLIP vision folder (default MODEL/image_encoder)")
+    parser.add_argument("--max-steps", type=int, default=None, help="override train.max_steps")
+    parser.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="config override")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: cores left by workers)")
+    parser.add_argument("--stop-after", type=int, default=None, help="stop after this step as if interrupted (tests)")
+    return parser.parse_args(argv)
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    overrides = list(args.set)
+    if args.model:
+        overrides.append(f"model.pretrained={json.dumps(str(args.model))}")
+        encoder = args.image_encoder or (Path(args.model) / "image_encoder")
+        if args.image_encoder or Path(encoder).is_dir():
+            overrides.append(f"model.image_encoder={json.dumps(str(encoder))}")
+    elif args.image_encoder:
+        overrides.append(f"model.image_encoder={json.dumps(str(args.image_encoder))}")
+    if args.max_steps is not None:
+        overrides.append(f"train.max_steps={args.max_steps}")
+    return load_config(args.config, overrides)
+
+
+def flat_config(tree: dict, prefix: str = "") -> dict:
+    """TensorBoard's hparams take scalars only."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flat_config(value, name + "."))
+        else:
+            flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+class Trainer:
+    def __init__(self, cfg: Config, output: Path, shards: str, threads: int | None = None):
+        self.cfg = cfg
+        self.output = Path(output)
+        self.shards = shards
+        self.threads = threads
+        self.step = 0
+        self.batches_seen = 0
+        self.data_counts: dict[str, int] = {}
+        self.shards_read: set[str] = set()
+        self.validator = None
+
+    # ------------------------------------------------------------------ set-up
+
+    def setup(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        cfg = self.cfg
+        on_gpu = torch.cuda.is_available()
+        self.mixed_precision = cfg.train.mixed_precision if on_gpu else "no"
+        self.accelerator = Accelerator(
+            cpu=not on_gpu,
+            mixed_precision=self.mixed_precision,
+            gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+            log_with="tensorboard",
+            project_config=ProjectConfiguration(project_dir=str(self.output), logging_dir=str(self.output / "logs")),
+        )
+        acc = self.accelerator
+        self.rank, self.world = acc.process_index, acc.num_processes
+        self.device = acc.device
+        self.weight_dtype = DTYPES[self.mixed_precision]
+        if not on_gpu:
+            per_process = max(1, (os.cpu_count() or 1) // self.world - cfg.data.num_workers)
+            torch.set_num_threads(self.threads or per_process)
+        self.output.mkdir(parents=True, exist_ok=True)
+        list_shards(self.shards)  # a clear error before any model is built
+        self.probe = probe_shards(self.shards)
+        self._setup_models()
+        self._setup_optimizer()
+        self._setup_data()
+
+    def _base_folders(self) -> tuple[Path, Path]:
+        model = self.cfg.model
+        if model.kind == "tiny":
+            from trainer.architectures import build_tiny_base
+
+            folder = self.output / "base"
+            with self.accelerator.main_process_first():
+                build_tiny_base(folder, model.tiny_seed)
+            return folder, folder / "image_encoder"
+        return Path(model.pretrained), Path(model.image_encoder)
+
+    def _setup_models(self) -> None:
+        from diffusers import DDPMScheduler
+
+        from trainer.components import load_base, vae_scale_factor
+        from trainer.hifinet import build_hifinet, parameter_split
+
+        cfg = self.cfg
+        self.base_dir, self.encoder_dir = self._base_folders()
+        base = load_base(self.base_dir, self.encoder_dir, variant=cfg.model.variant)
+        self.base = base
+        torch.manual_seed(cfg.train.seed)
+        # the ControlNet copies the UNet's weights before the UNet is cast to the weight dtype
+        net = build_hifinet(
+            base.unet,
+            clip_dim=base.image_encoder.config.hidden_size,
+            id_dim=self.probe["embedding_dim"],
+            refiner_cfg=cfg.refiner,
+            hifinet_cfg=cfg.hifinet,
+            vae_factor=vae_scale_factor(base.vae),
+            unet_dtype=cast(self.weight_dtype).get("dtype"),
+            device=self.device,
+        )
+        self.vae_dtype = torch.float32 if base.vae.config.force_upcast else self.weight_dtype
+        base.vae.to(self.device, **cast(self.vae_dtype))
+        for module in (base.text_encoder, base.text_encoder_2, base.image_encoder):
+            module.to(self.device, **cast(self.weight_dtype))
+        net.controlnet.to(self.device)
+        net.refiner.to(self.device)
+        if cfg.train.gradient_checkpointing:
+            net.controlnet.enable_gradient_checkpointing()
+            base.unet.enable_gradient_checkpointing()  # frozen, but the backward pass runs through it
+        self.noise_scheduler = DDPMScheduler.from_config(base.scheduler_config)
+        self.net = net
+        self.split = parameter_split(net, base.frozen_modules())
+        if self.accelerator.is_main_process:
+            trained = sum(self.split["trained"].values())
+            frozen = sum(self.split["frozen"].values())
+            log.info("trained parameters %s (%s), frozen %s (%s)", f"{trained:,}", self.split["trained"], f"{frozen:,}", self.split["frozen"])
+
+    def _setup_optimizer(self) -> None:
+        from diffusers.optimization import get_scheduler
+
+        t = self.cfg.train
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay, eps=t.adam_epsilon
+        )
+        # stepped once per optimizer step by this loop (not prepared: accelerate would step it once per process)
+        self.lr_scheduler = get_scheduler(
+            t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps
+        )
+        self.model, self.optimizer = self.accelerator.prepare(self.net, optimizer)
+        self.generator = torch.Generator().manual_seed(mix_seed(t.seed, "noise", self.rank) % 2**63)
+
+    def _setup_data(self) -> None:
+        d = self.cfg.data
+        self.stream = IdentityStream(
+            self.shards,
+            resolution=d.resolution,
+            clip_size=self.base.image_encoder.config.image_size,
+            references=d.references,
+            batch_size=d.batch_size,
+            batches_per_epoch=d.batches_per_epoch,
+            num_workers=d.num_workers,
+            seed=self.cfg.train.seed,
+            rank=self.rank,
+            world_size=self.world,
+            examples_per_identity=d.examples_per_identity,
+            shuffle_buffer=d.shuffle_buffer,
+            holdout_fraction=d.holdout_fraction,
+        )
+
+    # ------------------------------------------------------------------ one step
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        from trainer.conditioning import encode_prompts, encode_reference_crops
+
+        base, t, device = self.base, self.cfg.train, self.device
+        g = self.generator
+        size = batch["pixels"].shape[0]
+        # all randomness first, in a fixed order, from this rank's generator
+        choice = torch.rand(size, generator=g)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (size,), generator=g)
+        # [0, p) prompt only, [p, p+f) face only, [p+f, p+f+j) both, the rest neither
+        p, f, j = t.prompt_dropout, t.face_dropout, t.joint_dropout
+        drop_prompt = (choice < p) | ((choice >= p + f) & (choice < p + f + j))
+        drop_face = (choice >= p) & (choice < p + f + j)
+        with torch.no_grad():
+            posterior = base.vae.encode(batch["pixels"].to(device, self.vae_dtype)).latent_dist
+            eps = torch.randn(posterior.mean.shape, generator=g).to(device)
+            latents = (posterior.mean.float() + posterior.std.float() * eps) * base.vae.config.scaling_factor
+            noise = torch.randn(latents.shape, generator=g).to(device)
+            captions = ["" if drop else caption for caption, drop in zip(batch["captions"], drop_prompt.tolist())]
+            prompt_embeds, pooled = encode_prompts(
+                (base.tokenizer, base.tokenizer_2), (base.text_encoder, base.text_encoder_2), captions, device
+            )
+            clip_hidden = encode_reference_crops(
+                base.image_encoder, batch["reference_pixels"].to(device, self.weight_dtype), self.cfg.refiner.clip_layer
+            )
+        timesteps = timesteps.to(device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        prediction = self.model(
+            noisy,
+            timesteps,
+            prompt_embeds,
+            pooled,
+            batch["time_ids"].to(device, self.weight_dtype),
+            batch["landmark_image"].to(device, self.weight_dtype),
+            clip_hidden=clip_hidden,
+            id_embeds=batch["reference_embeddings"].to(device),
+            face_keep=(~drop_face).to(device),
+            conditioning_scale=self.cfg.hifinet.controlnet_conditioning_scale,
+        )
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        return F.mse_loss(prediction.float(), target.float())
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _relative(self, path: Path) -> str:
+        try:
+            return str(Path(path).resolve().relative_to(self.output.resolve()))
+        except ValueError:
+            return str(Path(path).resolve())
+
+    def state(self) -> dict:
+        import accelerate
+        import diffusers
+        import transformers
+
+        scaler = self.accelerator.scaler
+        face_names = [n for n in self.base.unet.attn_processors if hasattr(self.base.unet.attn_processors[n], "to_k_face")]
+        return {
+            "step": self.step,
+            "batches_seen": self.batches_seen,
+            "epoch_length": self.stream.epoch_length,
+            "world_size": self.world,
+            "config": self.cfg.model_dump(),
+            "base_model": self._relative(self.base_dir),
+            "image_encoder": self._relative(self.encoder_dir),
+            "id_dim": self.probe["embedding_dim"],
+            "landmark_points": self.probe["landmark_points"],
+            "face_attention": {
+                "num_tokens": self.cfg.refiner.num_tokens,
+                "scale": self.cfg.hifinet.face_attention_scale,
+                "processors": face_names,
+            },
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "data_counts": self.data_counts,
+            "parameters": self.split,
+            "versions": {
+                "torch": torch.__version__,
+                "diffusers": diffusers.__version__,
+                "transformers": transformers.__version__,
+                "accelerate": accelerate.__version__,
+            },
+        }
+
+    def save(self) -> Path | None:
+        acc = self.accelerator
+        tmp = ckpt.checkpoint_root(self.output) / f".tmp-step-{self.step:07d}"
+        if acc.is_main_process:
+            ckpt.begin(self.output, self.step)
+            ckpt.save_main(tmp, acc.unwrap_model(self.model), self.optimizer.optimizer, self.state())
+        acc.wait_for_everyone()
+        ckpt.save_rank_rng(tmp, self.rank, self.generator)
+        acc.wait_for_everyone()
+        final = None
+        if acc.is_main_process:
+            final = ckpt.finish(self.output, tmp, self.step, self.cfg.train.keep_checkpoints)
+            log.info("checkpoint %s", final)
+        acc.wait_for_everyone()
+        return final
+
+    def resume(self, where: str) -> None:
+        try:
+            folder = ckpt.resolve_checkpoint(where, self.output)
+        except FileNotFoundError:
+            if where == "latest":
+                log.warning("--resume latest: no checkpoint in %s yet, starting from step 0", self.output)
+                return
+            raise
+        state = ckpt.load_state(folder)
+        if state["world_size"] != self.world or state["epoch_length"] != self.stream.epoch_length:
+            raise ValueError(
+                f"{folder} was written by {state['world_size']} process(es) with {state['epoch_length']} batches "
+                f"per epoch; this run has {self.world} and {self.stream.epoch_length}: the data position "
+                "cannot continue exactly (use the same process count, num_workers and batches_per_epoch)"
+            )
+        ckpt.load_trained_parts(self.accelerator.unwrap_model(self.model), folder)
+        self.optimizer.load_state_dict(ckpt.optimizer_from_files(*self._optimizer_files(folder)))
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if state["scaler"] is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        ckpt.load_rank_rng(folder, self.rank, self.generator)
+        self.step, self.batches_seen = state["step"], state["batches_seen"]
+        self.data_counts = dict(state.get("data_counts") or {})
+        if self.accelerator.is_main_process:
+            log.info("resumed from %s at step %d", folder, self.step)
+
+    @staticmethod
+    def _optimizer_files(folder: Path) -> tuple[dict, dict]:
+        from safetensors.torch import load_file
+
+        return load_file(folder / "optimizer.safetensors"), json.loads((folder / "optimizer.json").read_text())
+
+    # ------------------------------------------------------------------ validation
+
+    def pipeline(self):
+        from diffusers import schedulers
+
+        from trainer.pipeline import HiFiPortraitPipeline
+
+        base, net = self.base, self.accelerator.unwrap_model(self.model)
+        config = json.loads((self.base_dir / "scheduler" / "scheduler_config.json").read_text())
+        scheduler = getattr(schedulers, config.get("_class_name", "EulerDiscreteScheduler")).from_config(config)
+        pipe = HiFiPortraitPipeline(
+            base.vae, base.text_encoder, base.text_encoder_2, base.tokenizer, base.tokenizer_2,
+            base.unet, net.controlnet, net.refiner, base.image_encoder, scheduler,
+        )
+        pipe.clip_layer = self.cfg.refiner.clip_layer
+        pipe.conditioning_scale = self.cfg.hifinet.controlnet_conditioning_scale
+        return pipe
+
+    def _examples(self, heldout: bool | None) -> list[dict]:
+        d = self.cfg.data
+        return fixed_examples(
+            self.shards,
+            self.cfg.train.val_identities,
+            references=d.references,
+            resolution=d.resolution,
+            clip_size=self.base.image_encoder.config.image_size,
+            holdout_fraction=d.holdout_fraction,
+            heldout=heldout,
+            seed=self.cfg.train.seed,
+        )
+
+    def validate(self) -> tuple[dict | None, list]:
+        """Main process only. Returns (metrics, images)."""
+        from trainer.validate import Validator
+
+        t = self.cfg.train
+        if t.val_identities == 0:
+            return None, []
+        if self.validator is None:
+            examples = self._examples(heldout=True)
+            if not examples:
+                log.warning(
+                    "validation: no held-out identity in the shards (holdout_fraction %.3f); nothing to validate",
+                    self.cfg.data.holdout_fraction,
+                )
+            self.validator = Validator(examples, t.val_inference_steps, t.val_guidance_scale, seed=t.seed)
+        if not self.validator.examples:
+            return None, []
+        started = time.time()
+        images = self.validator.generate(self.pipeline())
+        metrics = self.validator.measure(images)
+        metrics["seconds"] = round(time.time() - started, 2)
+        log.info("validation at step %d on %d held-out identities: %s", self.step, len(images), metrics)
+        numeric = {f"val/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
+        self.accelerator.log(numeric, step=self.step)
+        self._append_metrics({"step": self.step, "validation": metrics})
+        return metrics, images
+
+    # ------------------------------------------------------------------ logging
+
+    def _append_metrics(self, row: dict) -> None:
+        with open(self.output / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+    def _note_batch(self, batch: dict) -> None:
+        for reason, count in batch["stats"].items():
+            self.data_counts[reason] = self.data_counts.get(reason, 0) + count
+        self.shards_read.update(batch["shards"])
+
+    def _write_rank_file(self, finished: bool) -> None:
+        folder = self.output / "ranks"
+        folder.mkdir(exist_ok=True)
+        (folder / f"rank{self.rank}.json").write_text(
+            json.dumps(
+                {
+                    "rank": self.rank,
+                    "world_size": self.world,
+                    "steps": self.step,
+                    "batches_seen": self.batches_seen,
+                    "finished": finished,
+                    "shards_read": sorted(self.shards_read),
+                    "data_counts": self.data_counts,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self, stop_after: int | None = None) -> dict:
+        from tqdm.auto import tqdm
+
+        acc, t = self.accelerator, self.cfg.train
+        if acc.is_main_process:
+            acc.init_trackers("hifi-portrait", config=flat_config(self.cfg.model_dump()))
+            (self.output / "trainer_config.json").write_text(json.dumps(self.cfg.model_dump(), indent=1) + "\n")
+        loader = make_loader(self.stream, pin_memory=torch.cuda.is_available(), seed=t.seed)
+        bar = tqdm(total=t.max_steps, initial=self.step, disable=not acc.is_main_process, desc="train", unit="step")
+        window, micro_losses, last_saved = [], [], None
+        tick = time.time()
+        self.model.train()
+        while self.step < t.max_steps:
+            epoch, done = divmod(self.batches_seen, self.stream.epoch_length)
+            self.stream.set_position(epoch, done)
+            for batch in in_order(loader, done):
+                self.batches_seen += 1
+                self._note_batch(batch)
+                with acc.accumulate(self.model):
+                    loss = self.loss(batch)
+                    acc.backward(loss)
+                    if acc.sync_gradients and t.max_grad_norm > 0:
+                        acc.clip_grad_norm_(self.model.parameters(), t.max_grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                micro_losses.append(loss.detach())
+                if not acc.sync_gradients:
+                    continue
+                self.lr_scheduler.step()
+                self.step += 1
+                step_loss = acc.reduce(torch.stack(micro_losses).mean(), reduction="mean").item()
+                micro_losses = []
+                window.append(step_loss)
+                lr = self.lr_scheduler.get_last_lr()[0]
+                if acc.is_main_process:
+                    self._append_metrics({"step": self.step, "loss": step_loss, "lr": lr, "epoch": epoch})
+                    acc.log({"train/loss": step_loss, "train/lr": lr}, step=self.step)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{step_loss:.4f}")
+                if self.step % t.log_every == 0 and acc.is_main_process:
+                    seconds = (time.time() - tick) / len(window)
+                    log.info(
+                        "step %d/%d loss %.4f lr %.2e %.2fs/step data %s",
+                        self.step, t.max_steps, sum(window) / len(window), lr, seconds, self.data_counts or "clean",
+                    )
+                    window, tick = [], time.time()
+                stopping = stop_after is not None and self.step >= stop_after
+                if self.step % t.checkpoint_every == 0 or self.step == t.max_steps or stopping:
+                    self.save()
+                    last_saved = self.step
+                if self.step % t.validate_every == 0 and self.step < t.max_steps and not stopping:
+                    if acc.is_main_process:
+                        self.validate()
+                    acc.wait_for_everyone()
+                if self.step >= t.max_steps or stopping:
+                    break
+            if stop_after is not None and self.step >= stop_after:
+                break
+        bar.close()
+        if last_saved != self.step:
+            self.save()
+        finished = self.step >= t.max_steps
+        self._write_rank_file(finished)
+        summary = {"step": self.step, "finished": finished, "data_counts": self.data_counts}
+        if finished and acc.is_main_process:
+            summary.update(self._final_outputs())
+        acc.wait_for_everyone()
+        acc.end_training()
+        return summary
+
+    def _final_outputs(self) -> dict:
+        metrics, images = self.validate()
+        out = {"validation": metrics, "loss_curve": str(loss_curve(self.output / "metrics.jsonl", self.output / "loss.png"))}
+        examples = self.validator.examples if self.validator and self.validator.examples else []
+        if not examples:
+            from trainer.validate import Validator
+
+            log.info("sample grid: no held-out identity, using the first identities of the shards")
+            examples = self._examples(heldout=None)
+            if examples:
+                images = Validator(examples, self.cfg.train.val_inference_steps, self.cfg.train.val_guidance_scale).generate(self.pipeline())
+        if examples:
+            grid = sample_grid(examples, images, self.output / "samples.png")
+            out["sample_grid"] = str(grid)
+            tracker = self.accelerator.get_tracker("tensorboard", unwrap=True)
+            if hasattr(tracker, "add_image"):
+                from PIL import Image
+
+                tracker.add_image("samples", np.asarray(Image.open(grid).convert("RGB")), self.step, dataformats="HWC")
+        (self.output / "summary.json").write_text(json.dumps({**out, "step": self.step, "data_counts": self.data_counts}, indent=1) + "\n")
+        log.info("wrote %s", ", ".join(v for k, v in out.items() if k != "validation"))
+        return out
+
+
+def quiet_libraries() -> None:
+    """Per-file progress bars of transformers and diffusers drown the training log."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    quiet_libraries()
+    logging.basicConfig(
+        level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        cfg = resolve_config(args)
+    except (ValueError, FileNotFoundError) as exn:
+        raise SystemExit(f"config error: {exn}") from None
+    output = Path(args.output or f"runs/{cfg.name}")
+    trainer = Trainer(cfg, output, args.shards, threads=args.threads)
+    try:
+        trainer.setup()
+        if args.resume:
+            trainer.resume(args.resume)
+    except (FileNotFoundError, ValueError) as exn:
+        raise SystemExit(f"error: {exn}") from None
+    return trainer.train(stop_after=args.stop_after)
+
+
+if __name__ == "__main__":
+    main()
