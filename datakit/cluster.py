@@ -31,7 +31,7 @@ Thresholds (linkage, Euclidean on L2-normalised embeddings), per embedding model
   0.40, and 0.946 at 0.42 (two people merge); 0.39 sits in that band on the side of splitting,
   since merging two people is the worse error for training. ``tests/test_cluster.py``
   re-measures the two bounds and checks the default still lies between them.
-- ArcFace (insightface models: w600k, glint360k, antelope, buffalo): 1.15, i.e. a mean cosine
+- ArcFace (the insightface backend's recognisers, e.g. buffalo_l/w600k_r50): 1.15, i.e. a mean cosine
   similarity of 0.34 between the two sets. Not measured here (no ArcFace weights can be
   fetched on these machines): chosen from ArcFace's published verification operating points
   (same-person cosine mostly above 0.4, different people mostly below 0.2 on LFW-like data)
@@ -60,11 +60,8 @@ from datakit.stage import Stage, StageSettings
 # pattern found in the embedding model's name (case-insensitive) -> linkage threshold
 DEFAULT_THRESHOLDS: dict[str, float] = {
     "dlib": 0.39,
+    "insightface": 1.15,  # the insightface backend's models are ArcFace-family recognisers
     "arcface": 1.15,
-    "w600k": 1.15,
-    "glint": 1.15,
-    "antelope": 1.15,
-    "buffalo": 1.15,
 }
 
 INPUT_COLUMNS = [

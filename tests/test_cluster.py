@@ -260,7 +260,7 @@ def test_unknown_embedding_model_is_a_clear_error(tmp_path):
 
 def test_embeddings_of_different_models_are_never_compared(tmp_path):
     rows = synthetic_rows()
-    arc = [dict(r, image_id=schema.image_id("arc", r["locator"]), source="arc", embedding_model="w600k_r50") for r in rows if r["status"] == "kept"]
+    arc = [dict(r, image_id=schema.image_id("arc", r["locator"]), source="arc", embedding_model="insightface:buffalo_l/w600k_r50.onnx") for r in rows if r["status"] == "kept"]
     update = run_stage(write_workdir(tmp_path, rows + arc)).to_pylist()
     model_of = {r["image_id"]: r.get("embedding_model") for r in rows + arc}
     by_identity: dict = {}
