@@ -1,0 +1,486 @@
+"""Redact items from a finished build: out of the shards, the manifests and the work folder.
+
+``redact(folder, identities=[...], urls=[...], image_ids=[...], reason=...)``:
+
+1. Select rows of images.parquet: an identity (its id, or a name: the identity's names in
+   identities.parquet or the rows' labels, compared without case, ``_`` = space) takes every
+   row clustered into it and every row labelled with that name, whatever their status; a URL
+   takes rows whose locator or final URL is it; an image id takes its row. Rows redacted
+   before are left as they are.
+2. An identity left with fewer than ``cluster.min_images`` kept images (the recipe's, default
+   5) could no longer give 1 target + 4 references, which the trainer relies on; its remaining
+   images are dropped too (``drop_stage`` "redact", reason ``identity_too_small``, ``detail``
+   naming the redaction). They leave the shards; their bytes in the work folder stay (nobody
+   asked for them to go), and the identity leaves identities.parquet.
+3. Each shard that held a removed sample is rewritten without it: the other members in their
+   order with their header fields unchanged (mtime 0, uid/gid 0, no names, mode 0644), USTAR,
+   under a temporary name in the same folder, then renamed over the old one. Every member
+   carried over is first checked against shard_members.parquet, so a damaged shard is never
+   blessed with new hashes. A shard left empty is deleted. Other shards are not touched.
+4. shard_members.parquet, shards.parquet, identities.parquet, then images.parquet are rewritten
+   (each atomically): selected rows get status ``redacted``, ``redacted_at`` (UTC) and
+   ``redaction_reason``; their embedding and landmarks (biometric templates) are cleared; all
+   their other values stay, so the audit trail (source, locator, sha256, decisions) remains.
+5. The work folder: every parquet file under ``_work`` that holds a selected row loses that
+   row's bulk bytes (image bytes, face crops: every binary column) and its embedding and
+   landmarks; the decision columns of the last stage's files carry the redaction too, so a
+   later ``datakit run`` that rewrites images.parquet from ``_work`` keeps it.
+6. A line is appended to OUTPUT/redactions.jsonl. Derived files that may show the images
+   (OUTPUT/audit/report.html and OUTPUT/audit/sheets/) are deleted; the dataset card, if
+   present, is written again with the new numbers.
+
+images.parquet is written last, so a redaction that is interrupted is finished by running the
+same command again: rows still kept are selected again, shards already rewritten no longer
+hold them, and every step gives the same result twice.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import getpass
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+import time
+import uuid
+from collections import Counter, defaultdict
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from datakit import registry, schema
+from datakit.audit.folder import AUDIT_DIR, IDENTITIES, IMAGES, MEMBERS, REDACTIONS, SHARDS, AuditError, OutputFolder
+from datakit.audit.sheets import normalize
+from datakit.store import TMP_PREFIX, atomic_write_table
+
+BIOMETRIC_COLUMNS = ("embedding", "landmarks5", "landmarks68")
+DECISION_COLUMNS = ("status", "drop_stage", "reason", "detail")
+REDACT_STAGE = "redact"
+
+
+@dataclass
+class Plan:
+    redact: list[str]  # image ids to mark redacted
+    also_drop: dict[str, str] = field(default_factory=dict)  # image id -> detail (identity too small)
+    already: list[str] = field(default_factory=list)  # selected but redacted before
+    removed_samples: dict[str, set[str]] = field(default_factory=dict)  # shard -> keys leaving it
+    identities: set[str] = field(default_factory=set)  # identities that lose images
+
+
+@dataclass
+class Result:
+    time: str
+    reason: str
+    selector: dict
+    image_ids: list[str]
+    also_dropped: list[str]
+    already_redacted: list[str]
+    shards_rewritten: list[str]
+    shards_removed: list[str]
+    work_files_scrubbed: int
+    derived_files_removed: list[str]
+    user: str
+    dry_run: bool = False
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- selection
+
+
+def select(folder: OutputFolder, identities=(), urls=(), image_ids=()) -> tuple[list[str], list[str]]:
+    """(image ids to redact, image ids already redacted) for the selectors; unknown ones raise."""
+    cols = ["image_id", "status", "identity_id", "label", "locator", "final_url"]
+    t = folder.read(IMAGES, columns=cols).to_pylist()
+    chosen: list[str] = []
+
+    def take(rows, what):
+        if not rows:
+            raise AuditError(f"{what}: no row of images.parquet matches; nothing was changed")
+        chosen.extend(r["image_id"] for r in rows)
+
+    names_of = _identity_names(folder)
+    for query in identities:
+        q = normalize(query)
+        idents = {i for i, names in names_of.items() if i == query or any(normalize(n) == q for n in names)}
+        idents |= {r["identity_id"] for r in t if r["identity_id"] and (r["identity_id"] == query or normalize(r["label"]) == q)}
+        take([r for r in t if r["identity_id"] in idents or normalize(r["label"]) == q], f"identity {query!r}")
+    for u in urls:
+        take([r for r in t if u in (r["locator"], r["final_url"])], f"URL {u!r}")
+    for i in image_ids:
+        take([r for r in t if r["image_id"] == i], f"image id {i!r}")
+    status = {r["image_id"]: r["status"] for r in t}
+    unique = list(dict.fromkeys(chosen))
+    return [i for i in unique if status[i] != schema.REDACTED], [i for i in unique if status[i] == schema.REDACTED]
+
+
+def _identity_names(folder: OutputFolder) -> dict[str, list[str]]:
+    if not folder.has(IDENTITIES):
+        return {}
+    rows = folder.read(IDENTITIES, columns=["identity_id", "names"]).to_pylist()
+    return {r["identity_id"]: r["names"] or [] for r in rows}
+
+
+def plan(folder: OutputFolder, redact_ids: list[str], already: list[str], min_images: int) -> Plan:
+    rows = folder.read(IMAGES, columns=["image_id", "status", "identity_id", "shard", "key"]).to_pylist()
+    targets = set(redact_ids)
+    p = Plan(redact=list(redact_ids), already=list(already))
+    kept = [r for r in rows if r["status"] == schema.KEPT]
+    p.identities = {r["identity_id"] for r in kept if r["image_id"] in targets and r["identity_id"]}
+    left = Counter(r["identity_id"] for r in kept if r["image_id"] not in targets and r["identity_id"] in p.identities)
+    for r in kept:
+        ident = r["identity_id"]
+        if r["image_id"] not in targets and ident in p.identities and left[ident] < min_images:
+            p.also_drop[r["image_id"]] = (
+                f"identity {ident} was left with {left[ident]} images (cluster.min_images is {min_images}) "
+                f"after a redaction; the images were not redacted themselves"
+            )
+    leaving = targets | set(p.also_drop)
+    for r in rows:
+        if r["image_id"] in leaving and r["shard"] and r["key"]:
+            p.removed_samples.setdefault(r["shard"], set()).add(r["key"])
+    if folder.has(MEMBERS):  # also wherever the member list says a sample of theirs is
+        members = folder.read(MEMBERS, columns=["shard", "key"])
+        hit = members.filter(pc.is_in(members["key"], value_set=pa.array(sorted(leaving), pa.string())))
+        for shard, key in zip(hit["shard"].to_pylist(), hit["key"].to_pylist()):
+            p.removed_samples.setdefault(shard, set()).add(key)
+    return p
+
+
+# ---------------------------------------------------------------- the whole operation
+
+
+def redact(
+    folder: OutputFolder,
+    reason: str,
+    identities=(),
+    urls=(),
+    image_ids=(),
+    dry_run: bool = False,
+    now: float | None = None,
+) -> Result:
+    if not reason or not reason.strip():
+        raise AuditError("a redaction needs a reason (--reason TEXT): it is kept in the manifests and the log")
+    if not (identities or urls or image_ids):
+        raise AuditError("say what to redact: --identity NAME, --url URL or --image-id ID")
+    folder.require(IMAGES)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if now is None else now))
+    with _lock(folder):
+        ids, already = select(folder, identities, urls, image_ids)
+        p = plan(folder, ids, already, int(folder.setting("cluster", "min_images", 5)))
+        result = Result(
+            time=stamp, reason=reason, selector={"identity": list(identities), "url": list(urls), "image_id": list(image_ids)},
+            image_ids=p.redact, also_dropped=sorted(p.also_drop), already_redacted=p.already, shards_rewritten=[],
+            shards_removed=[], work_files_scrubbed=0, derived_files_removed=[], user=_user(), dry_run=dry_run,
+        )  # fmt: skip
+        if dry_run or not p.redact:
+            return result
+        rewritten = rewrite_shards(folder, p.removed_samples)
+        result.shards_rewritten = sorted(r for r, info in rewritten.items() if info is not None)
+        result.shards_removed = sorted(r for r, info in rewritten.items() if info is None)
+        update_shard_manifests(folder, p, rewritten)
+        images = update_images(folder, p, reason, stamp)
+        update_identities(folder, images, p.identities)
+        result.work_files_scrubbed = scrub_work(folder, p, reason, stamp)
+        result.derived_files_removed = remove_derived(folder)
+        append_log(folder, result)
+        refresh_card(folder)
+    return result
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no user name in some containers
+        return "unknown"
+
+
+@contextmanager
+def _lock(folder: OutputFolder):
+    """One redaction at a time per output folder."""
+    with open(folder.path(".redact.lock"), "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            raise AuditError(f"{folder.root}: another redaction is running (it holds .redact.lock)") from e
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------- shards
+
+
+def rewrite_shards(folder: OutputFolder, removed: dict[str, set[str]]) -> dict[str, dict | None]:
+    """Rewrite each shard without ``removed[shard]``; shard -> {bytes, sha256} (None: deleted)."""
+    expected = _member_hashes(folder)
+    out = {}
+    for shard in sorted(removed):
+        path = folder.inside(shard)
+        if not path.is_file():
+            raise AuditError(f"{shard}: the shard is missing, so its samples cannot be removed; run `datakit verify`")
+        out[shard] = rewrite_tar(path, shard, removed[shard], expected.get(shard, {}))
+    return out
+
+
+def _member_hashes(folder: OutputFolder) -> dict[str, dict[str, str]]:
+    if not folder.has(MEMBERS):
+        return {}
+    out: dict[str, dict[str, str]] = defaultdict(dict)
+    t = folder.read(MEMBERS, columns=["shard", "member", "sha256"])
+    for shard, member, sha in zip(*(t[c].to_pylist() for c in ("shard", "member", "sha256"))):
+        out[shard][member] = sha
+    return out
+
+
+def rewrite_tar(path: Path, shard: str, keys: set[str], expected: dict[str, str]) -> dict | None:
+    tmp = path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}-{path.name}"
+    kept = 0
+    try:
+        with tarfile.open(path, "r:") as src, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as dst:
+            for info in src:
+                if info.name.split(".", 1)[0] in keys:
+                    continue
+                if not info.isfile():
+                    raise AuditError(f"{shard}: member {info.name!r} is not a plain file; run `datakit verify`")
+                data = src.extractfile(info).read()
+                if expected and hashlib.sha256(data).hexdigest() != expected.get(info.name):
+                    raise AuditError(
+                        f"{shard}: member {info.name} does not match shard_members.parquet; the shard is damaged "
+                        f"or the manifests are stale. Run `datakit verify {path.parent.parent}` and fix that first."
+                    )
+                dst.addfile(same_header(info), io.BytesIO(data))
+                kept += 1
+        if kept == 0:
+            tmp.unlink()
+            path.unlink()
+            return None
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        digest, size = _sha256_file(tmp)
+        os.replace(tmp, path)
+        return {"bytes": size, "sha256": digest}
+    except tarfile.TarError as e:
+        raise AuditError(f"{shard}: cannot be read as a tar ({e}); run `datakit verify`") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def same_header(src: tarfile.TarInfo) -> tarfile.TarInfo:
+    """A fresh header with the source member's fields, so the rewritten tar keeps their form."""
+    info = tarfile.TarInfo(src.name)
+    for attr in ("size", "mtime", "mode", "uid", "gid", "uname", "gname", "type"):
+        setattr(info, attr, getattr(src, attr))
+    return info
+
+
+def _sha256_file(path: Path) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+# ---------------------------------------------------------------- manifests
+
+
+def update_shard_manifests(folder: OutputFolder, p: Plan, rewritten: dict[str, dict | None]) -> None:
+    if not folder.has(SHARDS):
+        return
+    leaving = set(p.redact) | set(p.also_drop)
+    members = folder.read(MEMBERS) if folder.has(MEMBERS) else None
+    if members is not None:
+        gone = pc.and_(pc.is_in(members["shard"], value_set=pa.array(sorted(rewritten), pa.string())),
+                       pc.is_in(members["key"], value_set=pa.array(sorted(leaving), pa.string())))  # fmt: skip
+        members = members.filter(pc.invert(gone))
+        atomic_write_table(folder.path(MEMBERS), members)
+    images = folder.read(IMAGES, columns=["image_id", "status", "identity_id"]).to_pylist()
+    identity_of = {r["image_id"]: r["identity_id"] for r in images if r["status"] == schema.KEPT and r["image_id"] not in leaving}
+    keys_in: dict[str, set[str]] = defaultdict(set)
+    if members is not None:
+        for shard, key in zip(members["shard"].to_pylist(), members["key"].to_pylist()):
+            keys_in[shard].add(key)
+    rows = []
+    for row in folder.read(SHARDS).to_pylist():
+        if row["path"] in rewritten:
+            info = rewritten[row["path"]]
+            if info is None:
+                continue
+            keys = keys_in[row["path"]]
+            row.update(info, samples=len(keys), identities=len({identity_of.get(k) for k in keys if identity_of.get(k)}))
+        rows.append(row)
+    atomic_write_table(folder.path(SHARDS), pa.Table.from_pylist(rows, schema=folder.read(SHARDS).schema))
+
+
+def update_images(folder: OutputFolder, p: Plan, reason: str, stamp: str) -> pa.Table:
+    table = folder.read(IMAGES)
+    ids = table["image_id"].to_pylist()
+    targets, dropped = set(p.redact), p.also_drop
+    cols = {c: table[c].to_pylist() for c in ("status", "drop_stage", "reason", "detail", "redacted_at", "redaction_reason")}
+    for i, image in enumerate(ids):
+        if image in targets:
+            cols["status"][i], cols["redacted_at"][i], cols["redaction_reason"][i] = schema.REDACTED, stamp, reason
+        elif image in dropped:
+            cols["status"][i], cols["drop_stage"][i] = schema.DROPPED, REDACT_STAGE
+            cols["reason"][i], cols["detail"][i] = schema.check_reason("identity_too_small"), dropped[image]
+    for name, values in cols.items():
+        table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, table.schema.field(name).type))
+    mask = pa.array([image in targets for image in ids])
+    table = clear_columns(table, mask, BIOMETRIC_COLUMNS)
+    atomic_write_table(folder.path(IMAGES), table)
+    return table
+
+
+def clear_columns(table: pa.Table, mask: pa.Array, names) -> pa.Table:
+    for name in names:
+        if name in table.column_names:
+            col = table[name]
+            table = table.set_column(table.column_names.index(name), name, pc.if_else(mask, pa.nulls(len(table), col.type), col))
+    return table
+
+
+def update_identities(folder: OutputFolder, images: pa.Table, affected: set[str]) -> None:
+    """Recount the identities that lost images (the definitions of schema.IDENTITY_COLUMNS)."""
+    if not folder.has(IDENTITIES) or not affected:
+        return
+    t = folder.read(IDENTITIES)
+    cols = ["image_id", "status", "identity_id", "label", "source", "gender", "age", "shard"]
+    kept = [r for r in images.select(cols).to_pylist() if r["status"] == schema.KEPT and r["identity_id"] in affected]
+    by_ident: dict[str, list[dict]] = defaultdict(list)
+    for r in kept:
+        by_ident[r["identity_id"]].append(r)
+    rows = []
+    for row in t.to_pylist():
+        ident = row["identity_id"]
+        if ident in affected:
+            items = by_ident.get(ident, [])
+            if not items:
+                continue
+            row.update(identity_row(items))
+        rows.append(row)
+    atomic_write_table(folder.path(IDENTITIES), pa.Table.from_pylist(rows, schema=t.schema))
+
+
+def identity_row(items: list[dict]) -> dict:
+    genders = Counter(r["gender"] for r in items if r["gender"] in ("female", "male"))
+    top = genders.most_common(2)
+    ages = [float(r["age"]) for r in items if r["age"] is not None]
+    return {
+        "names": sorted({r["label"] for r in items if r["label"]}),
+        "sources": sorted({r["source"] for r in items if r["source"]}),
+        "images": len(items),
+        "gender": top[0][0] if top and (len(top) == 1 or top[0][1] > top[1][1]) else None,
+        "female": genders.get("female", 0),
+        "male": genders.get("male", 0),
+        "age_mean": float(np.mean(ages)) if ages else None,
+        "age_min": min(ages) if ages else None,
+        "age_max": max(ages) if ages else None,
+        "shards": sorted({r["shard"] for r in items if r["shard"]}),
+    }
+
+
+# ---------------------------------------------------------------- work folder
+
+
+def scrub_work(folder: OutputFolder, p: Plan, reason: str, stamp: str) -> int:
+    """Clear the redacted rows' bytes and templates in every _work parquet; returns files changed."""
+    root = folder.work.root
+    if not root.is_dir():
+        return 0
+    targets = pa.array(sorted(p.redact), pa.string())
+    last = _last_stage(folder)
+    changed = 0
+    for path in sorted(root.rglob("*.parquet")):
+        if path.name.startswith(TMP_PREFIX):
+            continue
+        names = pq.read_schema(path).names
+        id_col = "image_id" if "image_id" in names else "key" if "key" in names else None
+        if id_col is None:
+            continue
+        ids = pq.read_table(path, columns=[id_col])[id_col]
+        mask = pc.fill_null(pc.is_in(ids, value_set=targets), False)
+        is_last = last is not None and path.parent == folder.work.stage_dir(last)
+        if not pc.any(mask).as_py() and not (is_last and _touches(ids, p.also_drop)):
+            continue
+        table = pq.read_table(path)
+        bulky = [f.name for f in table.schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)]
+        table = clear_columns(table, mask, [*bulky, *BIOMETRIC_COLUMNS])
+        if is_last:
+            table = mark_decisions(table, p, reason, stamp)
+        atomic_write_table(path, table)
+        changed += 1
+    return changed
+
+
+def _touches(ids: pa.ChunkedArray, also_drop: dict) -> bool:
+    return bool(also_drop) and pc.any(pc.is_in(ids, value_set=pa.array(sorted(also_drop), pa.string()))).as_py()
+
+
+def _last_stage(folder: OutputFolder) -> str | None:
+    done = [s for s in registry.STAGES if folder.work.stage_dir(s).is_dir()]
+    return done[-1] if done else None
+
+
+def mark_decisions(table: pa.Table, p: Plan, reason: str, stamp: str) -> pa.Table:
+    """Carry the redaction into the last stage's decision columns (what images.parquet is made from)."""
+    ids = table["image_id"].to_pylist()
+    targets = set(p.redact)
+    values = {c: (table[c].to_pylist() if c in table.column_names else [None] * len(ids)) for c in (*DECISION_COLUMNS, "redacted_at", "redaction_reason")}
+    for i, image in enumerate(ids):
+        if image in targets:
+            values["status"][i], values["redacted_at"][i], values["redaction_reason"][i] = schema.REDACTED, stamp, reason
+        elif image in p.also_drop:
+            values["status"][i], values["drop_stage"][i] = schema.DROPPED, REDACT_STAGE
+            values["reason"][i], values["detail"][i] = "identity_too_small", p.also_drop[image]
+    for name, vals in values.items():
+        arr = pa.array(vals, pa.string())
+        if name in table.column_names:
+            table = table.set_column(table.column_names.index(name), name, arr)
+        else:
+            table = table.append_column(name, arr)
+    return table
+
+
+# ---------------------------------------------------------------- log and derived files
+
+
+def append_log(folder: OutputFolder, result: Result) -> None:
+    line = json.dumps(result.to_json(), sort_keys=True, ensure_ascii=False) + "\n"
+    with open(folder.path(REDACTIONS), "a", encoding="utf-8") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def remove_derived(folder: OutputFolder) -> list[str]:
+    """Audit outputs that embed images (the report, the sheets) would still show the person."""
+    removed = []
+    audit = folder.path(AUDIT_DIR)
+    for rel in ("report.html", "sheets"):
+        path = audit / rel
+        if path.is_dir():
+            shutil.rmtree(path)
+            removed.append(f"{AUDIT_DIR}/{rel}")
+        elif path.is_file():
+            path.unlink()
+            removed.append(f"{AUDIT_DIR}/{rel}")
+    return removed
+
+
+def refresh_card(folder: OutputFolder) -> None:
+    if folder.has("README.md"):
+        from datakit.audit.card import write_card
+
+        write_card(folder)
