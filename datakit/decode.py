@@ -3,6 +3,17 @@
 Checks, in order: the header's pixel count against a limit before any pixel is decoded
 (decompression bombs), a full decode (truncated files fail here, not later), EXIF orientation,
 then conversion of CMYK, palette, grayscale and alpha images to RGB (alpha over white).
+
+``decode_image`` returns the RGB pixels. ``check_image`` runs the same checks and returns only
+what they learn (format, mode, size after orientation), for about half the cost: a JPEG is
+decoded at 1/8 scale. libjpeg still reads and entropy-decodes every byte of the file at that
+scale (only the inverse DCT is smaller), so truncated or corrupt files fail exactly as in a full
+decode; orientation and RGB conversion run on the small image, so they fail alike too. The
+download stage uses it because it keeps the original bytes and throws the pixels away;
+``tests/test_download.py`` checks that both give the same verdict on every fixture file.
+
+Both are thread-safe: they change no global state (no warnings filters), so the download stage
+decodes in several threads at once.
 """
 
 from __future__ import annotations
@@ -11,9 +22,11 @@ import io
 import re
 from dataclasses import dataclass
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 64_000_000
+EXIF_ORIENTATION = 0x0112
+SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations that turn the image by 90 degrees
 
 
 class DecodeError(Exception):
@@ -34,12 +47,37 @@ class Decoded:
     height: int
 
 
+@dataclass
+class ImageInfo:
+    """What check_image learns: the same fields as Decoded, without the pixels."""
+
+    format: str
+    mode: str  # mode before conversion
+    width: int  # after EXIF orientation
+    height: int
+
+
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     """Decode ``data`` fully; raise DecodeError (too_many_pixels | undecodable) with plain-words
-    detail that holds no addresses or timings (the same bytes give the same text).
+    detail that holds no addresses or timings (the same bytes give the same text)."""
+    img, fmt, mode, _ = _open_and_load(data, max_pixels, reduced=False)
+    rgb = _orient_and_convert(img)
+    return Decoded(image=rgb, format=fmt, mode=mode, width=rgb.width, height=rgb.height)
 
-    Thread-safe: it changes no global state (no warnings filters), so the download stage can
-    decode in several threads at once."""
+
+def check_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
+    """decode_image's verdict and fields, cheaper (see the module docstring); no pixels."""
+    img, fmt, mode, (width, height) = _open_and_load(data, max_pixels, reduced=True)
+    orientation = _orientation(img)
+    _orient_and_convert(img).close()
+    if orientation in SWAPS_SIDES:
+        width, height = height, width
+    return ImageInfo(format=fmt, mode=mode, width=width, height=height)
+
+
+def _open_and_load(data: bytes, max_pixels: int, reduced: bool) -> tuple[Image.Image, str, str, tuple[int, int]]:
+    """Open, check the declared size, decode. Returns the image, format, mode and the size the
+    header declares (the image itself is smaller when ``reduced`` applied to a JPEG)."""
     if not data:
         raise DecodeError("undecodable", "empty body")
     try:
@@ -49,6 +87,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
         if w * h > max_pixels:
             raise DecodeError("too_many_pixels", f"{fmt} header declares {w}x{h} = {w * h} pixels, "
                                                  f"over max_pixels {max_pixels}")
+        mode = img.mode
+        if reduced and isinstance(img, JpegImagePlugin.JpegImageFile):
+            img.draft(mode, (1, 1))  # smallest scale libjpeg offers (1/8); same mode
         img.load()
     except DecodeError:
         raise
@@ -60,12 +101,25 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
         raise DecodeError("undecodable", f"not an image format Pillow knows (starts with {data[:16]!r})") from e
     except Exception as e:  # Pillow raises many types for bad bytes; all mean the same here
         raise DecodeError("undecodable", f"{type(e).__name__}: {e}") from e
-    mode = img.mode
+    return img, fmt, mode, (w, h)
+
+
+def _orientation(img: Image.Image) -> int | None:
+    try:
+        return img.getexif().get(EXIF_ORIENTATION)
+    except Exception as e:
+        raise DecodeError("undecodable", f"EXIF cannot be read: {type(e).__name__}: {e}") from e
+
+
+def _orient_and_convert(img: Image.Image) -> Image.Image:
     try:
         img = ImageOps.exif_transpose(img)
     except Exception as e:
         raise DecodeError("undecodable", f"EXIF orientation failed: {type(e).__name__}: {e}") from e
-    return Decoded(image=to_rgb(img), format=fmt, mode=mode, width=img.width, height=img.height)
+    try:
+        return to_rgb(img)
+    except Exception as e:  # an exotic mode Pillow cannot convert
+        raise DecodeError("undecodable", f"cannot convert mode {img.mode} to RGB: {type(e).__name__}: {e}") from e
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

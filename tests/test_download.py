@@ -18,7 +18,8 @@ import pytest
 from PIL import Image
 
 from datakit import schema
-from datakit.decode import decode_image
+from datakit.decode import DecodeError, check_image, decode_image
+from datakit.testing.httpserver import png_declaring
 from datakit.download import OUTPUT_SCHEMA, DownloadStage, Settings
 from datakit.testing.httpserver import PhotoServer, sample_jpeg
 
@@ -113,6 +114,7 @@ def fault_urls(server) -> dict[str, str]:
         "always_500": u("/fault/flaky/always?fail=99"),
         "retry_after_1s": u("/fault/retry-after/short?seconds=1"),
         "retry_after_1h": u("/fault/retry-after/long?seconds=3600"),
+        "retry_after_date": u("/fault/retry-after/date?seconds=Wed,%2021%20Oct%202015%2007:28:00%20GMT"),
         "slow_headers": u("/fault/slow-headers?delay=30"),
         "slow_body": u("/fault/slow-body?delay=30"),
         "cut_body": u("/fault/cut-body"),
@@ -227,7 +229,7 @@ def test_no_retry_for_4xx_and_bounded_retries_for_5xx(batch, server):
 
 
 def test_transient_failures_recover_on_retry(batch):
-    for name in ("flaky_once", "retry_after_1s"):
+    for name in ("flaky_once", "retry_after_1s", "retry_after_date"):
         r = row(batch, name)
         assert (r["status"], r["http_status"], r["attempts"]) == ("kept", 200, 2), r["detail"]
         assert r["image_bytes"] == sample_jpeg()
@@ -322,6 +324,41 @@ def test_exif_rotation_turns_the_pixels(photo_dir):
     assert diff < 12  # same corner pixel, up to JPEG noise
 
 
+def _verdict(fn, data: bytes):
+    try:
+        info = fn(data)
+    except DecodeError as e:
+        return e.reason
+    return info.format, info.mode, info.width, info.height
+
+
+def test_check_image_gives_decode_images_verdict_on_generated_and_broken_images(photo_dir):
+    jpeg = sample_jpeg()
+    bodies = {p.name: p.read_bytes() for p in photo_dir.iterdir()}
+    bodies.update({"truncated": jpeg[: len(jpeg) * 6 // 10], "html": b"<html></html>", "empty": b"",
+                   "huge": png_declaring(100_000, 100_000), "cut_in_header": jpeg[:40]})
+    verdicts = {name: _verdict(decode_image, data) for name, data in bodies.items()}
+    assert {name: _verdict(check_image, data) for name, data in bodies.items()} == verdicts
+    assert verdicts["truncated"] == "undecodable" and verdicts["huge"] == "too_many_pixels"
+    assert verdicts["exif_rotated.jpg"] == ("JPEG", "RGB", 80, 120)
+
+
+def test_check_image_gives_decode_images_verdict_on_every_fixture_file(faces_dir):
+    files = sorted(p for p in faces_dir.rglob("*") if p.is_file() and p.suffix not in (".tsv", ".md"))
+    differ = [p.name for p in files
+              if _verdict(check_image, p.read_bytes()) != _verdict(decode_image, p.read_bytes())]
+    assert differ == []
+    assert len(files) > 300
+
+
+def test_full_decode_setting_gives_the_same_rows(server):
+    urls = {k: v for k, v in fault_urls(server).items()
+            if k in ("ok", "truncated_jpeg", "html_as_jpeg", "huge_png", "cmyk", "exif_rotated", "tiny", "rgb")}
+    fast = DownloadStage(Settings(**FAST), {}).process(items(urls))
+    full = DownloadStage(Settings(**FAST, full_decode=True), {}).process(items(urls))
+    assert fast.equals(full)
+
+
 # ---------------------------------------------------------------- address policy, end to end
 
 def test_loopback_is_refused_by_default_before_any_request(server):
@@ -352,6 +389,16 @@ def test_recipe_wide_allow_private_addresses_reaches_the_stage(server):
     allowed = DownloadStage(Settings(timeout_s=2), {"allow_private_addresses": True}).process(table).to_pylist()[0]
     assert default["reason"] == "refused_address"
     assert allowed["status"] == "kept"
+
+
+def test_https_certificates_are_verified(photo_dir, tmp_path):
+    # A self-signed certificate is a hard failure: no retry, and the detail says why.
+    with PhotoServer(photo_dir, tls_dir=tmp_path) as srv:
+        assert srv.base_url.startswith("https://")
+        r = run(items({"tls": srv.file_url("rgb.jpg")}), **FAST)["tls"]
+        assert (r["reason"], r["attempts"]) == ("connection_error", 1), r["detail"]
+        assert "certificate" in r["detail"].lower()
+        assert srv.hits() == {}  # the handshake failed before any request was sent
 
 
 # ---------------------------------------------------------------- limits, folders, determinism

@@ -10,6 +10,8 @@ Tests, the demo and the download benchmark use it::
 
     with PhotoServer(folder, in_process=False) as server:   # separate process (benchmarks)
         ...
+    with PhotoServer(folder, tls_dir=tmp) as server:         # https, self-signed certificate
+        ...
 
 It is an aiohttp server on a free port. The files of the folder are read into memory at start
 (it is meant for test folders, not for terabytes). ``in_process=False`` runs it in its own
@@ -51,6 +53,7 @@ import io
 import json
 import mimetypes
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -255,11 +258,38 @@ def build_app(folder: Path | None) -> web.Application:
     return app
 
 
-async def _start(app: web.Application, sock: socket.socket) -> web.AppRunner:
+async def _start(app: web.Application, sock: socket.socket, ssl_context=None) -> web.AppRunner:
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
     await runner.setup()
-    await web.SockSite(runner, sock, backlog=1024).start()
+    await web.SockSite(runner, sock, backlog=1024, ssl_context=ssl_context).start()
     return runner
+
+
+def self_signed_context(workdir: Path):
+    """An SSL context with a fresh self-signed certificate for 127.0.0.1 (no client trusts it)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOST)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(HOST))]), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = workdir / "cert.pem", workdir / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_path, key_path)
+    return context
 
 
 async def _shutdown(runner: web.AppRunner) -> None:
@@ -305,9 +335,12 @@ def main(argv: list[str] | None = None) -> int:
 class PhotoServer:
     """Context manager around the server; see the module docstring."""
 
-    def __init__(self, folder: str | Path | None = None, *, in_process: bool = True):
+    def __init__(self, folder: str | Path | None = None, *, in_process: bool = True, tls_dir: Path | None = None):
         self.folder = Path(folder) if folder is not None else None
         self.in_process = in_process
+        self.tls_dir = Path(tls_dir) if tls_dir is not None else None  # https with a self-signed cert
+        if self.tls_dir is not None and not in_process:
+            raise ValueError("PhotoServer: tls_dir is supported for the in-process server only")
         self.port: int | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -318,7 +351,7 @@ class PhotoServer:
     def base_url(self) -> str:
         if self.port is None:
             raise RuntimeError("PhotoServer is not running; use it as a context manager")
-        return f"http://{HOST}:{self.port}"
+        return f"{'https' if self.tls_dir else 'http'}://{HOST}:{self.port}"
 
     def url(self, path: str) -> str:
         return self.base_url + (path if path.startswith("/") else "/" + path)
@@ -328,8 +361,11 @@ class PhotoServer:
         return url if copy is None else f"{url}?copy={copy}"
 
     def stats(self) -> dict:
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
-        with opener.open(self.url("/_stats"), timeout=10) as resp:
+        handlers = [urllib.request.ProxyHandler({})]  # never via a proxy
+        if self.tls_dir is not None:  # trust exactly our own certificate
+            handlers.append(urllib.request.HTTPSHandler(
+                context=ssl.create_default_context(cafile=str(self.tls_dir / "cert.pem"))))
+        with urllib.request.build_opener(*handlers).open(self.url("/_stats"), timeout=10) as resp:
             return json.loads(resp.read())
 
     def hits(self) -> dict[str, int]:
@@ -353,6 +389,7 @@ class PhotoServer:
 
     def _start_thread(self) -> None:
         app = build_app(self.folder)
+        ssl_context = self_signed_context(self.tls_dir) if self.tls_dir is not None else None
         sock = _bound_socket()
         self.port = sock.getsockname()[1]
         self._loop = asyncio.new_event_loop()
@@ -362,7 +399,7 @@ class PhotoServer:
         def run() -> None:
             asyncio.set_event_loop(self._loop)
             try:
-                self._runner = self._loop.run_until_complete(_start(app, sock))
+                self._runner = self._loop.run_until_complete(_start(app, sock, ssl_context))
             except BaseException as e:  # reported to the caller below
                 failure.append(e)
                 started.set()
