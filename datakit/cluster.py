@@ -194,7 +194,7 @@ def _dominant_groups(emb, lab_rows, name_of, n_names, p: Params):
         pos = order[bounds[g] : bounds[g + 1]]
         if pos.size < 2:
             continue
-        idx, _ = graph.knn_exact(xs[pos], min(p.neighbors, pos.size - 1))
+        idx = _small_knn(xs[pos], min(p.neighbors, pos.size - 1))
         rows = np.repeat(pos, idx.shape[1])
         edge_a.append(rows)
         edge_b.append(pos[idx.ravel()])
@@ -216,6 +216,15 @@ def _dominant_groups(emb, lab_rows, name_of, n_names, p: Params):
                     "the other is dropped or reassigned"
                 )
     return dominant, np.concatenate(outliers) if outliers else np.zeros(0, np.int64), review
+
+
+def _small_knn(x: np.ndarray, k: int) -> np.ndarray:
+    """Neighbour indices within one name: few rows, so a full sort beats the blocked search."""
+    if x.shape[0] > 2048:
+        return graph.knn_exact(x, k)[0]
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)
+    return np.argsort(-sims, axis=1, kind="stable")[:, :k]
 
 
 def _cluster_free(x: np.ndarray, p: Params) -> np.ndarray:
@@ -295,8 +304,7 @@ def _place_outliers(emb, lab_rows, name_of, names, own_identity, outlier_pos, id
     best, best_link = np.full(rows.size, -1), np.full(rows.size, np.inf)
     if n_ident and p.reassign_outliers:
         have = identity_index >= 0
-        sums = np.zeros((n_ident, emb.shape[1]), dtype=np.float64)
-        np.add.at(sums, identity_index[have], emb[have])
+        sums = graph.group_sums(emb[have], identity_index[have], n_ident)
         means = (sums / np.bincount(identity_index[have], minlength=n_ident)[:, None]).astype(np.float32)
         for s in range(0, rows.size, 4096):
             dots = emb[rows[s : s + 4096]] @ means.T
@@ -322,8 +330,7 @@ def _finish(image_ids, name_keys, unit_key, emb, identity_index, reason, detail,
     placed = np.flatnonzero(identity_index >= 0)
     if placed.size:
         ids, inverse, sizes = np.unique(identity_index[placed], return_inverse=True, return_counts=True)
-        sums = np.zeros((ids.size, emb.shape[1]), dtype=np.float64)
-        np.add.at(sums, inverse, emb[placed])
+        sums = graph.group_sums(emb[placed], inverse, ids.size)
         centres = (sums / np.linalg.norm(sums, axis=1, keepdims=True)).astype(np.float32)
         keys: list = [None] * ids.size
         for r, c in zip(placed, inverse):
@@ -333,7 +340,8 @@ def _finish(image_ids, name_keys, unit_key, emb, identity_index, reason, detail,
             if keys[c] is None or key < keys[c]:
                 keys[c] = key
         id_of = [hashlib.sha1(k[1].encode()).hexdigest()[:16] for k in keys]
-        for r, c in zip(placed, inverse):
+        dist_placed = np.linalg.norm(emb[placed] - centres[inverse], axis=1)
+        for r, c, dist in zip(placed, inverse, dist_placed):
             if sizes[c] == 1 and not name_keys[r]:
                 reason[r], detail[r] = "unclustered", f"no other face within linkage {p.threshold}"
             elif sizes[c] < p.min_images:
@@ -341,7 +349,7 @@ def _finish(image_ids, name_keys, unit_key, emb, identity_index, reason, detail,
                 detail[r] = f"identity {id_of[c]} has {sizes[c]} images; cluster.min_images is {p.min_images}"
             else:
                 identity[r] = id_of[c]
-                distance[r] = float(np.linalg.norm(emb[r] - centres[c]))
+                distance[r] = dist
     return Decisions(identity=identity, distance=distance, reason=reason, detail=detail, review=review)
 
 

@@ -75,8 +75,7 @@ def kmeans(x: np.ndarray, cells: int, iterations: int = 10, seed: int = 0, sampl
     centres = train[np.sort(rng.choice(train.shape[0], size=cells, replace=False))].copy()
     for _ in range(iterations):
         assign = nearest_centre(train, centres)
-        sums = np.zeros_like(centres, dtype=np.float64)
-        np.add.at(sums, assign, train)
+        sums = group_sums(train, assign, cells)
         empty = np.bincount(assign, minlength=cells) == 0
         sums[empty] = centres[empty]  # an empty cell keeps its old centre
         centres = (sums / np.linalg.norm(sums, axis=1, keepdims=True)).astype(np.float32)
@@ -141,7 +140,6 @@ def agglomerate(
     threshold: float,
     counts: np.ndarray | None = None,
     cannot_link: np.ndarray | None = None,
-    chunk: int = 262_144,
 ) -> np.ndarray:
     """Cluster label (the smallest unit index in the cluster) of each unit.
 
@@ -154,35 +152,58 @@ def agglomerate(
     sums = np.asarray(vectors, dtype=np.float64).copy()
     counts = np.ones(m, dtype=np.int64) if counts is None else np.asarray(counts, dtype=np.int64).copy()
     masks = np.zeros(m, dtype=np.uint64) if cannot_link is None else np.asarray(cannot_link, dtype=np.uint64).copy()
+    means = (sums / counts[:, None]).astype(np.float32)
     label = np.arange(m, dtype=np.int64)
-    a, b = (np.asarray(e, dtype=np.int64) for e in edges)
-    limit = 2.0 - threshold * threshold  # linkage < threshold  <=>  mean(A) . mean(B) > limit / 2
+    a, b = _unique_pairs(*(np.asarray(e, dtype=np.int64) for e in edges), m)
+    dots = _edge_dots(means, a, b)
+    limit = 1.0 - threshold * threshold / 2.0  # linkage < threshold  <=>  mean(A) . mean(B) > limit
     while a.size:
-        a, b = label[a], label[b]
-        a, b = np.minimum(a, b), np.maximum(a, b)
-        key = np.unique(a[a != b] * m + b[a != b])
-        a, b = key // m, key % m
-        if a.size == 0:
-            break
-        means = (sums / counts[:, None]).astype(np.float32)
-        dots = np.empty(a.size, dtype=np.float32)
-        for s in range(0, a.size, chunk):
-            dots[s : s + chunk] = np.einsum("ij,ij->i", means[a[s : s + chunk]], means[b[s : s + chunk]])
-        ok = (2.0 * dots > limit) & ((masks[a] & masks[b]) == 0)
+        ok = (dots > limit) & ((masks[a] & masks[b]) == 0)
         if not ok.any():
             break
         pa_, pb_, pd = a[ok], b[ok], dots[ok]
         best = _best_partner(np.concatenate([pa_, pb_]), np.concatenate([pb_, pa_]), np.concatenate([pd, pd]), m)
-        mutual = best[pa_] == pb_
-        mutual &= best[pb_] == pa_
-        keep_a, gone_b = pa_[mutual], pb_[mutual]  # keep_a < gone_b: the label stays the smallest
-        sums[keep_a] += sums[gone_b]
-        counts[keep_a] += counts[gone_b]
-        masks[keep_a] |= masks[gone_b]
+        mutual = (best[pa_] == pb_) & (best[pb_] == pa_)
+        keep, gone = pa_[mutual], pb_[mutual]  # keep < gone: a cluster's label stays its smallest unit
+        sums[keep] += sums[gone]
+        counts[keep] += counts[gone]
+        masks[keep] |= masks[gone]
+        means[keep] = (sums[keep] / counts[keep, None]).astype(np.float32)
         relabel = np.arange(m, dtype=np.int64)
-        relabel[gone_b] = keep_a
+        relabel[gone] = keep
         label = relabel[label]
+        # only edges that touch a merged cluster change; the rest keep their linkage
+        changed = np.zeros(m, dtype=bool)
+        changed[keep] = True
+        changed[gone] = True
+        touched = changed[a] | changed[b]
+        ta, tb = _unique_pairs(relabel[a[touched]], relabel[b[touched]], m)
+        a = np.concatenate([a[~touched], ta])
+        b = np.concatenate([b[~touched], tb])
+        dots = np.concatenate([dots[~touched], _edge_dots(means, ta, tb)])
     return label
+
+
+def _unique_pairs(a: np.ndarray, b: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """Undirected pairs as (low, high), without self pairs or repeats."""
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    key = np.unique(lo[lo != hi] * m + hi[lo != hi])
+    return key // m, key % m
+
+
+def _edge_dots(means: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = 262_144) -> np.ndarray:
+    dots = np.empty(a.size, dtype=np.float32)
+    for s in range(0, a.size, chunk):
+        dots[s : s + chunk] = np.einsum("ij,ij->i", means[a[s : s + chunk]], means[b[s : s + chunk]])
+    return dots
+
+
+def group_sums(x: np.ndarray, group: np.ndarray, groups: int) -> np.ndarray:
+    """Row sums of ``x`` per group index (float64), via a sparse product (np.add.at is slow)."""
+    from scipy.sparse import csr_matrix
+
+    onehot = csr_matrix((np.ones(group.size), (group, np.arange(group.size))), shape=(groups, group.size))
+    return np.asarray(onehot @ x.astype(np.float64, copy=False))
 
 
 def _best_partner(src: np.ndarray, dst: np.ndarray, dots: np.ndarray, m: int) -> np.ndarray:
