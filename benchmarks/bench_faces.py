@@ -1,0 +1,228 @@
+"""Face stages on Ray against a plain loop (`make bench-faces`).
+
+The dev photos of ../shared/fixtures/faces, repeated to ``--items`` (default 2000), go through
+detect + landmarks + filter + embed twice, in one run:
+
+- plain: one process, a loop a researcher would write around the same dlib models (HOG
+  detector on the same detection copy, 68-point landmarks, the 10% rule, 5-point alignment,
+  the 128-d ResNet, a 256 px crop as JPEG);
+- ray: this project's stage classes (datakit.detect / filter / embed) as Ray Data
+  ``map_batches`` steps, the model stages as actor pools of ``--workers`` actors with fractional
+  ``num_cpus`` (whole-CPU pools can deadlock a 2-CPU machine), each actor loading its models once.
+
+Prints images/s of each, the ratio (goal: >= 1.8x on 2 cores), and each step's share of the
+time. ``ray.init`` is timed apart; actor start-up and model loading count in the Ray time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+DEV = REPO.parent / "shared" / "fixtures" / "faces" / "dev"
+SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
+CPU = "cpu seconds"  # process CPU time, to see how much of a core each run really got
+
+
+def load_items(n: int) -> list[bytes]:
+    files = sorted(p for p in DEV.glob("*/*") if p.suffix.lower() in SUFFIXES)
+    if not files:
+        sys.exit(f"no dev photos under {DEV} (the shared/ folder must sit beside the repo)")
+    blobs = [p.read_bytes() for p in files]
+    return [blobs[i % len(blobs)] for i in range(n)]
+
+
+# ---------------------------------------------------------------- the plain loop
+
+
+def plain_loop(items: list[bytes]) -> dict:
+    """What a researcher would write: the same dlib models, one image after another."""
+    import cv2
+    import dlib
+    from PIL import Image, ImageOps
+
+    from datakit.faces.dlib_backend import packaged_model_dir
+
+    models = packaged_model_dir()
+    t_start = time.perf_counter()
+    detector = dlib.get_frontal_face_detector()
+    sp68 = dlib.shape_predictor(str(models / "shape_predictor_68_face_landmarks.dat"))
+    sp5 = dlib.shape_predictor(str(models / "shape_predictor_5_face_landmarks.dat"))
+    resnet = dlib.face_recognition_model_v1(str(models / "dlib_face_recognition_resnet_model_v1.dat"))
+    seconds = defaultdict(float)
+    seconds["load models"] = time.perf_counter() - t_start
+    cpu0 = time.process_time()
+    kept = 0
+    for data in items:
+        t0 = time.perf_counter()
+        img = np.array(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+        h, w = img.shape[:2]
+        t1 = time.perf_counter()
+        longer = max(h, w)
+        scale = 640 / longer if longer > 640 else (200 / longer if longer < 200 else 1.0)
+        small = cv2.resize(img, (round(w * scale), round(h * scale))) if scale != 1.0 else img
+        rects, offset = detector(small, 0), 0
+        if not rects:
+            offset = round(0.25 * max(small.shape[:2]))
+            rects = detector(cv2.copyMakeBorder(small, *[offset] * 4, cv2.BORDER_REPLICATE), 0)
+        if not rects:
+            offset, rects, scale = 0, detector(cv2.resize(small, None, fx=2.0, fy=2.0), 0), scale * 2
+        boxes = [
+            dlib.rectangle(*(round((v - offset) / scale) for v in (r.left(), r.top(), r.right(), r.bottom())))
+            for r in rects
+        ]
+        t2 = time.perf_counter()
+        shapes = [sp68(img, b) for b in boxes]
+        t3 = time.perf_counter()
+        keep = False
+        if boxes:
+            areas = sorted((b.width() * 0.94 * b.height() * 1.40 for b in boxes), reverse=True)
+            keep = areas[0] >= 0.10 * h * w and (len(areas) == 1 or areas[0] >= 2 * areas[1])
+            subject = max(boxes, key=lambda b: b.area())
+        t4 = time.perf_counter()
+        if keep:
+            shape5 = sp5(img, subject)
+            chip = dlib.get_face_chip(img, shape5, size=150, padding=0.25)
+            vector = np.array(resnet.compute_face_descriptor(chip))
+            crop = dlib.get_face_chip(img, shape5, size=256, padding=0.25)
+            buf = io.BytesIO()
+            Image.fromarray(crop).save(buf, format="JPEG", quality=95)
+            kept += 1
+            del vector, shapes
+        t5 = time.perf_counter()
+        seconds["decode"] += t1 - t0
+        seconds["detect"] += t2 - t1
+        seconds["landmarks"] += t3 - t2
+        seconds["filter"] += t4 - t3
+        seconds["embed"] += t5 - t4
+    seconds[CPU] = time.process_time() - cpu0
+    return {"wall": time.perf_counter() - t_start, "kept": kept, "seconds": dict(seconds)}
+
+
+# ---------------------------------------------------------------- the pipeline on Ray
+
+
+class StageActor:
+    """One worker of a stage: builds the stage once, runs it on batches, reports its time."""
+
+    def __init__(self, name: str):
+        from datakit import registry
+
+        cls = registry.stage_class(name)
+        self.stage = cls(cls.Settings(), {"faces": None})
+        self.stage.setup()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from datakit.store import overlay
+
+        backend = getattr(self.stage, "backend", None)
+        before = dict(getattr(backend, "timings", {}))
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        out = overlay(batch, self.stage.process(batch))
+        spent, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        after = dict(getattr(backend, "timings", {}))
+        steps = {k: after[k] - before.get(k, 0.0) for k in after}
+        # the stage's time not spent in the backend's timed steps: decoding, bookkeeping
+        steps[f"{self.stage.name} (rest)"] = spent - sum(steps.values())
+        if not after:
+            steps = {self.stage.name: spent}
+        steps[CPU] = cpu
+        column = f"_seconds_{self.stage.name}"
+        per_row = [json.dumps(steps)] + [None] * (out.num_rows - 1)
+        return out.append_column(column, pa.array(per_row, pa.string()))
+
+
+def ray_pipeline(items: list[bytes], workers: int, batch_size: int) -> dict:
+    import ray
+
+    table = pa.table({
+        "image_id": [f"{i:06d}" for i in range(len(items))],
+        "status": ["kept"] * len(items),
+        "drop_stage": pa.nulls(len(items), pa.string()),
+        "reason": pa.nulls(len(items), pa.string()),
+        "detail": pa.nulls(len(items), pa.string()),
+        "image_bytes": items,
+    })  # fmt: skip
+    t_start = time.perf_counter()
+    blocks = [table.slice(i, 64) for i in range(0, table.num_rows, 64)]
+    ds = ray.data.from_arrow(blocks)
+    for name, uses_model in (("detect", True), ("filter", False), ("embed", True)):
+        kwargs = dict(batch_size=batch_size, batch_format="pyarrow", fn_constructor_kwargs={"name": name})
+        if uses_model:
+            kwargs.update(compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1.0 / workers)
+        else:
+            kwargs.update(compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.1)
+        ds = ds.map_batches(type(name, (StageActor,), {}), **kwargs)
+    seconds = defaultdict(float)
+    rows = kept = 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        rows += batch.num_rows
+        kept += sum(s == "kept" for s in batch.column("status").to_pylist())
+        for col in batch.column_names:
+            if col.startswith("_seconds_"):
+                for cell in batch.column(col).to_pylist():
+                    for k, v in json.loads(cell or "{}").items():
+                        seconds[k] += v
+    assert rows == len(items), f"{rows} rows came back for {len(items)} items"
+    return {"wall": time.perf_counter() - t_start, "kept": kept, "seconds": dict(seconds)}
+
+
+# ---------------------------------------------------------------- report
+
+
+def shares(seconds: dict) -> str:
+    steps = {k: v for k, v in seconds.items() if k not in ("load models", CPU)}
+    total = sum(steps.values()) or 1.0
+    return ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in sorted(steps.items(), key=lambda kv: -kv[1]))
+
+
+def report(name: str, run: dict, items: int) -> float:
+    ips = items / run["wall"]
+    cores = run["seconds"].get(CPU, 0.0) / run["wall"]
+    print(f"{name:6s}: {run['wall']:.1f}s, {ips:.2f} images/s, {run['kept']} kept; "
+          f"CPU time / wall = {cores:.2f} cores")  # fmt: skip
+    print(f"        time by step: {shares(run['seconds'])}")
+    return ips
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--items", type=int, default=2000)
+    parser.add_argument("--workers", type=int, default=2, help="actors per model stage")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--skip-plain", action="store_true")
+    args = parser.parse_args()
+    items = load_items(args.items)
+    print(f"{len(items)} items ({len(set(map(len, items)))} distinct photos) from {DEV}")
+
+    import ray
+
+    t0 = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    print(f"ray.init: {time.perf_counter() - t0:.1f}s (not counted below)")
+
+    ray_run = ray_pipeline(items, args.workers, args.batch_size)
+    ray.shutdown()
+    ray_ips = report("ray", ray_run, len(items))
+    if args.skip_plain:
+        return
+    plain_ips = report("plain", plain_loop(items), len(items))
+    print(f"ratio : {ray_ips / plain_ips:.2f}x the plain loop (goal >= 1.8x on 2 cores)")
+    print("        (a CPU/wall figure well under 1 per process means other work shared the cores)")
+
+
+if __name__ == "__main__":
+    main()
