@@ -130,14 +130,16 @@ def run_datakit(urls, tasks: int, out_dir: Path, settings: dict) -> dict:
             "cpu": sum(r["cpu"] for r in results), "niceness": results[0]["niceness"]}
 
 
-def warm_up_ray(server: PhotoServer, photos: list[str], settings: dict, tmp: Path) -> None:
-    """Start Ray and run one small task per CPU, so imports and worker start-up are not timed."""
+def warm_up_ray(server: PhotoServer, photos: list[str], settings: dict, tmp: Path) -> int:
+    """Start Ray and run one small task per CPU, so imports and worker start-up are not timed.
+    Returns the niceness Ray's workers run at."""
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     remote = ray.remote(num_cpus=1)(_download_partition)
     table = items_table(make_urls(server, photos, 20))
-    ray.get([remote.remote(table, settings, str(tmp / f"warm-{i}.parquet")) for i in range(2)])
+    results = ray.get([remote.remote(table, settings, str(tmp / f"warm-{i}.parquet")) for i in range(2)])
+    return results[0]["niceness"]
 
 
 def verify_datakit(out_dir: Path, urls, photo_dir: Path) -> str:
@@ -263,7 +265,14 @@ def main(argv=None) -> int:
         urls = make_urls(server, photos, args.n)
         print(f"{args.n} URLs of {len(photos)} photos from {args.photos}, served at {server.base_url}; "
               f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
-        warm_up_ray(server, photos, settings, args.out)
+        niceness = warm_up_ray(server, photos, settings, args.out)
+        i2d_fixed = None
+        if i2d_python is not None:
+            # img2dataset's fixed cost (spawning and importing its pool): a run of 20 URLs, so that
+            # the report can give its CPU per image beyond that fixed cost.
+            small = run_img2dataset(i2d_python, urls[:20], args.out / "img2dataset-small", args.processes,
+                                    args.threads, niceness)
+            i2d_fixed = small
         for r in range(args.rounds):
             dk = run_datakit(urls, args.tasks, args.out / f"datakit-{r}", settings)
             rows.append(("datakit (Ray tasks)", r, dk))
@@ -274,7 +283,7 @@ def main(argv=None) -> int:
                 print(f"round {r}: datakit full {full['ok']}/{args.n} in {full['seconds']:.2f} s", flush=True)
             if i2d_python is not None:
                 i2d = run_img2dataset(i2d_python, urls, args.out / f"img2dataset-{r}", args.processes, args.threads,
-                                      dk["niceness"])
+                                      niceness)
                 rows.append(("img2dataset", r, i2d))
                 print(f"round {r}: img2dataset  {i2d['ok']}/{args.n} in {i2d['seconds']:.2f} s "
                       f"(shards {i2d['shard_seconds']:.2f} s)", flush=True)
@@ -289,11 +298,11 @@ def main(argv=None) -> int:
             except (RuntimeError, OSError) as e:
                 print(f"datakit run: not measured: {e}", flush=True)
 
-    report(rows, args, check)
+    report(rows, args, check, i2d_fixed)
     return 0
 
 
-def report(rows, args, check: str) -> None:
+def report(rows, args, check: str, i2d_fixed: dict | None = None) -> None:
     def rate(d, key="seconds"):
         return d["ok"] / d[key] if d.get(key) else float("nan")
 
@@ -324,6 +333,11 @@ def report(rows, args, check: str) -> None:
             if ours:
                 print(f"median images/s: {name} {ours:.0f} = {ours / base:.2f}x img2dataset's {base:.0f} "
                       f"(and {ours / shard:.2f}x its shard-time rate {shard:.0f})")
+    i2d_rows = [d for n, _, d in rows if n == "img2dataset"]
+    if i2d_fixed and i2d_rows:
+        marginal = statistics.median((d["cpu"] - i2d_fixed["cpu"]) / (d["ok"] - i2d_fixed["ok"]) for d in i2d_rows)
+        print(f"img2dataset CPU beyond its fixed cost ({i2d_fixed['cpu']:.2f} s for a 20-URL run): "
+              f"{1000 * marginal:.2f} ms/image")
     nice = next((d["niceness"] for n, _, d in rows if "niceness" in d), None)
     print(f"both tools ran at niceness {nice} (Ray's worker niceness); ", end="")
     print("CPU ms/image counts the tool's own processes (Ray tasks; img2dataset's driver and pool), "

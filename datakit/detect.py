@@ -49,7 +49,7 @@ class DetectStage(Stage):
         return model_provenance(face_settings(context), context.get("recipe_dir"))
 
     def setup(self) -> None:
-        self.backend = backend_from_context(self.context)
+        self.backend = backend_from_context(self.context, self.settings.num_cpus)
 
     def process(self, table: pa.Table) -> pa.Table:
         rows = input_rows(table, ())

@@ -165,3 +165,15 @@ def test_the_stages_run_on_the_insightface_backend(pack):
     assert a["embedding_model"] == "insightface:buffalo_l/w600k_r50.onnx" and len(a["landmarks68"]) == 136
     assert Image.open(io.BytesIO(a["face_crop"])).size == (256, 256)
     assert (b["status"], b["reason"]) == ("dropped", "no_face")
+
+
+def test_a_stage_worker_gives_onnxruntime_its_cpu_share(pack):
+    from datakit.detect import DetectStage
+
+    context = {"faces": FaceSettings(backend="insightface", model_dir=str(pack))}
+    stage = DetectStage(DetectStage.Settings(num_cpus=0.5), context)
+    stage.setup()
+    assert stage.backend.detector.session.get_session_options().intra_op_num_threads == 1
+    wide = DetectStage(DetectStage.Settings(num_cpus=2), {"faces": {**context["faces"].model_dump(), "threads": 3}})
+    wide.setup()
+    assert wide.backend.recognizer.session.get_session_options().intra_op_num_threads == 3

@@ -37,8 +37,14 @@ def face_settings(context: dict) -> FaceSettings:
     return value if isinstance(value, FaceSettings) else FaceSettings.model_validate(value or {})
 
 
-def backend_from_context(context: dict):
-    return load_backend(face_settings(context), base_dir=context.get("recipe_dir"))
+def backend_from_context(context: dict, num_cpus: float | None = None):
+    """The backend for one worker. Unless the recipe sets ``faces.threads``, onnxruntime gets as
+    many threads as the worker's CPU share (at least one): its default, every core, would make
+    the workers of a pool fight over the same cores."""
+    settings = face_settings(context)
+    if settings.threads is None and num_cpus is not None:
+        settings = settings.model_copy(update={"threads": max(1, int(num_cpus))})
+    return load_backend(settings, base_dir=context.get("recipe_dir"))
 
 
 def floats(values) -> list[float]:
