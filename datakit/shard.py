@@ -58,6 +58,8 @@ META_COLUMNS = [
     "image_id", "source", "label", "locator", "status", "drop_stage", "reason", "detail", "identity_id",
     "face_box", "landmarks5", "landmarks68", "embedding", "age", "gender", "caption", "width", "height",
 ]  # fmt: skip
+# what the whole-corpus read needs (the per-partition encode reads META_COLUMNS and the bytes)
+MANIFEST_COLUMNS = ["image_id", "source", "label", "status", "drop_stage", "reason", "detail", "identity_id", "age", "gender"]
 ENCODED_SCHEMA = pa.schema(
     [pa.field("key", pa.string()), pa.field("identity_id", pa.string())]
     + [pa.field(col, pa.binary()) for _, col in MEMBERS]
@@ -82,7 +84,7 @@ class ShardStage(Stage):
     def process_global(self, work: WorkDir, upstream: list[str]) -> pa.Table:
         s: Settings = self.settings
         output = Path(self.context["output_dir"])
-        meta = work.read_all(upstream, columns=META_COLUMNS)
+        meta = work.read_all(upstream, columns=MANIFEST_COLUMNS)
         check_identities(meta)
         encoded_dir = work.stage_dir(self.name) / "encoded"
         summaries = run_tasks(

@@ -39,7 +39,7 @@ def make_rows(seed: int = 0) -> list[dict]:
     rows = []
     for ident, size in enumerate(IDENTITY_SIZES):
         for j in range(size):
-            w, h = (int(v) for v in rng.integers(200, 1400, size=2))
+            w, h = (int(v) for v in rng.integers(160, 900, size=2))
             box = [w * 0.3, h * 0.2, w * 0.7, h * 0.6]
             lm68 = np.column_stack([rng.uniform(box[0], box[2], 68), rng.uniform(box[1], box[3], 68)]).ravel()
             rows.append(
@@ -261,3 +261,12 @@ def test_ray_tasks_write_the_same_bytes(tmp_path):
     b = pq.read_table(tmp_path / "ray" / "shards.parquet")
     assert a.equals(b)
     assert not (tmp_path / "ray" / "_work" / "shard" / "encoded").exists()
+
+
+def test_nothing_kept_gives_no_tars_and_empty_manifests(tmp_path):
+    rows = [{**r, "status": "dropped", "drop_stage": "detect", "reason": "no_face", "identity_id": None} for r in make_rows()[:6]]
+    _, update = build(tmp_path / "out", rows)
+    assert set(update.column("reason").to_pylist()) == {"no_face"}
+    assert not list((tmp_path / "out").glob("shards/*.tar"))
+    for name in ("shards.parquet", "shard_members.parquet", "identities.parquet"):
+        assert pq.read_table(tmp_path / "out" / name).num_rows == 0
