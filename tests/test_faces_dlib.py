@@ -16,6 +16,8 @@ from datakit.faces import FaceSettings, load_backend, model_provenance
 from datakit.faces.dlib_backend import from_retinaface, to_retinaface
 from face_pipeline import DEV, REPO, dev_result, sources
 
+needs_photos = pytest.mark.usefixtures("faces_dir")  # skips, saying why, when the fixtures are absent
+
 
 @pytest.fixture(scope="module")
 def backend():
@@ -85,6 +87,7 @@ def test_box_mapping_round_trips():
     assert np.allclose(from_retinaface(mapped), box)
 
 
+@needs_photos
 def test_mapped_boxes_match_a_landmark_built_retinaface_box_on_the_fixtures():
     """The mapping's factors were measured on these photos (see dlib_backend's docstring); this
     checks that they still hold: the mapped box overlaps the landmark reference far better than
@@ -107,6 +110,7 @@ def test_mapped_boxes_match_a_landmark_built_retinaface_box_on_the_fixtures():
     assert np.mean(np.abs(np.array(area_ratio) - 1) < 0.2) >= 0.75
 
 
+@needs_photos
 def test_coordinates_from_the_detection_copy_map_back_to_the_original(backend):
     rgb = _rgb(DEV / "Lionel_Messi" / "Lionel_Messi_0003.jpg")  # 1501x1876
     assert max(rgb.shape[:2]) > 1800
@@ -128,6 +132,7 @@ def test_coordinates_from_the_detection_copy_map_back_to_the_original(backend):
     assert y0 < at_640.landmarks5[:2, 1].mean() < (y0 + y1) / 2 + 0.1 * (y1 - y0)
 
 
+@needs_photos
 def test_padding_finds_faces_in_tight_aligned_crops():
     """112 px aligned crops have no margin around the face; with the copy at its native size, a
     replicated border lets the HOG detector find the faces it misses without one."""
@@ -148,6 +153,7 @@ def test_padding_finds_faces_in_tight_aligned_crops():
             assert face.landmarks5[:, 0].min() > -5 and face.landmarks5[:, 0].max() < im.shape[1] + 5
 
 
+@needs_photos
 def test_embedding_and_crop(backend):
     rgb = _rgb(DEV / "Colin_Powell" / "Colin_Powell_0001.jpg")
     face = backend.detect(rgb)[0]
@@ -165,6 +171,7 @@ def test_embedding_and_crop(backend):
     assert np.linalg.norm(again - vec) < 1e-3
 
 
+@needs_photos
 def test_cnn_detector_finds_the_face_and_maps_its_box():
     cnn = load_backend(FaceSettings(detector="cnn", detect_max_side=320))
     rgb = _rgb(DEV / "Colin_Powell" / "Colin_Powell_0001.jpg")
