@@ -36,6 +36,7 @@ import hashlib
 import os
 import random
 import re
+import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -380,7 +381,10 @@ class _Partition:
 
 def _read_capped(path: str, max_bytes: int) -> Outcome:
     try:
-        size = os.stat(path).st_size
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
+            return Outcome("file_missing", f"{path} is not a regular file")
+        size = info.st_size
         if size > max_bytes:
             return Outcome("too_large", f"file {path} has {size} bytes, over max_bytes {max_bytes}")
         with open(path, "rb") as f:

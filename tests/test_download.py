@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -428,6 +429,14 @@ def test_folder_items_are_read_and_checked_like_downloads(photo_dir, tmp_path):
     assert (rows["exif"]["width"], rows["exif"]["height"]) == (80, 120)
     assert rows["rgb"]["http_status"] is None and rows["rgb"]["attempts"] is None
     assert "gone.jpg" in rows["missing"]["detail"]
+    assert "not a regular file" in rows["directory"]["detail"]
+
+
+def test_a_fifo_in_a_folder_source_does_not_block(tmp_path):
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    r = run(items({"fifo": str(fifo)}, kind="folder"), **FAST)["fifo"]
+    assert r["reason"] == "file_missing"
 
 
 def test_same_server_and_settings_give_identical_rows(server):
