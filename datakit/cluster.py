@@ -167,8 +167,9 @@ def cluster_space(
     reason: list = [None] * n
     detail: list = [None] * n
     review: list = [None] * n
+    members_of_name = _groups_to_lists(name_of)  # name_of takes every value 0..len(names)-1
     for g, text in name_review.items():
-        for r in lab_rows[name_of == g]:  # few names are flagged: a scan each is fine
+        for r in lab_rows[members_of_name[g]]:
             review[r] = text
     for u, text in unit_review.items():
         for r in unit_rows[u]:

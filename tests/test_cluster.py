@@ -268,3 +268,15 @@ def test_embeddings_of_different_models_are_never_compared(tmp_path):
         if o["identity_id"]:
             by_identity.setdefault(o["identity_id"], set()).add(model_of[o["image_id"]])
     assert by_identity and all(len(models) == 1 for models in by_identity.values())
+
+
+def test_name_holding_two_people_keeps_one_and_is_flagged(dev):
+    d, _ = dev
+    labels = np.array(d.labels)
+    rows = np.concatenate([np.flatnonzero(labels == "Kofi_Annan"), np.flatnonzero(labels == "Tony_Blair")])
+    out = cluster.cluster_space([f"{i:04d}" for i in rows], ["s"] * len(rows), ["Mixed"] * len(rows), d.embeddings[rows], cluster.Params(threshold=TAU))
+    kept_people = {labels[r] for r, ident in zip(rows, out.identity) if ident is not None}
+    assert len(kept_people) == 1  # one person kept, the other dropped as outliers
+    dropped = [reason for reason in out.reason if reason is not None]
+    assert dropped and set(dropped) == {"identity_outlier"}
+    assert all("two face groups" in flag for flag in out.review)
