@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-download bench-faces bench-cluster train clean help
+.PHONY: install demo test bench bench-download bench-faces bench-cluster bench-stats train clean help
 
 help:
 	@echo "make demo    build the demo corpus from the photos in data/demo (offline)"
@@ -29,10 +29,19 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: bench-download
+bench: bench-download bench-faces bench-cluster bench-stats
 
 bench-download: $(STAMP)
 	$(PY) benchmarks/bench_download.py
+
+bench-faces: $(STAMP)
+	$(PY) benchmarks/bench_faces.py
+
+bench-cluster: $(STAMP)
+	$(PY) benchmarks/bench_cluster.py
+
+bench-stats: $(STAMP)
+	$(PY) benchmarks/bench_stats.py
 
 clean:
 	rm -rf manifests/demo .pytest_cache
