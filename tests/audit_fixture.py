@@ -2,9 +2,9 @@
 
 Real photos (the shared face fixtures), every file of the output contract: ``images.parquet``
 conforming to ``datakit.schema``, the per-stage work folder (``_work/<stage>/part-*.parquet``
-with the bulk image bytes and face crops, stats, ``_SUCCESS``), WebDataset tars written member by
-member in the contract's form (mtime 0, uid/gid 0, no user or group names, mode 0644, USTAR),
-``shards.parquet``, ``shard_members.parquet``, ``identities.parquet`` and ``build.json``.
+with the bulk image bytes and face crops, stats, ``_SUCCESS``), and the WebDataset tars,
+``shards.parquet``, ``shard_members.parquet`` and ``identities.parquet`` written by the real
+shard stage (``datakit.shard.ShardStage``, run without Ray), plus ``build.json``.
 
 The face values (boxes, scores, embeddings, ages) are made up but consistent, so the fixture needs
 no face model; the decisions cover every kind an auditor meets: kept images of 8 identities (one
@@ -23,7 +23,6 @@ import hashlib
 import io
 import json
 import shutil
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from datakit import schema
-from datakit.store import ITEMS, WorkDir, atomic_write_json, atomic_write_table, overlay
+from datakit.store import ITEMS, WorkDir, atomic_write_json, atomic_write_table
 
 REPO = Path(__file__).resolve().parent.parent
 FACES = REPO.parent / "shared" / "fixtures" / "faces"
@@ -164,12 +163,6 @@ def jpeg(image: Image.Image, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
-def npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
-
-
 def item_values(item: Item, n: int) -> dict:
     """Every column's value for one item (decisions aside), as the stages would have set them."""
     rng = np.random.default_rng(int(item.image_id, 16) % 2**32)
@@ -269,85 +262,12 @@ def stage_table(stage: str, items: list[Item], values: list[dict]) -> tuple[pa.T
 # ---------------------------------------------------------------- shards
 
 
-def tar_info(name: str, size: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode, info.uid, info.gid = size, 0, 0o644, 0, 0
-    info.uname = info.gname = ""
-    return info
+def run_shard_stage(dest: Path, work: WorkDir) -> pa.Table:
+    """The shard stage itself (datakit/shard.py, no Ray) over the work folder up to caption."""
+    from datakit.shard import Settings, ShardStage
 
-
-def sample_members(item: Item, v: dict) -> list[tuple[str, bytes]]:
-    image = Image.open(io.BytesIO(v["image_bytes"])).convert("RGB")
-    meta = {"image_id": item.image_id, "identity_id": v["identity_id"], "label": item.label, "source": item.source,
-            "locator": item.locator, "box": v["face_box"], "age": v["age"], "gender": v["gender"], "caption": v["caption"],
-            "width": image.width, "height": image.height}  # fmt: skip
-    key = item.image_id
-    return [
-        (f"{key}.jpg", jpeg(image)),
-        (f"{key}.face.jpg", v["face_crop"]),
-        (f"{key}.json", json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()),
-        (f"{key}.embedding.npy", npy(np.asarray(v["embedding"], dtype=np.float32))),
-        (f"{key}.landmarks.npy", npy(np.asarray(v["landmarks5"], dtype=np.float32).reshape(-1, 2))),
-    ]
-
-
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            tar.addfile(tar_info(name, len(data)), io.BytesIO(data))
-
-
-def plan_shards(kept: list[tuple[Item, dict]]) -> list[list[tuple[Item, dict]]]:
-    by_identity: dict[str, list] = {}
-    for item, v in kept:
-        by_identity.setdefault(v["identity_id"], []).append((item, v))
-    shards, current = [], []
-    for ident in sorted(by_identity):
-        group = sorted(by_identity[ident], key=lambda iv: iv[0].image_id)
-        if current and len(current) + len(group) > MAX_SAMPLES_PER_SHARD:
-            shards.append(current)
-            current = []
-        current = current + group
-    if current:
-        shards.append(current)
-    return shards
-
-
-def write_shards(output: Path, items: list[Item], values: list[dict]) -> None:
-    kept = [(i, v) for i, v in zip(items, values) if i.drop is None]
-    shard_rows, member_rows = [], []
-    (output / "shards").mkdir(parents=True, exist_ok=True)
-    for n, group in enumerate(plan_shards(kept)):
-        rel = f"shards/shard-{n:05d}.tar"
-        members = []
-        for item, v in group:
-            v["shard"], v["key"] = rel, item.image_id
-            for name, data in sample_members(item, v):
-                members.append((name, data))
-                member_rows.append({"shard": rel, "key": item.image_id, "member": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
-        write_tar(output / rel, members)
-        blob = (output / rel).read_bytes()
-        shard_rows.append({"path": rel, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest(), "samples": len(group),
-                           "identities": len({v["identity_id"] for _, v in group})})  # fmt: skip
-    atomic_write_table(output / "shards.parquet", pa.Table.from_pylist(shard_rows, schema=schema.SHARDS_SCHEMA))
-    atomic_write_table(output / "shard_members.parquet", pa.Table.from_pylist(member_rows, schema=schema.SHARD_MEMBERS_SCHEMA))
-    identities = {}
-    for item, v in kept:
-        identities.setdefault(v["identity_id"], []).append((item, v))
-    rows = []
-    for ident in sorted(identities):
-        members = identities[ident]
-        genders = [v["gender"] for _, v in members]
-        ages = [v["age"] for _, v in members if v["age"] is not None]
-        female, male = genders.count("female"), genders.count("male")
-        rows.append({
-            "identity_id": ident, "names": sorted({i.label for i, _ in members}), "sources": sorted({i.source for i, _ in members}),
-            "images": len(members), "gender": "female" if female > male else "male" if male > female else None,
-            "female": female, "male": male, "age_mean": float(np.mean(ages)) if ages else None,
-            "age_min": min(ages) if ages else None, "age_max": max(ages) if ages else None,
-            "shards": sorted({v["shard"] for _, v in members}),
-        })  # fmt: skip
-    atomic_write_table(output / "identities.parquet", pa.Table.from_pylist(rows, schema=schema.IDENTITIES_SCHEMA))
+    settings = Settings(max_samples=MAX_SAMPLES_PER_SHARD, min_shards=3, parallel=False)
+    return ShardStage(settings, {"output_dir": str(dest)}).process_global(work, STAGES[:-1])
 
 
 # ---------------------------------------------------------------- the folder
@@ -394,13 +314,11 @@ def build_output(dest: Path) -> Built:
             v["identity_id"] = item.identity or None
         if item.drop is None:
             v["caption"], v["caption_source"] = caption_of(v), "template"
-    write_shards(dest, items, values)  # sets shard and key
     work = WorkDir(dest)
     recipe = recipe_dict(dest)
     recipe_hash = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
     atomic_write_json(work.root / "recipe.json", {"hash": recipe_hash, "file": "audit-fixture.yaml", "recipe": recipe})
     parts = (len(items) + PARTITION_SIZE - 1) // PARTITION_SIZE
-    views = []
     stats_by_stage: dict[str, list[dict]] = {s: [] for s in STAGES}
     for part in range(parts):
         lo, hi = part * PARTITION_SIZE, (part + 1) * PARTITION_SIZE
@@ -415,20 +333,29 @@ def build_output(dest: Path) -> Built:
             "reason": pa.nulls(len(pitems), pa.string()), "detail": pa.nulls(len(pitems), pa.string()),
         })  # fmt: skip
         atomic_write_table(work.part_path(ITEMS, part), base)
-        view = base
-        for stage in STAGES:
+        for stage in STAGES[:-1]:
             table, stats = stage_table(stage, pitems, pvalues)
             work.write_part(stage, part, table, {**stats, "part": part})
             stats_by_stage[stage].append(stats)
-            view = overlay(view, table, where=f"{stage} part {part}")
-        views.append(view)
     by_source: dict[str, int] = {}
     for i in items:
         by_source[i.source] = by_source.get(i.source, 0) + 1
     work.mark_done(ITEMS, {"partitions": parts, "items": len(items), "by_source": by_source})
-    for stage in STAGES:
+    for stage in STAGES[:-1]:
         work.mark_done(stage, {"partitions": parts})
-    table = schema.conform(pa.concat_tables(views, promote_options="permissive"))
+    update = run_shard_stage(dest, work)
+    for part in range(parts):
+        lo = part * PARTITION_SIZE
+        piece = update.slice(lo, min(PARTITION_SIZE, len(items) - lo))
+        kept = sum(1 for s in piece["status"].to_pylist() if s == schema.KEPT)
+        stats = {"stage": "shard", "part": part, "items_in": kept, "kept": kept, "dropped": {}, "seconds": 0.01}
+        work.write_part("shard", part, piece, stats)
+        stats_by_stage["shard"].append(stats)
+    work.mark_done("shard", {"partitions": parts})
+    table = schema.conform(work.read_all(STAGES, columns=[c for c in schema.IMAGE_COLUMNS]))
+    dropped_by_shard = [r for r in table.to_pylist() if r["drop_stage"] == "shard"]
+    if dropped_by_shard:
+        raise RuntimeError(f"the shard stage dropped fixture rows: {dropped_by_shard[0]['detail']}")
     atomic_write_table(dest / "images.parquet", table)
     write_build_json(dest, recipe, recipe_hash, table, stats_by_stage, by_source)
     return Built(dest, items)
