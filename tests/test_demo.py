@@ -1,0 +1,135 @@
+"""The demo build end to end: `python -m datakit.demo`, as `make demo` runs it."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from datakit import schema
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO = REPO / "data" / "demo"
+
+
+@pytest.fixture(scope="module")
+def demo_build(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "datakit.demo", "--output", str(out), "--quiet"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def demo_inputs() -> tuple[list[str], list[dict]]:
+    folder = sorted(p.relative_to(DEMO / "folder").as_posix() for p in (DEMO / "folder").rglob("*") if p.is_file())
+    with open(DEMO / "urls.csv", newline="") as f:
+        urls = list(csv.DictReader(f))
+    return folder, urls
+
+
+def test_every_demo_input_is_one_manifest_row(demo_build):
+    out, stdout = demo_build
+    images = pq.read_table(out / "images.parquet").to_pylist()
+    folder, urls = demo_inputs()
+    assert len(images) == len(folder) + len(urls)
+    assert len({r["image_id"] for r in images}) == len(images)
+    assert sorted(r["locator"] for r in images if r["source"] == "lfw_folder") == folder
+    assert Counter(r["locator"] for r in images if r["source"] == "web_urls") == Counter(u["url"] for u in urls)
+    for row in images:
+        assert row["status"] in (schema.KEPT, schema.DROPPED)
+        if row["status"] == schema.DROPPED:
+            assert row["reason"] in schema.REASONS and row["drop_stage"], row
+    assert "build summary" in stdout and f"{len(images)} items" in stdout
+
+
+def test_demo_faults_end_with_the_right_reasons(demo_build):
+    out, _ = demo_build
+    rows = pq.read_table(out / "images.parquet").to_pylist()
+    by_loc = {}
+    for r in rows:
+        by_loc.setdefault(r["locator"], []).append(r)
+    assert by_loc["missing/Nobody_0001.jpg"][0]["reason"] == "http_error"
+    assert by_loc["missing/Nobody_0001.jpg"][0]["http_status"] == 404
+    assert by_loc["negatives/not_a_photo.jpg"][0]["reason"] == "undecodable"
+    assert by_loc["negatives/no_face/dogs.jpg"][0]["reason"] == "no_face"
+    assert by_loc["negatives/tiny_face/2008_002470.jpg"][0]["reason"] in ("face_too_small_area", "face_too_small_px")
+    # the same URL twice: one kept, the other an exact duplicate of it
+    twice = by_loc["Tiger_Woods/Tiger_Woods_0001.jpg"]
+    assert sorted(r["status"] for r in twice) == ["dropped", "kept"]
+    dup = next(r for r in twice if r["status"] == "dropped")
+    assert dup["reason"] == "duplicate_exact"
+    assert dup["duplicate_of"] == next(r for r in twice if r["status"] == "kept")["image_id"]
+    # a web copy of a folder photo: exact duplicate across sources, the folder one kept
+    copy = by_loc["Kofi_Annan_copy.jpg"][0]
+    original = by_loc["Kofi_Annan/Kofi_Annan_0001.jpg"][0]
+    assert (copy["reason"], copy["duplicate_of"], original["status"]) == ("duplicate_exact", original["image_id"], "kept")
+    flipped = by_loc["Laura_Bush_flipped.jpg"][0]
+    assert flipped["reason"] == "duplicate_near"
+    assert flipped["duplicate_of"] == by_loc["Laura_Bush/Laura_Bush_0004.jpg"][0]["image_id"]
+
+
+def test_demo_kept_faces_have_identities_embeddings_captions(demo_build):
+    out, _ = demo_build
+    kept = [r for r in pq.read_table(out / "images.parquet").to_pylist() if r["status"] == schema.KEPT]
+    assert len(kept) >= 150
+    for r in kept:
+        assert r["identity_id"] and r["shard"] and r["key"], r["locator"]
+        assert r["face_area_fraction"] >= 0.10
+        assert len(r["embedding"]) == 128 and r["caption"]
+    # George W. Bush is a folder identity and a web name ("George W. Bush"): one identity
+    bush = {r["identity_id"] for r in kept if r["label"] in ("George_W_Bush", "George W. Bush")}
+    assert len(bush) == 1
+    per_identity = Counter(r["identity_id"] for r in kept)
+    assert min(per_identity.values()) >= 5
+
+
+def test_demo_shards_hold_every_kept_image_once(demo_build):
+    import webdataset as wds
+
+    out, _ = demo_build
+    images = pq.read_table(out / "images.parquet").to_pylist()
+    kept = {r["image_id"]: r for r in images if r["status"] == schema.KEPT}
+    dropped = {r["image_id"] for r in images if r["status"] != schema.KEPT}
+    shards = pq.read_table(out / "shards.parquet").to_pylist()
+    assert len(shards) >= 4
+    seen = Counter()
+    shard_of_identity: dict[str, set] = {}
+    for shard in shards:
+        for sample in wds.WebDataset(str(out / shard["path"]), shardshuffle=False):
+            key = sample["__key__"]
+            seen[key] += 1
+            meta = json.loads(sample["json"])
+            assert {"jpg", "face.jpg", "embedding.npy", "landmarks.npy"} <= set(sample)
+            shard_of_identity.setdefault(meta["identity_id"], set()).add(shard["path"])
+            assert kept[key]["shard"] == shard["path"]
+    assert set(seen) == set(kept) and max(seen.values()) == 1
+    assert not (set(seen) & dropped)
+    assert all(len(s) == 1 for s in shard_of_identity.values()), "an identity is split across shards"
+    identities = pq.read_table(out / "identities.parquet")
+    assert identities.num_rows == len(shard_of_identity)
+
+
+def test_demo_build_json_and_status(demo_build):
+    out, _ = demo_build
+    build = json.loads((out / "build.json").read_text())
+    assert build["recipe"]["name"] == "demo"
+    assert set(build["stages"]) == {
+        "download", "detect", "filter", "embed", "attributes", "dedup", "cluster", "caption", "shard"
+    }  # fmt: skip
+    assert build["counts"]["items"] == pq.read_metadata(out / "images.parquet").num_rows
+    proc = subprocess.run(
+        [sys.executable, "-m", "datakit", "status", str(out)], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0 and "build complete" in proc.stdout
