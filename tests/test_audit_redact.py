@@ -11,6 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import webdataset as wds
 from audit_fixture import HOSTILE_LABEL, STAGES, audit_output, audit_template  # noqa: F401  (pytest fixtures)
 
 from datakit import schema
@@ -140,6 +141,10 @@ def test_rewritten_tar_keeps_the_contract_form(audit_output):
     with tarfile.open(out / shard) as tar:
         for m in tar.getmembers():
             assert (m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) == (0, 0, 0, "", "", 0o644)
+    # the trainer's reader sees the remaining samples, whole, and not the removed one
+    read = {s["__key__"]: s for s in wds.WebDataset(str(out / shard), shardshuffle=False)}
+    assert sorted(read) == sorted({n.split(".")[0] for n in before} - {target})
+    assert all({"jpg", "face.jpg", "json"} <= set(s) for s in read.values())
     row = images(out)[target]
     assert row["redacted_at"] == "2025-06-15T15:06:40Z"
     shards = {r["path"]: r for r in pq.read_table(out / "shards.parquet").to_pylist()}
@@ -256,3 +261,23 @@ def test_derived_files_go_and_the_card_is_refreshed(audit_output):
     assert not (out / "audit" / "report.html").exists() and not (out / "audit" / "sheets").exists()
     card = (out / "README.md").read_text()
     assert "9 redacted" in card and "Redactions so far: 1 (9 images)" in card
+
+
+def test_a_name_takes_its_identity_and_its_labelled_images_not_other_identities(audit_output):
+    """An image filed under "Tony_Blair" that clustered into Kofi Annan's identity goes alone."""
+    out = audit_output.output
+    table = pq.read_table(out / "images.parquet")
+    rows = table.to_pylist()
+    kofi = sorted((r for r in rows if r["label"] == "Kofi_Annan" and r["status"] == schema.KEPT), key=lambda r: r["image_id"])
+    misfiled = kofi[0]["image_id"]
+    for r in rows:
+        if r["image_id"] == misfiled:
+            r["label"] = "Tony_Blair"
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), out / "images.parquet")
+    folder = OutputFolder(out)
+    ids, _ = redact_mod.select(folder, identities=["tony blair"])
+    tony = {r["image_id"] for r in rows if r["label"] == "Tony_Blair"}
+    assert set(ids) == tony and misfiled in tony  # Tony's rows (kept and dropped) and the misfiled one
+    assert not set(ids) & {r["image_id"] for r in kofi[1:]}
+    [kofi_id] = {r["identity_id"] for r in kofi}
+    assert set(redact_mod.select(folder, identities=[kofi_id])[0]) == {r["image_id"] for r in rows if r["identity_id"] == kofi_id}

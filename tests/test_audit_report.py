@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from audit_browser import CHROMIUM, Browser
-from audit_fixture import HOSTILE_LABEL, REPO, audit_output, audit_template  # noqa: F401  (pytest fixtures)
+from audit_fixture import HOSTILE_LABEL, REPO, audit_template  # noqa: F401  (pytest fixture)
 
 from datakit import schema
 from datakit.audit import report
@@ -32,7 +32,7 @@ def require_chromium():
 @pytest.fixture(scope="module")
 def page_file(audit_template, tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "report.html"
-    assert audit_main(["report", str(audit_template.output), "--out", str(out)]) == 0
+    assert audit_main(["report", str(audit_template.output), "--out", str(out), "--detail", "8"]) == 0
     return out
 
 
@@ -45,16 +45,23 @@ def test_page_has_no_external_reference(page_file):
     assert "<script>window.pwned" not in html  # the hostile label is escaped, in HTML and in the JSON
 
 
-def test_thumbnails_are_bounded(audit_template):
+def test_details_are_bounded(audit_template):
     folder = OutputFolder(audit_template.output)
-    people = report.people_data(folder, report.ReportOptions(thumb_identities=2, thumbs_per_identity=3, images_per_identity=4))
-    with_thumbs = [p for p in people if any(k["thumb"] for k in p["kept"])]
-    assert len(with_thumbs) == 2
-    assert all(sum(1 for k in p["kept"] if k["thumb"]) == 3 for p in with_thumbs)
-    assert all(len(p["kept"]) == min(4, p["kept_count"]) for p in people)
-    # the two with thumbnails are the largest identities
-    sizes = sorted((p["kept_count"] for p in people if p["id"]), reverse=True)
-    assert sorted((p["kept_count"] for p in with_thumbs), reverse=True) == sizes[:2]
+    options = report.ReportOptions(detail_people=3, thumbs_per_identity=3, images_per_identity=4, dropped_per_person=1, identities=("hugo chavez",))
+    people = report.people_data(folder, options)
+    detailed = [p for p in people if p["detailed"]]
+    assert people[:3] == detailed  # listed first
+    assert detailed[0]["names"] == ["Hugo_Chavez"]  # asked for, so first though small
+    sizes = sorted((p["kept_count"] for p in people if p["id"] and p is not detailed[0]), reverse=True)
+    assert [p["kept_count"] for p in detailed[1:]] == sizes[:2]  # then the largest
+    for p in detailed:
+        assert len(p["kept"]) == min(4, p["kept_count"]) and sum(1 for k in p["kept"] if k["thumb"]) == 3
+        assert len(p["dropped"]) == min(1, p["dropped_count"])
+    for p in people[3:]:
+        assert p["kept"] == [] and p["dropped"] == []  # names and counts only
+        assert sum(p["reasons"].values()) == p["dropped_count"]
+    nicole = next(p for p in people if "Nicole Kidman" in p["names"])
+    assert nicole["reasons"] == {"http_error": 1, "undecodable": 1}
 
 
 def test_names_without_kept_identity_are_searchable(audit_template):
@@ -106,13 +113,15 @@ def test_report_in_headless_chromium(audit_template, page_file, tmp_path):
             hostile = await page.evaluate(
                 "({name: document.querySelector('#person h3').textContent, pwned: typeof window.pwned, scripts: document.scripts.length})"
             )
+            await page.type_text("#search", "george w")
+            george = await page.evaluate("document.querySelector('#person').textContent")
             await page.type_text("#search", "nobody at all")
             nobody = await page.evaluate("document.querySelector('#person').textContent")
             await page.type_text("#search", "Colin_Powell")
             await page.screenshot(shot)
-            return first, colin_view, nicole, hostile, nobody, page.requested_urls()
+            return first, colin_view, nicole, hostile, george, nobody, page.requested_urls()
 
-    first, colin_view, nicole, hostile, nobody, urls = asyncio.run(asyncio.wait_for(drive(), 120))
+    first, colin_view, nicole, hostile, george, nobody, urls = asyncio.run(asyncio.wait_for(drive(), 120))
     assert first["title"] == "Audit report: audit-fixture"
     assert [r[0] for r in first["table6"]] == ["vgg_folder", "imdb_urls", "All"]
     assert first["table6"][-1][1:3] == ["8", "56"]
@@ -131,8 +140,11 @@ def test_report_in_headless_chromium(audit_template, page_file, tmp_path):
     assert any(row[1] == "undecodable" for row in nicole)
 
     assert hostile["name"] == HOSTILE_LABEL  # shown as text, never run
-    assert hostile["pwned"] == "undefined" and hostile["scripts"] == 2
+    assert hostile["pwned"] == "undefined" and hostile["scripts"] == 3
     assert "No name or identity id matches" in nobody
+    # the 9th person of the page (--detail 8): names and counts only, and how to list the images
+    assert "no kept identity: 0 kept, 3 dropped or redacted" in george and "identity_too_small 3" in george
+    assert 'datakit report OUTPUT --identity "George_W_Bush"' in george
 
     assert urls and all(u.startswith(("file:", "data:")) for u in urls), [u for u in urls if not u.startswith(("file:", "data:"))]
     assert shot.stat().st_size > 20_000

@@ -34,8 +34,8 @@ def add_commands(subparsers) -> None:
     p = subparsers.add_parser("report", help="one self-contained HTML page: tables, figures, drop funnel, identity browser")
     p.add_argument("output", type=Path, help="the build's output folder")
     p.add_argument("--out", type=Path, help=f"the HTML file (default OUTPUT/{AUDIT_DIR}/report.html)")
-    p.add_argument("--identity", action="append", default=[], metavar="NAME", help="embed this identity's thumbnails first (repeatable)")
-    p.add_argument("--thumb-identities", type=int, default=300, help="identities with embedded thumbnails (default 300)")
+    p.add_argument("--identity", action="append", default=[], metavar="NAME", help="list this person's images first (name or id; repeatable)")
+    p.add_argument("--detail", type=int, default=300, help="people whose images are listed; the rest show names and counts (default 300)")
     p.add_argument("--thumbs", type=int, default=8, help="thumbnails per identity (default 8)")
     p.set_defaults(func=cmd_report)
 
@@ -158,7 +158,7 @@ def cmd_report(args) -> int:
     from datakit.store import atomic_write_bytes
 
     folder = OutputFolder(args.output)
-    options = report.ReportOptions(thumb_identities=args.thumb_identities, thumbs_per_identity=args.thumbs, identities=tuple(args.identity))
+    options = report.ReportOptions(detail_people=args.detail, thumbs_per_identity=args.thumbs, identities=tuple(args.identity))
     page = report.build(folder, options)
     out = args.out or folder.path(AUDIT_DIR) / "report.html"
     atomic_write_bytes(out, page.encode("utf-8"))

@@ -2,9 +2,9 @@
 
 ``redact(folder, identities=[...], urls=[...], image_ids=[...], reason=...)``:
 
-1. Select rows of images.parquet: an identity (its id, or a name: the identity's names in
-   identities.parquet or the rows' labels, compared without case, ``_`` = space) takes every
-   row clustered into it and every row labelled with that name, whatever their status; a URL
+1. Select rows of images.parquet: an identity (its id, or a name: the identities whose
+   dominant label it is, compared without case, ``_`` = space) takes every row clustered into
+   it and every row labelled with that name, whatever their status; a URL
    takes rows whose locator or final URL is it; an image id takes its row. Rows redacted
    before are left as they are.
 2. An identity left with fewer than ``cluster.min_images`` kept images (the recipe's, default
@@ -98,7 +98,11 @@ class Result:
 
 
 def select(folder: OutputFolder, identities=(), urls=(), image_ids=()) -> tuple[list[str], list[str]]:
-    """(image ids to redact, image ids already redacted) for the selectors; unknown ones raise."""
+    """(image ids to redact, image ids already redacted) for the selectors; unknown ones raise.
+
+    A name takes the identities whose dominant label it is (not every identity that holds one
+    image filed under that name: such an image is taken on its own) and every row labelled with it.
+    """
     cols = ["image_id", "status", "identity_id", "label", "locator", "final_url"]
     t = folder.read(IMAGES, columns=cols).to_pylist()
     chosen: list[str] = []
@@ -108,11 +112,10 @@ def select(folder: OutputFolder, identities=(), urls=(), image_ids=()) -> tuple[
             raise AuditError(f"{what}: no row of images.parquet matches; nothing was changed")
         chosen.extend(r["image_id"] for r in rows)
 
-    names_of = _identity_names(folder)
+    dominant = dominant_labels(t)
     for query in identities:
         q = normalize(query)
-        idents = {i for i, names in names_of.items() if i == query or any(normalize(n) == q for n in names)}
-        idents |= {r["identity_id"] for r in t if r["identity_id"] and (r["identity_id"] == query or normalize(r["label"]) == q)}
+        idents = {i for i, label in dominant.items() if i == query or label == q}
         take([r for r in t if r["identity_id"] in idents or normalize(r["label"]) == q], f"identity {query!r}")
     for u in urls:
         take([r for r in t if u in (r["locator"], r["final_url"])], f"URL {u!r}")
@@ -123,11 +126,13 @@ def select(folder: OutputFolder, identities=(), urls=(), image_ids=()) -> tuple[
     return [i for i in unique if status[i] != schema.REDACTED], [i for i in unique if status[i] == schema.REDACTED]
 
 
-def _identity_names(folder: OutputFolder) -> dict[str, list[str]]:
-    if not folder.has(IDENTITIES):
-        return {}
-    rows = folder.read(IDENTITIES, columns=["identity_id", "names"]).to_pylist()
-    return {r["identity_id"]: r["names"] or [] for r in rows}
+def dominant_labels(rows: list[dict]) -> dict[str, str]:
+    """identity_id -> the (normalized) label most of its rows carry."""
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for r in rows:
+        if r["identity_id"] and r["label"]:
+            counts[r["identity_id"]][normalize(r["label"])] += 1
+    return {ident: c.most_common(1)[0][0] for ident, c in counts.items()}
 
 
 def plan(folder: OutputFolder, redact_ids: list[str], already: list[str], min_images: int) -> Plan:

@@ -6,11 +6,13 @@ a mail attachment. Every text from the data (names, captions, URLs, details) is 
 HTML and set with textContent in the browser; the browser's data is JSON inside a non-executable
 script element with <, > and & escaped, so a hostile name cannot run code.
 
-Size bounds, for a corpus of ~34k identities: every identity and name is searchable, but each
-lists at most ``images_per_identity`` kept images (captions) and ``dropped_per_person`` dropped
-ones (the totals are shown), and thumbnails (read from the shards) are embedded for at most
-``thumb_identities`` identities: those asked for by name, then the largest, ``thumbs_per_identity``
-each. The defaults keep the page under ~15 MB.
+Size bounds, for a corpus of ~34k identities and ~1M dropped items: every identity and every
+name is searchable and shows its counts and its drops by reason. Images are listed for the first
+``detail_people`` people only (those asked for with ``--identity``, then the ones with the most
+kept, then dropped, images): up to ``images_per_identity`` kept images with captions, the first
+``thumbs_per_identity`` with a thumbnail read from the shards, and ``dropped_per_person`` dropped
+ones with their reasons. Anyone else: ``datakit report OUTPUT --identity NAME`` lists them.
+With the defaults the page stays around 25 MB (11 MB of it names and counts at 34k identities).
 """
 
 from __future__ import annotations
@@ -33,12 +35,12 @@ from datakit.audit.folder import IMAGES, OutputFolder
 
 @dataclass
 class ReportOptions:
-    thumb_identities: int = 300
+    detail_people: int = 300  # people whose images are listed (the rest: names and counts)
     thumbs_per_identity: int = 8
     images_per_identity: int = 24
     dropped_per_person: int = 50
     thumb_size: int = 128
-    identities: tuple[str, ...] = ()  # names or ids whose thumbnails come first
+    identities: tuple[str, ...] = ()  # names or ids listed in detail first
 
 
 def build(folder: OutputFolder, options: ReportOptions | None = None, st: stats_mod.Stats | None = None) -> str:
@@ -62,6 +64,7 @@ def build(folder: OutputFolder, options: ReportOptions | None = None, st: stats_
         BROWSER_HTML,
         f"<section id='redactions'><h2>Redactions</h2>{redactions_html(folder)}</section>",
         f"<script type='application/json' id='people-data'>{_json_for_script(people)}</script>",
+        f"<script>const DETAIL = {int(options.detail_people)};</script>",
         f"<script>{BROWSER_JS}</script>",
     ]
     return PAGE.format(title=_e(title), css=CSS, body="\n".join(body))
@@ -152,36 +155,56 @@ def redactions_html(folder: OutputFolder) -> str:
 
 
 def people_data(folder: OutputFolder, options: ReportOptions) -> list[dict]:
-    """One entry per kept identity, plus one per name whose images were all dropped."""
+    """One entry per kept identity, plus one per name whose images were all dropped.
+
+    Every entry has names, counts and drop counts by reason; the first ``detail_people`` entries
+    (those asked for, then by kept and dropped images) also list their images.
+    """
     identities = sheets.kept_identities(folder)
     known = {i.identity_id for i in identities}
     by_name: dict[str, str] = {}
     for ident in identities:
         for n in ident.names:
             by_name.setdefault(sheets.normalize(n), ident.identity_id)
-    people: dict[str, dict] = {
-        i.identity_id: {"id": i.identity_id, "names": i.names, "kept_count": i.images, "kept": [], "dropped_count": 0, "dropped": []}
-        for i in identities
-    }
+    people: dict[str, dict] = {i.identity_id: _person(i.identity_id, i.names, i.images) for i in identities}
     cols = ["image_id", "status", "identity_id", "label", "source", "locator", "drop_stage", "reason", "detail", "redaction_reason"]
     others = folder.read(IMAGES, columns=cols)
-    others = others.filter(pc.not_equal(others["status"], schema.KEPT))
-    for r in others.to_pylist():
+    others = others.filter(pc.not_equal(others["status"], schema.KEPT)).to_pylist()
+    owner = []
+    for r in others:
         pid = r["identity_id"] if r["identity_id"] in known else by_name.get(sheets.normalize(r["label"]))
         if pid is None:
             pid = f"name:{sheets.normalize(r['label'])}" if r["label"] else "name:"
-            people.setdefault(pid, {"id": "", "names": [r["label"] or "(no name)"], "kept_count": 0, "kept": [], "dropped_count": 0, "dropped": []})
+            people.setdefault(pid, _person("", [r["label"] or "(no name)"], 0))
         p = people[pid]
         p["dropped_count"] += 1
-        if len(p["dropped"]) < options.dropped_per_person:
+        reason = r["reason"] or r["status"]
+        p["reasons"][reason] = p["reasons"].get(reason, 0) + 1
+        owner.append(pid)
+    wanted = [sheets.normalize(q) for q in options.identities]
+    order = sorted(people, key=lambda k: (not _asked(people[k], wanted), -people[k]["kept_count"], -people[k]["dropped_count"], people[k]["names"][0].casefold()))
+    detailed = set(order[: options.detail_people])
+    for r, pid in zip(others, owner):
+        p = people[pid]
+        if pid in detailed and len(p["dropped"]) < options.dropped_per_person:
             p["dropped"].append(_dropped_entry(r))
-    with_thumbs = {i.identity_id for i in sheets.choose(identities, list(options.identities), options.thumb_identities)}
-    samples = sheets.kept_samples(folder, [i.identity_id for i in identities], options.images_per_identity)
-    thumb_rows = [r for ident in with_thumbs for r in samples.get(ident, [])[: options.thumbs_per_identity]]
+    shown = [k for k in order if k in detailed and k in known]
+    samples = sheets.kept_samples(folder, shown, options.images_per_identity)
+    thumb_rows = [r for ident in shown for r in samples[ident][: options.thumbs_per_identity]]
     thumbs = dict(zip((r["image_id"] for r in thumb_rows), sheets.read_images(folder, thumb_rows)))
-    for ident, rows in samples.items():
-        people[ident]["kept"] = [_kept_entry(r, thumbs.get(r["image_id"]), options.thumb_size) for r in rows]
-    return sorted(people.values(), key=lambda p: (-p["kept_count"], -p["dropped_count"], p["names"][0].casefold() if p["names"] else ""))
+    for ident in shown:
+        people[ident]["kept"] = [_kept_entry(r, thumbs.get(r["image_id"]), options.thumb_size) for r in samples[ident]]
+    for k in detailed:
+        people[k]["detailed"] = True
+    return [people[k] for k in order]
+
+
+def _person(ident: str, names: list[str], kept: int) -> dict:
+    return {"id": ident, "names": names, "kept_count": kept, "kept": [], "dropped_count": 0, "dropped": [], "reasons": {}, "detailed": False}
+
+
+def _asked(person: dict, wanted: list[str]) -> bool:
+    return any(q == person["id"] or q in (sheets.normalize(n) for n in person["names"]) for q in wanted)
 
 
 def _dropped_entry(r: dict) -> dict:
@@ -274,6 +297,13 @@ function show(p, button) {
   panel.appendChild(el('h3', 'name', p.names.join(' / ') || '(no name)'));
   panel.appendChild(el('p', 'count', (p.id ? 'identity ' + p.id + ': ' : 'no kept identity: ') +
     p.kept_count + ' kept, ' + p.dropped_count + ' dropped or redacted'));
+  const reasons = Object.entries(p.reasons).map(([r, n]) => r + ' ' + n).join(', ');
+  if (reasons) panel.appendChild(el('p', 'reasons', 'dropped or redacted, by reason: ' + reasons));
+  if (!p.detailed) {
+    panel.appendChild(el('p', 'note', 'Images are listed for the first ' + DETAIL + ' people of this page only; ' +
+      'run datakit report OUTPUT --identity "' + (p.names[0] || p.id) + '" to list this one.'));
+    return;
+  }
   panel.appendChild(el('h4', null, 'Kept images (' + p.kept_count + ')'));
   const tiles = el('div', 'tiles kept');
   for (const k of p.kept) {
