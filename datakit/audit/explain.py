@@ -107,6 +107,7 @@ def _locate(folder: OutputFolder, image_id: str) -> tuple[int, int] | None:
     if not any(items.glob("part-*.parquet")):
         return None
     con = duckdb.connect()
+    con.execute("SET enable_progress_bar = false")
     pattern = str(items / "part-*.parquet").replace("'", "''")
     hit = con.execute(
         f"SELECT filename, file_row_number FROM read_parquet('{pattern}', filename=true, file_row_number=true) WHERE image_id = ?",

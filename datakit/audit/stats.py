@@ -84,6 +84,7 @@ def compute(folder: OutputFolder) -> Stats:
     folder.require(IMAGES)
     con = duckdb.connect()
     con.execute("SET threads TO 2")
+    con.execute("SET enable_progress_bar = false")  # it would print into stdout (and into --json output)
     images = str(folder.path(IMAGES))
     # One scan of the few columns needed, into memory; the queries below then never touch the file.
     con.execute(f"CREATE TABLE images AS SELECT {', '.join(NEEDED)} FROM read_parquet({_quote(images)})")
