@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-download bench-faces bench-cluster bench-stats train clean help
+.PHONY: chromium install demo test bench bench-download bench-faces bench-cluster bench-stats train clean help
 
 help:
 	@echo "make demo    build the demo corpus from the photos in data/demo (offline)"
@@ -26,7 +26,11 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(PY) -m datakit.demo
 
-test: $(STAMP)
+# The report tests render the page in Debian's headless chromium; installed here when missing.
+chromium:
+	sh scripts/ensure_chromium.sh
+
+test: $(STAMP) chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: bench-download bench-faces bench-cluster bench-stats

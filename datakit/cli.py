@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate a recipe without running it")
     p.add_argument("recipe", type=Path)
     p.set_defaults(func=cmd_check)
+
+    from datakit.audit.cli import add_commands as add_audit_commands
+
+    add_audit_commands(sub)  # stats, report, explain, verify, redact, card
     return parser
 
 

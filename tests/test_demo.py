@@ -133,3 +133,37 @@ def test_demo_build_json_and_status(demo_build):
         [sys.executable, "-m", "datakit", "status", str(out)], cwd=REPO, capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 0 and "build complete" in proc.stdout
+
+
+def datakit_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "datakit", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_auditor_commands_on_the_demo_build(demo_build, tmp_path):
+    import shutil
+
+    out, _ = demo_build
+    copy = tmp_path / "demo"
+    shutil.copytree(out, copy)
+    verified = datakit_cli("verify", str(copy))
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+    why = datakit_cli("explain", str(copy), "negatives/no_face/dogs.jpg")
+    assert why.returncode == 0 and "no_face" in why.stdout
+
+    stats = datakit_cli("stats", str(copy))
+    assert stats.returncode == 0, stats.stderr
+    assert "lfw_folder" in stats.stdout and "web_urls" in stats.stdout
+
+    rows = pq.read_table(copy / "images.parquet").to_pylist()
+    target = next(r for r in rows if r["label"] == "Tony_Blair" and r["status"] == schema.KEPT)
+    redacted = datakit_cli("redact", str(copy), "--identity", "Tony_Blair", "--reason", "takedown request (test)")
+    assert redacted.returncode == 0, redacted.stdout + redacted.stderr
+    after = {r["image_id"]: r for r in pq.read_table(copy / "images.parquet").to_pylist()}
+    assert after[target["image_id"]]["status"] == schema.REDACTED
+    assert after[target["image_id"]]["redaction_reason"] == "takedown request (test)"
+    assert datakit_cli("verify", str(copy)).returncode == 0
+    for tar in (copy / "shards").glob("*.tar"):
+        assert target["image_id"].encode() not in tar.read_bytes(), f"{tar.name} still holds the redacted key"
