@@ -76,7 +76,7 @@ def run_unsupervised(images: int, seed: int, exact: bool) -> dict:
     from datakit import cluster, graph
     from datakit.testing.synthetic_faces import synthetic_corpus
 
-    data = synthetic_corpus(max(1, int(images / 28.5)), seed=seed, noise=0.0, negatives=0.0)
+    data = synthetic_corpus(max(1, int(images / 25)), seed=seed, noise=0.0, negatives=0.0)  # then cut to `images`
     emb, truth = data.embeddings[:images], data.identity[:images]
     n = emb.shape[0]
     params = cluster.Params(threshold=0.39, exact_knn_max=n if exact else 0)

@@ -53,6 +53,8 @@ def knn_exact(x: np.ndarray, k: int, block: int = DEFAULT_BLOCK) -> tuple[np.nda
     n = x.shape[0]
     idx = np.full((n, k), -1, dtype=np.int64)
     dist = np.full((n, k), np.inf, dtype=np.float32)
+    # a block's similarities and their partition indices take ~16 bytes per entry: keep ~0.5 GB
+    block = max(16, min(block, 2**25 // max(1, n)))
     for start in range(0, n, block):
         stop = min(n, start + block)
         sims = x[start:stop] @ x.T
