@@ -16,7 +16,7 @@ Per process and loader worker, top to bottom:
 2. samples (``webdataset.tarfile_to_samples``): an unreadable tar is counted and skipped.
 3. parse: JSON and .npy members are checked (pickle refused); a corrupt sample is counted and
    skipped with a warning naming its key and shard.
-4. identity groups: consecutive samples of one identity in one shard. Held-out identities (a
+4. identity groups: consecutive samples of one identity in one read of a shard. Held-out identities (a
    stable hash of identity_id under ``holdout_fraction``) are reserved for validation; groups
    smaller than 1 + k are counted and skipped.
 5. examples: each visit of an identity gives ``examples_per_identity`` examples whatever its size
@@ -236,11 +236,14 @@ def _identity_groups(records, stats: Stats, min_size: int, holdout_fraction: flo
             yield group
 
     group: list[Record] = []
+    keys: set[str] = set()
     for record in records:
-        if group and (record.identity_id != group[0].identity_id or record.shard != group[0].shard):
+        # a key seen again means the same shard was drawn twice in a row: a new read, a new group
+        if group and (record.identity_id != group[0].identity_id or record.shard != group[0].shard or record.key in keys):
             yield from finish(group)
-            group = []
+            group, keys = [], set()
         group.append(record)
+        keys.add(record.key)
     if group:
         yield from finish(group)
 
@@ -369,11 +372,11 @@ def _skip_then_decode(batches, skip: int, stats: Stats, resolution: int, clip_si
         yield batch
 
 
-def in_order(batches, start: int):
+def in_order(batches, start: int, max_pending: int = 64):
     """Batches sorted by their epoch index, starting at ``start``. The DataLoader takes batches
     from its workers round-robin beginning with worker 0, which after a resume in the middle of
-    an epoch is not the order an uninterrupted run saw; this restores that order (it holds at
-    most one batch per worker)."""
+    an epoch is not the order an uninterrupted run saw; this restores that order (it holds about
+    one batch per worker)."""
     pending = {}
     expected = start
     for batch in batches:
@@ -381,6 +384,8 @@ def in_order(batches, start: int):
         while expected in pending:
             yield pending.pop(expected)
             expected += 1
+        if len(pending) > max_pending:
+            raise RuntimeError(f"loader batch {expected} never arrived ({len(pending)} later batches waiting)")
     if pending:
         raise RuntimeError(f"loader ended with batches {sorted(pending)} still waiting for batch {expected}")
 
@@ -460,6 +465,9 @@ class IdentityStream(torch.utils.data.IterableDataset):
                 f"IdentityStream was set up for {self.workers} loader worker(s) but runs in {workers}: "
                 "build the DataLoader with the same num_workers (make_loader does)"
             )
+        skip = self.worker_skip(worker)
+        if skip >= self.batches_per_worker:
+            return  # this worker's share of the epoch was taken before the restart (with_epoch(0) would not stop)
         seed = mix_seed(self.seed, self.epoch, self.rank, worker)
         rng = random.Random(seed)
         stats = Stats()
@@ -481,14 +489,14 @@ class IdentityStream(torch.utils.data.IterableDataset):
             partial(_batches, size=self.batch_size),
             partial(
                 _skip_then_decode,
-                skip=self.worker_skip(worker),
+                skip=skip,
                 stats=stats,
                 resolution=self.resolution,
                 clip_size=self.clip_size,
                 worker=worker,
                 workers=self.workers,
             ),
-        ).with_epoch(self.batches_per_worker - self.worker_skip(worker))
+        ).with_epoch(self.batches_per_worker - skip)
         yield from pipeline
 
 

@@ -96,9 +96,10 @@ def install_face_attention(unet, num_face_tokens: int, scale: float) -> dict[str
             continue
         attn = _attention_module(unet, name)
         proc = FaceAttnProcessor(attn.to_k.out_features, attn.to_k.in_features, num_face_tokens, scale)
-        with torch.no_grad():
-            proc.to_k_face.weight.copy_(attn.to_k.weight.float())
-            proc.to_v_face.weight.copy_(attn.to_v.weight.float())
+        if attn.to_k.weight.device.type != "meta":
+            with torch.no_grad():
+                proc.to_k_face.weight.copy_(attn.to_k.weight.float())
+                proc.to_v_face.weight.copy_(attn.to_v.weight.float())
         proc.to(attn.to_k.weight.device)
         processors[name] = face[name] = proc
     unet.set_attn_processor(processors)
@@ -190,18 +191,30 @@ def check_conditioning_channels(channels: list[int], vae_factor: int) -> None:
 
 
 def build_hifinet(
-    unet, clip_dim: int, id_dim: int, refiner_cfg, hifinet_cfg, vae_factor: int, unet_dtype=None, device=None
+    unet,
+    clip_dim: int,
+    id_dim: int,
+    refiner_cfg,
+    hifinet_cfg,
+    vae_factor: int,
+    unet_dtype=None,
+    device=None,
+    copy_weights: bool = True,
 ) -> HiFiNet:
     """A ControlNet copied from the frozen UNet's weights (before the UNet is cast to
     ``unet_dtype`` and moved to ``device``), a fresh refiner and, if enabled, the face attention
-    processors installed into the UNet after the cast, so the trained projections stay float32."""
+    processors installed into the UNet after the cast, so the trained projections stay float32.
+    ``copy_weights=False`` skips copying (for models built on the meta device)."""
     check_conditioning_channels(list(hifinet_cfg.conditioning_embedding_channels), vae_factor)
     controlnet = ControlNetModel.from_unet(
-        unet, conditioning_embedding_out_channels=tuple(hifinet_cfg.conditioning_embedding_channels)
+        unet,
+        conditioning_embedding_out_channels=tuple(hifinet_cfg.conditioning_embedding_channels),
+        load_weights_from_unet=copy_weights,
     )
     controlnet.requires_grad_(True)
-    if unet_dtype is not None or device is not None:
-        unet.to(device=device, dtype=unet_dtype)
+    move = {k: v for k, v in (("device", device), ("dtype", unet_dtype)) if v is not None}
+    if move:
+        unet.to(**move)
     controlnet.set_attn_processor(AttnProcessor2_0())
     refiner = FaceRefiner(
         clip_dim=clip_dim,

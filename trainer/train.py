@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 
 from trainer import checkpoint as ckpt
 from trainer.config import Config, load_config
@@ -75,8 +76,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
     if args.model:
         overrides.append(f"model.pretrained={json.dumps(str(args.model))}")
         encoder = args.image_encoder or (Path(args.model) / "image_encoder")
-        if args.image_encoder or Path(encoder).is_dir():
-            overrides.append(f"model.image_encoder={json.dumps(str(encoder))}")
+        overrides.append(f"model.image_encoder={json.dumps(str(encoder))}")
     elif args.image_encoder:
         overrides.append(f"model.image_encoder={json.dumps(str(args.image_encoder))}")
     if args.max_steps is not None:
@@ -131,6 +131,10 @@ class Trainer:
         if not on_gpu:
             per_process = max(1, (os.cpu_count() or 1) // self.world - cfg.data.num_workers)
             torch.set_num_threads(self.threads or per_process)
+        if cfg.model.kind == "sdxl":
+            from trainer.components import check_base_folders
+
+            check_base_folders(cfg.model.pretrained, cfg.model.image_encoder)  # before anything is written
         self.output.mkdir(parents=True, exist_ok=True)
         list_shards(self.shards)  # a clear error before any model is built
         self.probe = probe_shards(self.shards)
@@ -522,7 +526,9 @@ class Trainer:
         metrics, images = self.validate()
         out = {"validation": metrics, "loss_curve": str(loss_curve(self.output / "metrics.jsonl", self.output / "loss.png"))}
         examples = self.validator.examples if self.validator and self.validator.examples else []
-        if not examples:
+        if self.cfg.train.val_identities == 0:
+            log.info("train.val_identities is 0: no validation and no sample grid")
+        elif not examples:
             from trainer.validate import Validator
 
             log.info("sample grid: no held-out identity, using the first identities of the shards")
@@ -561,6 +567,9 @@ def main(argv=None) -> dict:
     )
     try:
         cfg = resolve_config(args)
+    except ValidationError as exn:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exn.errors())
+        raise SystemExit(f"config error: {problems}") from None
     except (ValueError, FileNotFoundError) as exn:
         raise SystemExit(f"config error: {exn}") from None
     output = Path(args.output or f"runs/{cfg.name}")

@@ -1,0 +1,138 @@
+"""Generate a portrait from reference photos, a prompt and a driving photo.
+
+    python -m trainer.infer --checkpoint runs/tiny --reference a.jpg b.jpg c.jpg d.jpg \\
+        --driving pose.jpg --prompt "a photo of a person smiling" --output out.png
+
+References: dlib finds the largest face of each photo and gives its aligned crop, 68 landmarks
+and 128-d embedding (the embedding model must match the one the training shards used: the demo's
+dlib backend; for an ArcFace-trained checkpoint pass ``--reference-embeddings FILE.npy``).
+Target landmarks: the driving photo's 68 landmarks, retargeted to the references' face shape
+(``trainer.landmarks.retarget_landmarks``, a 2D stand-in for the paper's 3D landmark generator),
+placed in the output frame the way training crops are made (a square around the face). Or give
+``--landmarks FILE.npy`` with points already in output pixels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from trainer.landmarks import landmarks_68_to_5, render_landmarks, retarget_landmarks, square_crop, to_crop
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m trainer.infer", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its latest)")
+    parser.add_argument("--reference", nargs="+", required=True, help="photos of the identity")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--driving", help="photo whose pose and expression the output takes")
+    parser.add_argument("--landmarks", help="target landmarks .npy ([68,2] or [5,2], output pixels) instead of --driving")
+    parser.add_argument("--reference-embeddings", help=".npy [k, D] identity embeddings instead of dlib's")
+    parser.add_argument("--output", default="portrait.png")
+    parser.add_argument("--landmark-image", help="also save the rendered landmark condition here")
+    parser.add_argument("--size", type=int, default=None, help="output side in pixels (default: training resolution)")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser.parse_args(argv)
+
+
+def open_photo(path: str) -> Image.Image:
+    try:
+        image = Image.open(path)
+        image.load()
+    except (OSError, ValueError) as exn:
+        raise SystemExit(f"{path}: not a readable image ({exn})") from None
+    image = image.convert("RGB")
+    if max(image.size) > 1024:  # the shards store images at most 1024 on the long side
+        image.thumbnail((1024, 1024))
+    return image
+
+
+def analyse_references(paths: list[str], faces) -> list:
+    results = []
+    for path in paths:
+        result = faces.analyze(open_photo(path))
+        if result is None:
+            raise SystemExit(f"{path}: no face found by dlib's detector")
+        results.append(result)
+    return results
+
+
+def target_landmarks(args, faces, references, size: int, points: int) -> np.ndarray:
+    if args.landmarks:
+        landmarks = np.load(args.landmarks, allow_pickle=False).astype(np.float32)
+        if landmarks.shape not in ((68, 2), (5, 2)):
+            raise SystemExit(f"{args.landmarks}: landmarks must be 68x2 or 5x2, got {landmarks.shape}")
+        return landmarks
+    if not args.driving:
+        raise SystemExit("give --driving PHOTO or --landmarks FILE.npy for the target pose and expression")
+    driving_image = open_photo(args.driving)
+    driving = faces.analyze(driving_image)
+    if driving is None:
+        raise SystemExit(f"{args.driving}: no face found by dlib's detector")
+    retargeted = retarget_landmarks(driving.landmarks, [r.landmarks for r in references])
+    left, top, side = square_crop(driving_image.width, driving_image.height, driving.box)
+    landmarks = to_crop(retargeted, left, top, side, size)
+    return landmarks_68_to_5(landmarks) if points == 5 else landmarks
+
+
+def main(argv=None) -> Path:
+    from trainer.metrics import DlibFaces, dlib_unavailable_reason
+    from trainer.pipeline import HiFiPortraitPipeline
+
+    args = parse_args(argv)
+    reason = dlib_unavailable_reason()
+    if reason:
+        raise SystemExit(f"inference needs dlib for reference crops and landmarks: {reason}")
+    faces = DlibFaces()
+    try:
+        pipe = HiFiPortraitPipeline.from_checkpoint(args.checkpoint, device=args.device)
+    except FileNotFoundError as exn:
+        raise SystemExit(f"error: {exn}") from None
+    size = args.size or pipe.training_resolution
+    references = analyse_references(args.reference, faces)
+    if args.reference_embeddings:
+        embeddings = np.load(args.reference_embeddings, allow_pickle=False).astype(np.float32)
+    else:
+        embeddings = np.stack([r.embedding for r in references])
+    expected = pipe.face_refiner.config.id_dim
+    if embeddings.ndim != 2 or embeddings.shape[1] != expected or len(embeddings) != len(references):
+        raise SystemExit(
+            f"the checkpoint expects one {expected}-d identity embedding per reference, got {embeddings.shape}"
+            + ("" if args.reference_embeddings else " from dlib; pass --reference-embeddings FILE.npy from the shards' model")
+        )
+    landmarks = target_landmarks(args, faces, references, size, pipe.landmark_points)
+    condition = render_landmarks(landmarks, size)
+    if args.landmark_image:
+        Path(args.landmark_image).parent.mkdir(parents=True, exist_ok=True)
+        condition.save(args.landmark_image)
+    generator = torch.Generator("cpu").manual_seed(args.seed)
+    image = pipe(
+        prompt=args.prompt,
+        reference_faces=[r.chip for r in references],
+        reference_embeddings=embeddings,
+        landmark_image=condition,
+        height=size,
+        width=size,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        negative_prompt=args.negative_prompt,
+        generator=generator,
+    ).images[0]
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    image.save(output)
+    print(f"wrote {output} ({image.width}x{image.height})", file=sys.stderr)
+    return output
+
+
+if __name__ == "__main__":
+    main()
