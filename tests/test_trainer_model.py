@@ -14,7 +14,15 @@ from trainer.hifinet import FaceAttnProcessor, build_hifinet, check_conditioning
 from trainer.testing import synthetic_samples, write_shards
 from trainer.train import Trainer
 
-torch.set_num_threads(1)  # several agents share two cores; more threads only fight over them
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on shared cores: more threads only fight over them."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +168,30 @@ def test_loss_falls_when_overfitting_one_batch(trainer, batch):
         trainer.optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
     assert losses[-1] < 0.75 * losses[0], losses
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state; a different precision needs it reset, before and after."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_bf16_autocast_keeps_trained_weights_float32_and_frozen_ones_bf16(fresh_accelerator_state, tmp_path, shards, batch):
+    """The GPU's mixed-precision layout, run on CPU (train.cpu_mixed_precision). Runs after the
+    tests that share the float32 trainer."""
+    overrides = ["data.num_workers=0", "data.batch_size=2", "train.cpu_mixed_precision=true"]
+    t = Trainer(load_config("tiny", overrides), tmp_path, str(shards), threads=1)
+    t.setup()
+    assert t.accelerator.mixed_precision == "bf16"
+    loss = t.loss(batch)
+    t.accelerator.backward(loss)
+    t.optimizer.step()
+    assert torch.isfinite(loss)
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in t.net.parameters())
+    unet_own = [p for n, p in t.base.unet.named_parameters() if "_face" not in n]
+    assert all(p.dtype == torch.bfloat16 for p in unet_own)
+    assert t.base.text_encoder.dtype == t.base.image_encoder.dtype == torch.bfloat16

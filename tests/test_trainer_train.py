@@ -18,7 +18,15 @@ from trainer.testing import synthetic_samples, write_shards
 from trainer.train import main
 
 REPO = Path(__file__).resolve().parent.parent
-torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on shared cores: more threads only fight over them."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 RUN = [
     "--config", "tiny",
@@ -113,6 +121,10 @@ def test_pipeline_makes_an_image_of_the_requested_size_from_a_checkpoint(full_ru
         generator=torch.Generator().manual_seed(0),
     ).images[0]
     assert image.size == (32, 48)
+    half = HiFiPortraitPipeline.from_checkpoint(out, dtype=torch.bfloat16)  # frozen bf16, trained float32
+    half.set_progress_bar_config(disable=True)
+    image = half("a face", faces, embeddings, landmarks=template_landmarks() * 12, width=16, height=16, num_inference_steps=2).images[0]
+    assert image.size == (16, 16) and np.asarray(image).std() > 0
     with pytest.raises(ValueError, match="multiples of 16"):
         pipe("x", faces, embeddings, landmark_image=render_landmarks(template_landmarks() * 30, 40), width=40, height=40)
 

@@ -79,7 +79,8 @@ class TrainConfig(_Strict):
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     gradient_accumulation_steps: int = Field(1, ge=1)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"  # forced to "no" on CPU
+    mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"  # "no" on CPU unless cpu_mixed_precision
+    cpu_mixed_precision: bool = False  # run bf16 autocast on CPU too: checks the GPU dtype plumbing (slow)
     gradient_checkpointing: bool = True
     prompt_dropout: float = Field(0.05, ge=0.0, le=1.0)
     face_dropout: float = Field(0.05, ge=0.0, le=1.0)

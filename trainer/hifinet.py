@@ -169,14 +169,18 @@ class HiFiNet(nn.Module):
             added_cond_kwargs=added,
             return_dict=False,
         )
-        context = torch.cat([prompt_embeds, face_tokens.to(prompt_embeds.dtype)], dim=1) if self.uses_face_attention else prompt_embeds
+        # the frozen UNet takes its inputs in its own dtype (bf16/fp16 on GPU), as diffusers' ControlNet
+        # training does: a float32 residual added to its skip connections would reach its GroupNorms
+        # as float32 against bf16 weights
+        dtype = self.unet.dtype
+        context = torch.cat([prompt_embeds, face_tokens], dim=1) if self.uses_face_attention else prompt_embeds
         return self.unet(
-            noisy_latents,
+            noisy_latents.to(dtype),
             timesteps,
-            encoder_hidden_states=context,
-            added_cond_kwargs=added,
-            down_block_additional_residuals=[r.to(noisy_latents.dtype) for r in down_residuals],
-            mid_block_additional_residual=mid_residual.to(noisy_latents.dtype),
+            encoder_hidden_states=context.to(dtype),
+            added_cond_kwargs={"text_embeds": pooled_prompt_embeds.to(dtype), "time_ids": time_ids.to(dtype)},
+            down_block_additional_residuals=[r.to(dtype) for r in down_residuals],
+            mid_block_additional_residual=mid_residual.to(dtype),
             return_dict=False,
         )[0]
 
