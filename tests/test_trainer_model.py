@@ -56,28 +56,30 @@ def batch(trainer):
 
 
 def test_tensor_shapes_end_to_end(trainer, batch):
-    from trainer.conditioning import encode_prompts, encode_reference_crops
+    from trainer.conditioning import encode_prompts, encode_reference_crops, model_inputs
 
     base, net = trainer.base, trainer.net
+    inputs = model_inputs(batch, "cpu")
+    assert inputs["pixels"].min() >= -1 and inputs["pixels"].max() <= 1 and inputs["pixels"].std() > 0.1
     cross = base.unet.config.cross_attention_dim
     prompt, pooled = encode_prompts((base.tokenizer, base.tokenizer_2), (base.text_encoder, base.text_encoder_2), batch["captions"], "cpu")
     assert prompt.shape == (2, 77, cross) and pooled.shape == (2, base.text_encoder_2.config.projection_dim)
-    clip = encode_reference_crops(base.image_encoder, batch["reference_pixels"])
+    clip = encode_reference_crops(base.image_encoder, inputs["reference_pixels"])
     tokens_in_crop = (32 // 8) ** 2 + 1
     assert clip.shape == (2, 4, tokens_in_crop, base.image_encoder.config.hidden_size)
     tokens = net.face_tokens(clip, batch["reference_embeddings"])
     assert tokens.shape == (2, trainer.cfg.refiner.num_tokens, cross)
 
-    latents = base.vae.encode(batch["pixels"]).latent_dist.mean
+    latents = base.vae.encode(inputs["pixels"]).latent_dist.mean
     assert latents.shape == (2, 4, 16, 16)  # 64 px / VAE factor 4
     t = torch.tensor([10, 500])
     added = {"text_embeds": pooled, "time_ids": batch["time_ids"]}
-    down, mid = net.controlnet(latents, t, tokens, controlnet_cond=batch["landmark_image"], added_cond_kwargs=added, return_dict=False)
+    down, mid = net.controlnet(latents, t, tokens, controlnet_cond=inputs["landmark_image"], added_cond_kwargs=added, return_dict=False)
     channels = base.unet.config.block_out_channels
     expected = [(channels[0], 16)] + [(channels[0], 16), (channels[0], 8), (channels[1], 8), (channels[1], 4), (channels[2], 4)]
     assert [(r.shape[1], r.shape[2]) for r in down] == expected
     assert mid.shape == (2, channels[-1], 4, 4)
-    prediction = net(latents, t, prompt, pooled, batch["time_ids"], batch["landmark_image"], clip, batch["reference_embeddings"])
+    prediction = net(latents, t, prompt, pooled, batch["time_ids"], inputs["landmark_image"], clip, batch["reference_embeddings"])
     assert prediction.shape == latents.shape
 
 
@@ -106,9 +108,9 @@ def test_frozen_parts_get_no_gradients_and_trained_parts_do(trainer, batch):
 
 
 def test_refiner_ignores_the_order_of_references(trainer, batch):
-    from trainer.conditioning import encode_reference_crops
+    from trainer.conditioning import encode_reference_crops, normalise_clip
 
-    clip = encode_reference_crops(trainer.base.image_encoder, batch["reference_pixels"])
+    clip = encode_reference_crops(trainer.base.image_encoder, normalise_clip(batch["reference_pixels"]))
     ids = batch["reference_embeddings"]
     order = torch.tensor([2, 0, 3, 1])
     with torch.no_grad():

@@ -12,13 +12,33 @@ CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 
 
-def clip_pixels(face: Image.Image, size: int) -> np.ndarray:
-    """An aligned face crop as the CLIP vision encoder's input: RGB, size x size, normalised, CHW."""
+def face_pixels(face: Image.Image, size: int) -> np.ndarray:
+    """An aligned face crop resized for the CLIP vision encoder: uint8 RGB, CHW, size x size."""
     face = face.convert("RGB")
     if face.size != (size, size):
         face = face.resize((size, size), Image.BICUBIC)
-    array = np.asarray(face, dtype=np.float32) / 255.0
-    return ((array - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1).copy()
+    return np.asarray(face, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+def normalise_clip(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 crops [..., 3, S, S] -> CLIP's normalised float input (float input is taken as
+    normalised already)."""
+    if pixels.dtype != torch.uint8:
+        return pixels
+    mean = torch.as_tensor(CLIP_MEAN, device=pixels.device).view(3, 1, 1)
+    std = torch.as_tensor(CLIP_STD, device=pixels.device).view(3, 1, 1)
+    return (pixels.float() / 255.0 - mean) / std
+
+
+def model_inputs(batch: dict, device, dtype=torch.float32) -> dict:
+    """The loader ships images as uint8 (a quarter of float32's bytes between processes); this
+    makes the model's inputs on ``device``: target pixels in [-1, 1], the landmark image in [0, 1],
+    the references CLIP-normalised."""
+    return {
+        "pixels": (batch["pixels"].to(device).float() / 127.5 - 1.0).to(dtype),
+        "landmark_image": (batch["landmark_image"].to(device).float() / 255.0).to(dtype),
+        "reference_pixels": normalise_clip(batch["reference_pixels"].to(device)).to(dtype),
+    }
 
 
 @torch.no_grad()

@@ -25,7 +25,8 @@ Per process and loader worker, top to bottom:
 6. a seeded shuffle buffer (``webdataset.shuffle``), batches, then decoding: the target is cropped
    to a square around the face and resized to the training resolution, its landmarks are moved
    into that crop and rendered as the condition image; the caption is the prompt; the references'
-   face crops are resized and normalised for the CLIP vision encoder. An image that fails to
+   face crops are resized for the CLIP vision encoder. Images leave the workers as uint8
+   (``trainer.conditioning.model_inputs`` normalises them on the training device). An image that fails to
    decode drops its example (counted); its slot is filled with a copy of another example of the
    same batch, so batches keep their size.
 7. ``with_epoch``: each worker yields exactly ``ceil(batches_per_epoch / workers)`` batches.
@@ -56,7 +57,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from trainer.conditioning import clip_pixels, time_ids
+from trainer.conditioning import face_pixels, time_ids
 from trainer.landmarks import box_of, render_landmarks, square_crop, to_crop
 
 log = logging.getLogger("trainer.data")
@@ -313,13 +314,13 @@ def decode_example(spec: ExampleSpec, resolution: int, clip_size: int) -> dict:
     box = target.meta.get("box") or box_of(target.landmarks)
     left, top, side = square_crop(image.width, image.height, box)
     crop = image.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
-    pixels = np.asarray(crop, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
+    pixels = np.asarray(crop, dtype=np.uint8).transpose(2, 0, 1).copy()
     landmarks = to_crop(target.landmarks, left, top, side, resolution)
-    condition = np.asarray(render_landmarks(landmarks, resolution), dtype=np.float32).transpose(2, 0, 1) / 255.0
+    condition = np.asarray(render_landmarks(landmarks, resolution), dtype=np.uint8).transpose(2, 0, 1).copy()
     faces = []
     for ref in spec.references:
         face = decode_image(ref.face, f"sample {ref.key} in {ref.shard}: {ref.key}.face.jpg")
-        faces.append(clip_pixels(face, clip_size))
+        faces.append(face_pixels(face, clip_size))
     scale = resolution / side
     return {
         "pixels": pixels,

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from trainer.checkpoint import load_state, resolve_checkpoint
 from trainer.components import load_base, vae_scale_factor
-from trainer.conditioning import clip_pixels, encode_prompts, encode_reference_crops
+from trainer.conditioning import encode_prompts, encode_reference_crops, face_pixels, normalise_clip
 from trainer.hifinet import HiFiNet, install_face_attention, processor_key
 from trainer.landmarks import render_landmarks
 from trainer.refiner import FaceRefiner
@@ -116,10 +116,10 @@ class HiFiPortraitPipeline(DiffusionPipeline):
         if isinstance(references, torch.Tensor):
             pixels = references
         else:
-            pixels = torch.from_numpy(np.stack([clip_pixels(face, size) for face in references]))
+            pixels = torch.from_numpy(np.stack([face_pixels(face, size) for face in references]))
         if pixels.ndim != 4 or pixels.shape[1:] != (3, size, size):
             raise ValueError(f"reference faces must be k crops of 3x{size}x{size}, got {tuple(pixels.shape)}")
-        return pixels
+        return normalise_clip(pixels)
 
     def _condition_image(self, landmarks, landmark_image, height: int, width: int) -> torch.Tensor:
         if landmark_image is None:
@@ -131,6 +131,8 @@ class HiFiPortraitPipeline(DiffusionPipeline):
                 landmark_image = landmark_image.resize((width, height), Image.BILINEAR)
             array = np.asarray(landmark_image.convert("RGB"), dtype=np.float32) / 255.0
             landmark_image = torch.from_numpy(array.transpose(2, 0, 1).copy())
+        if landmark_image.dtype == torch.uint8:
+            landmark_image = landmark_image.float() / 255.0
         if landmark_image.ndim == 3:
             landmark_image = landmark_image[None]
         if tuple(landmark_image.shape[-2:]) != (height, width):
@@ -156,8 +158,8 @@ class HiFiPortraitPipeline(DiffusionPipeline):
         generator: torch.Generator | None = None,
         output_type: str = "pil",
     ) -> ImagePipelineOutput:
-        """One image. ``reference_faces``: aligned face crops (PIL images, or a normalised
-        [k, 3, S, S] tensor); ``reference_embeddings``: [k, D] identity embeddings from the model
+        """One image. ``reference_faces``: aligned face crops (PIL images, or a [k, 3, S, S]
+        tensor: uint8, or float already CLIP-normalised); ``reference_embeddings``: [k, D] identity embeddings from the model
         the training shards used; ``landmarks``: target points in output pixels (or a ready
         ``landmark_image``)."""
         default = self.unet.config.sample_size * self.vae_scale_factor

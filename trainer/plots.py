@@ -45,9 +45,8 @@ def _tile(image: Image.Image, size: int) -> Image.Image:
     return image.convert("RGB").resize((size, size), Image.BICUBIC)
 
 
-def _to_image(chw: np.ndarray, low: float, high: float) -> Image.Image:
-    array = (np.clip((np.asarray(chw).transpose(1, 2, 0) - low) / (high - low), 0, 1) * 255).astype(np.uint8)
-    return Image.fromarray(array)
+def _to_image(chw: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.asarray(chw, dtype=np.uint8).transpose(1, 2, 0))
 
 
 def sample_grid(examples: list[dict], generated: list[Image.Image], out: Path, tile: int = 128) -> Path:
@@ -61,7 +60,7 @@ def sample_grid(examples: list[dict], generated: list[Image.Image], out: Path, t
     draw = ImageDraw.Draw(grid)
     for row, (example, image) in enumerate(zip(examples, generated)):
         y = row * (tile + label_h)
-        tiles = [_to_image(example["pixels"], -1, 1), _to_image(example["landmark_image"], 0, 1)]
+        tiles = [_to_image(example["pixels"]), _to_image(example["landmark_image"])]
         tiles += [face for face in example["reference_faces"]]
         tiles += [Image.new("RGB", (tile, tile), (200, 200, 200))] * (refs - len(example["reference_faces"]))
         tiles.append(image)

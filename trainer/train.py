@@ -232,11 +232,12 @@ class Trainer:
     # ------------------------------------------------------------------ one step
 
     def loss(self, batch: dict) -> torch.Tensor:
-        from trainer.conditioning import encode_prompts, encode_reference_crops
+        from trainer.conditioning import encode_prompts, encode_reference_crops, model_inputs
 
         base, t, device = self.base, self.cfg.train, self.device
         g = self.generator
         size = batch["pixels"].shape[0]
+        inputs = model_inputs(batch, device)
         # all randomness first, in a fixed order, from this rank's generator
         choice = torch.rand(size, generator=g)
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (size,), generator=g)
@@ -245,7 +246,7 @@ class Trainer:
         drop_prompt = (choice < p) | ((choice >= p + f) & (choice < p + f + j))
         drop_face = (choice >= p) & (choice < p + f + j)
         with torch.no_grad():
-            posterior = base.vae.encode(batch["pixels"].to(device, self.vae_dtype)).latent_dist
+            posterior = base.vae.encode(inputs["pixels"].to(self.vae_dtype)).latent_dist
             eps = torch.randn(posterior.mean.shape, generator=g).to(device)
             latents = (posterior.mean.float() + posterior.std.float() * eps) * base.vae.config.scaling_factor
             noise = torch.randn(latents.shape, generator=g).to(device)
@@ -254,7 +255,7 @@ class Trainer:
                 (base.tokenizer, base.tokenizer_2), (base.text_encoder, base.text_encoder_2), captions, device
             )
             clip_hidden = encode_reference_crops(
-                base.image_encoder, batch["reference_pixels"].to(device, self.weight_dtype), self.cfg.refiner.clip_layer
+                base.image_encoder, inputs["reference_pixels"].to(self.weight_dtype), self.cfg.refiner.clip_layer
             )
         timesteps = timesteps.to(device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
@@ -264,7 +265,7 @@ class Trainer:
             prompt_embeds,
             pooled,
             batch["time_ids"].to(device, self.weight_dtype),
-            batch["landmark_image"].to(device, self.weight_dtype),
+            inputs["landmark_image"].to(self.weight_dtype),
             clip_hidden=clip_hidden,
             id_embeds=batch["reference_embeddings"].to(device),
             face_keep=(~drop_face).to(device),
