@@ -5,7 +5,9 @@ detect + landmarks + filter + embed twice, in one run:
 
 - plain: one process, a loop a researcher would write around the same dlib models (HOG
   detector on the same detection copy, 68-point landmarks, the 10% rule, 5-point alignment,
-  the 128-d ResNet, a 256 px crop as JPEG);
+  the 128-d ResNet, a 256 px crop as JPEG); it decodes once and checks only area and dominance,
+  so it does a little less work than the stages (which decode in detect and again in embed, and
+  measure sharpness);
 - ray: this project's stage classes (datakit.detect / filter / embed) as Ray Data
   ``map_batches`` steps, the model stages as actor pools of ``--workers`` actors with fractional
   ``num_cpus`` (whole-CPU pools can deadlock a 2-CPU machine), each actor loading its models once.
