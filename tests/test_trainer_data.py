@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import io
 import json
-import pickle
-import tarfile
-import warnings
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
 
 from trainer.data import (
     IdentityStream,

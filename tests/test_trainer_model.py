@@ -132,6 +132,28 @@ def test_without_face_attention_the_unet_keeps_its_processors(trainer):
     assert not net.uses_face_attention
 
 
+def test_condition_dropout_partitions_the_draws():
+    from trainer.train import condition_dropout
+
+    u = torch.tensor([0.0, 0.09, 0.1, 0.19, 0.2, 0.29, 0.3, 0.99])
+    prompt, face = condition_dropout(u, 0.1, 0.1, 0.1)
+    assert prompt.tolist() == [True, True, False, False, True, True, False, False]
+    assert face.tolist() == [False, False, True, True, True, True, False, False]
+    none_dropped = condition_dropout(torch.rand(1000), 0.0, 0.0, 0.0)
+    assert not none_dropped[0].any() and not none_dropped[1].any()
+
+
+def test_dropped_prompts_are_zero_embeddings_and_dropped_faces_zero_tokens(trainer, batch):
+    from trainer.conditioning import encode_prompts, encode_reference_crops, normalise_clip
+
+    base = trainer.base
+    prompt, pooled = encode_prompts((base.tokenizer, base.tokenizer_2), (base.text_encoder, base.text_encoder_2), ["", "a face"], "cpu")
+    assert prompt[0].abs().sum() == 0 and pooled[0].abs().sum() == 0 and prompt[1].abs().sum() > 0
+    clip = encode_reference_crops(base.image_encoder, normalise_clip(batch["reference_pixels"]))
+    tokens = trainer.net.face_tokens(clip, batch["reference_embeddings"], face_keep=torch.tensor([False, True]))
+    assert tokens[0].abs().sum() == 0 and tokens[1].abs().sum() > 0
+
+
 def test_conditioning_channels_must_match_the_vae():
     check_conditioning_channels([16, 32, 96, 256], 8)
     with pytest.raises(ValueError, match="VAE downsamples by 4"):

@@ -91,6 +91,8 @@ def test_resume_latest_repeats_the_uninterrupted_loss_sequence(full_run, shards,
     main([*RUN, "--shards", str(shards), "--output", str(tmp_path), "--stop-after", "3"])
     assert [s for s, _, _ in losses(tmp_path)] == [1, 2, 3]
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-0000003"
+    with open(tmp_path / "metrics.jsonl", "a") as log:  # a step logged after the last checkpoint, then a crash
+        log.write(json.dumps({"step": 4, "loss": 99.0, "lr": 0.0}) + "\n")
     main([*RUN, "--shards", str(shards), "--output", str(tmp_path), "--resume", "latest"])
     assert losses(tmp_path) == losses(out)  # bit for bit: same loss and LR at every step
     from safetensors.torch import load_file
@@ -158,7 +160,7 @@ def _free_port() -> int:
 
 def test_two_processes_read_disjoint_shards_and_take_the_same_steps(shards, tmp_path):
     """Data parallelism on CPU: ``accelerate launch --multi_gpu`` starts two gloo ranks (the
-    trainer asks accelerate for CPU when there is no GPU)."""
+    trainer asks accelerate for CPU when there is no GPU), with gradient accumulation."""
     out = tmp_path / "ddp"
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
@@ -166,6 +168,7 @@ def test_two_processes_read_disjoint_shards_and_take_the_same_steps(shards, tmp_
         "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()),
         "-m", "trainer.train", "--config", "tiny", "--shards", str(shards), "--output", str(out), "--threads", "1",
         "--max-steps", "3", "--set", "data.num_workers=1", "--set", "data.batches_per_epoch=4",
+        "--set", "train.gradient_accumulation_steps=2",
         "--set", "train.val_identities=0", "--set", "data.holdout_fraction=0",
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO,
@@ -174,7 +177,7 @@ def test_two_processes_read_disjoint_shards_and_take_the_same_steps(shards, tmp_
     ranks = [json.loads((out / "ranks" / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["steps"] == ranks[1]["steps"] == 3 and all(r["finished"] for r in ranks)
-    assert ranks[0]["batches_seen"] == ranks[1]["batches_seen"]
+    assert ranks[0]["batches_seen"] == ranks[1]["batches_seen"] == 6  # 2 micro-batches per optimizer step
     read = [set(r["shards_read"]) for r in ranks]
     assert read[0] and read[1] and not read[0] & read[1]
     state = json.loads((out / "checkpoints" / "step-0000003" / "trainer_state.json").read_text())

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainer.landmarks import landmarks_68_to_5, render_landmarks, retarget_landmarks, square_crop, to_crop
+from trainer.landmarks import render_landmarks
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--negative-prompt", default="")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                        help="frozen base's dtype (default bf16 on GPU, fp32 on CPU); trained parts stay fp32")
     return parser.parse_args(argv)
 
 
@@ -56,37 +58,9 @@ def open_photo(path: str) -> Image.Image:
     return image
 
 
-def analyse_references(paths: list[str], faces) -> list:
-    results = []
-    for path in paths:
-        result = faces.analyze(open_photo(path))
-        if result is None:
-            raise SystemExit(f"{path}: no face found by dlib's detector")
-        results.append(result)
-    return results
-
-
-def target_landmarks(args, faces, references, size: int, points: int) -> np.ndarray:
-    if args.landmarks:
-        landmarks = np.load(args.landmarks, allow_pickle=False).astype(np.float32)
-        if landmarks.shape not in ((68, 2), (5, 2)):
-            raise SystemExit(f"{args.landmarks}: landmarks must be 68x2 or 5x2, got {landmarks.shape}")
-        return landmarks
-    if not args.driving:
-        raise SystemExit("give --driving PHOTO or --landmarks FILE.npy for the target pose and expression")
-    driving_image = open_photo(args.driving)
-    driving = faces.analyze(driving_image)
-    if driving is None:
-        raise SystemExit(f"{args.driving}: no face found by dlib's detector")
-    retargeted = retarget_landmarks(driving.landmarks, [r.landmarks for r in references])
-    left, top, side = square_crop(driving_image.width, driving_image.height, driving.box)
-    landmarks = to_crop(retargeted, left, top, side, size)
-    return landmarks_68_to_5(landmarks) if points == 5 else landmarks
-
-
 def main(argv=None) -> Path:
     from trainer.metrics import DlibFaces, dlib_unavailable_reason
-    from trainer.pipeline import HiFiPortraitPipeline
+    from trainer.pipeline import HiFiPortraitPipeline, analyse_photos, driving_landmarks
 
     args = parse_args(argv)
     reason = dlib_unavailable_reason()
@@ -94,11 +68,16 @@ def main(argv=None) -> Path:
         raise SystemExit(f"inference needs dlib for reference crops and landmarks: {reason}")
     faces = DlibFaces()
     try:
-        pipe = HiFiPortraitPipeline.from_checkpoint(args.checkpoint, device=args.device)
+        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+        dtype = dtypes[args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
+        pipe = HiFiPortraitPipeline.from_checkpoint(args.checkpoint, device=args.device, dtype=dtype)
     except FileNotFoundError as exn:
         raise SystemExit(f"error: {exn}") from None
     size = args.size or pipe.training_resolution
-    references = analyse_references(args.reference, faces)
+    try:
+        references = analyse_photos([open_photo(p) for p in args.reference], faces, names=args.reference)
+    except ValueError as exn:
+        raise SystemExit(str(exn)) from None
     if args.reference_embeddings:
         embeddings = np.load(args.reference_embeddings, allow_pickle=False).astype(np.float32)
     else:
@@ -109,7 +88,17 @@ def main(argv=None) -> Path:
             f"the checkpoint expects one {expected}-d identity embedding per reference, got {embeddings.shape}"
             + ("" if args.reference_embeddings else " from dlib; pass --reference-embeddings FILE.npy from the shards' model")
         )
-    landmarks = target_landmarks(args, faces, references, size, pipe.landmark_points)
+    if args.landmarks:
+        landmarks = np.load(args.landmarks, allow_pickle=False).astype(np.float32)
+        if landmarks.shape not in ((68, 2), (5, 2)):
+            raise SystemExit(f"{args.landmarks}: landmarks must be 68x2 or 5x2, got {landmarks.shape}")
+    elif args.driving:
+        try:
+            landmarks = driving_landmarks(open_photo(args.driving), references, size, pipe.landmark_points, faces)
+        except ValueError as exn:
+            raise SystemExit(f"{args.driving}: {exn}") from None
+    else:
+        raise SystemExit("give --driving PHOTO or --landmarks FILE.npy for the target pose and expression")
     condition = render_landmarks(landmarks, size)
     if args.landmark_image:
         Path(args.landmark_image).parent.mkdir(parents=True, exist_ok=True)

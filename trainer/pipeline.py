@@ -7,7 +7,11 @@ the prompt and, through the decoupled face attention, the tokens too. Classifier
 contrasts that with the empty prompt and zero face tokens, the pair the training dropout taught.
 
 ``HiFiPortraitPipeline.from_checkpoint(folder)`` loads the base from where the trainer recorded it
-and the trained parts from the checkpoint.
+and the trained parts from the checkpoint. From photos::
+
+    refs = analyse_photos(reference_photos)                       # dlib crops, landmarks, embeddings
+    target = driving_landmarks(driving_photo, refs, size=1024)     # pose/expression of the driving photo
+    image = pipe(prompt, [r.chip for r in refs], [r.embedding for r in refs], landmarks=target).images[0]
 """
 
 from __future__ import annotations
@@ -30,6 +34,33 @@ from trainer.conditioning import encode_prompts, encode_reference_crops, face_pi
 from trainer.hifinet import HiFiNet, install_face_attention, processor_key
 from trainer.landmarks import render_landmarks
 from trainer.refiner import FaceRefiner
+
+
+def analyse_photos(photos: list[Image.Image], faces=None, names: list[str] | None = None) -> list:
+    """dlib's largest face of each photo: aligned crop (``.chip``), 68 landmarks, 128-d embedding."""
+    from trainer.metrics import DlibFaces
+
+    faces = faces or DlibFaces()
+    results = []
+    for index, photo in enumerate(photos):
+        result = faces.analyze(photo)
+        if result is None:
+            raise ValueError(f"{names[index] if names else f'photo {index}'}: no face found by dlib's detector")
+        results.append(result)
+    return results
+
+
+def driving_landmarks(driving: Image.Image, references: list, size: int, points: int = 68, faces=None) -> np.ndarray:
+    """Target landmarks in a size x size output: the driving photo's face retargeted to the
+    references' face shape (2D stand-in for the paper's 3D landmark generator), framed like the
+    training crops (the largest square around the face)."""
+    from trainer.landmarks import landmarks_68_to_5, retarget_landmarks, square_crop, to_crop
+
+    (face,) = analyse_photos([driving], faces, names=["driving photo"])
+    retargeted = retarget_landmarks(face.landmarks, [r.landmarks for r in references])
+    left, top, side = square_crop(driving.width, driving.height, face.box)
+    landmarks = to_crop(retargeted, left, top, side, size)
+    return landmarks_68_to_5(landmarks) if points == 5 else landmarks
 
 
 def base_folders(state: dict, checkpoint: Path) -> tuple[Path, Path]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import random
 from pathlib import Path
 
 import numpy as np
@@ -157,8 +156,3 @@ def write_shards(folder: Path, samples_by_identity: dict, identities_per_shard: 
         paths.append(path)
     return paths
 
-
-def shuffled(items: list, seed: int) -> list:
-    items = list(items)
-    random.Random(seed).shuffle(items)
-    return items

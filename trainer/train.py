@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -82,6 +81,14 @@ def resolve_config(args: argparse.Namespace) -> Config:
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={args.max_steps}")
     return load_config(args.config, overrides)
+
+
+def condition_dropout(u: torch.Tensor, prompt: float, face: float, joint: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Classifier-free guidance dropout from uniform draws ``u`` (IP-Adapter's scheme): [0, p)
+    drops the prompt, [p, p+f) the face condition, [p+f, p+f+j) both, the rest neither."""
+    drop_prompt = (u < prompt) | ((u >= prompt + face) & (u < prompt + face + joint))
+    drop_face = (u >= prompt) & (u < prompt + face + joint)
+    return drop_prompt, drop_face
 
 
 def flat_config(tree: dict, prefix: str = "") -> dict:
@@ -241,10 +248,7 @@ class Trainer:
         # all randomness first, in a fixed order, from this rank's generator
         choice = torch.rand(size, generator=g)
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (size,), generator=g)
-        # [0, p) prompt only, [p, p+f) face only, [p+f, p+f+j) both, the rest neither
-        p, f, j = t.prompt_dropout, t.face_dropout, t.joint_dropout
-        drop_prompt = (choice < p) | ((choice >= p + f) & (choice < p + f + j))
-        drop_face = (choice >= p) & (choice < p + f + j)
+        drop_prompt, drop_face = condition_dropout(choice, t.prompt_dropout, t.face_dropout, t.joint_dropout)
         with torch.no_grad():
             posterior = base.vae.encode(inputs["pixels"].to(self.vae_dtype)).latent_dist
             eps = torch.randn(posterior.mean.shape, generator=g).to(device)
@@ -427,6 +431,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ logging
 
+    def _trim_metrics(self) -> None:
+        """Keep the logged rows up to the step this run starts from: a fresh run starts an empty
+        log, a resumed one drops what an interrupted run logged after its last checkpoint."""
+        path = self.output / "metrics.jsonl"
+        if not path.is_file():
+            return
+        if self.step == 0 and any(ckpt.checkpoint_root(self.output).glob("step-*")):
+            log.warning("%s holds an earlier run; starting again from step 0 (--resume latest continues it)", self.output)
+        rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= self.step]
+        path.write_text("".join(line + "\n" for line in rows))
+
     def _append_metrics(self, row: dict) -> None:
         with open(self.output / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(row) + "\n")
@@ -468,6 +483,7 @@ class Trainer:
 
         acc, t = self.accelerator, self.cfg.train
         if acc.is_main_process:
+            self._trim_metrics()
             acc.init_trackers("hifi-portrait", config=flat_config(self.cfg.model_dump()))
             (self.output / "trainer_config.json").write_text(json.dumps(self.cfg.model_dump(), indent=1) + "\n")
         loader = make_loader(self.stream, pin_memory=torch.cuda.is_available(), seed=t.seed)
