@@ -487,58 +487,26 @@ class Trainer:
             acc.init_trackers("hifi-portrait", config=flat_config(self.cfg.model_dump()))
             (self.output / "trainer_config.json").write_text(json.dumps(self.cfg.model_dump(), indent=1) + "\n")
         loader = make_loader(self.stream, pin_memory=torch.cuda.is_available(), seed=t.seed)
-        bar = tqdm(total=t.max_steps, initial=self.step, disable=not acc.is_main_process, desc="train", unit="step")
-        window, micro_losses, last_saved = [], [], None
-        tick = time.time()
+        self.bar = tqdm(total=t.max_steps, initial=self.step, disable=not acc.is_main_process, desc="train", unit="step")
+        self.window, self.tick, self.last_saved = [], time.time(), None
+        micro_losses = []
         self.model.train()
-        while self.step < t.max_steps:
+        while self.step < t.max_steps and not self._stopping(stop_after):
             epoch, done = divmod(self.batches_seen, self.stream.epoch_length)
             self.stream.set_position(epoch, done)
             for batch in in_order(loader, done):
-                self.batches_seen += 1
-                self._note_batch(batch)
-                with acc.accumulate(self.model):
-                    loss = self.loss(batch)
-                    acc.backward(loss)
-                    if acc.sync_gradients and t.max_grad_norm > 0:
-                        acc.clip_grad_norm_(self.model.parameters(), t.max_grad_norm)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                micro_losses.append(loss.detach())
+                micro_losses.append(self._micro_step(batch))
                 if not acc.sync_gradients:
-                    continue
+                    continue  # accumulating: no optimizer step yet
                 self.lr_scheduler.step()
                 self.step += 1
-                step_loss = acc.reduce(torch.stack(micro_losses).mean(), reduction="mean").item()
+                self._log_step(acc.reduce(torch.stack(micro_losses).mean(), reduction="mean").item(), epoch)
                 micro_losses = []
-                window.append(step_loss)
-                lr = self.lr_scheduler.get_last_lr()[0]
-                if acc.is_main_process:
-                    self._append_metrics({"step": self.step, "loss": step_loss, "lr": lr, "epoch": epoch})
-                    acc.log({"train/loss": step_loss, "train/lr": lr}, step=self.step)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{step_loss:.4f}")
-                if self.step % t.log_every == 0 and acc.is_main_process:
-                    seconds = (time.time() - tick) / len(window)
-                    log.info(
-                        "step %d/%d loss %.4f lr %.2e %.2fs/step data %s",
-                        self.step, t.max_steps, sum(window) / len(window), lr, seconds, self.data_counts or "clean",
-                    )
-                    window, tick = [], time.time()
-                stopping = stop_after is not None and self.step >= stop_after
-                if self.step % t.checkpoint_every == 0 or self.step == t.max_steps or stopping:
-                    self.save()
-                    last_saved = self.step
-                if self.step % t.validate_every == 0 and self.step < t.max_steps and not stopping:
-                    if acc.is_main_process:
-                        self.validate()
-                    acc.wait_for_everyone()
-                if self.step >= t.max_steps or stopping:
+                self._checkpoint_and_validate(stop_after)
+                if self.step >= t.max_steps or self._stopping(stop_after):
                     break
-            if stop_after is not None and self.step >= stop_after:
-                break
-        bar.close()
-        if last_saved != self.step:
+        self.bar.close()
+        if self.last_saved != self.step:
             self.save()
         finished = self.step >= t.max_steps
         self._write_rank_file(finished)
@@ -548,6 +516,51 @@ class Trainer:
         acc.wait_for_everyone()
         acc.end_training()
         return summary
+
+    def _stopping(self, stop_after: int | None) -> bool:
+        return stop_after is not None and self.step >= stop_after
+
+    def _micro_step(self, batch: dict) -> torch.Tensor:
+        """Forward and backward of one loader batch; the optimizer steps when accumulation syncs."""
+        acc, t = self.accelerator, self.cfg.train
+        self.batches_seen += 1
+        self._note_batch(batch)
+        with acc.accumulate(self.model):
+            loss = self.loss(batch)
+            acc.backward(loss)
+            if acc.sync_gradients and t.max_grad_norm > 0:
+                acc.clip_grad_norm_(self.model.parameters(), t.max_grad_norm)
+            self.optimizer.step()  # a no-op while accumulating (accelerate's optimizer wrapper)
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def _log_step(self, loss: float, epoch: int) -> None:
+        acc, t = self.accelerator, self.cfg.train
+        lr = self.lr_scheduler.get_last_lr()[0]
+        self.window.append(loss)
+        if not acc.is_main_process:
+            return
+        self._append_metrics({"step": self.step, "loss": loss, "lr": lr, "epoch": epoch})
+        acc.log({"train/loss": loss, "train/lr": lr}, step=self.step)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}")
+        if self.step % t.log_every == 0:
+            seconds = (time.time() - self.tick) / len(self.window)
+            log.info(
+                "step %d/%d loss %.4f lr %.2e %.2fs/step data %s",
+                self.step, t.max_steps, sum(self.window) / len(self.window), lr, seconds, self.data_counts or "clean",
+            )
+            self.window, self.tick = [], time.time()
+
+    def _checkpoint_and_validate(self, stop_after: int | None) -> None:
+        t, stopping = self.cfg.train, self._stopping(stop_after)
+        if self.step % t.checkpoint_every == 0 or self.step == t.max_steps or stopping:
+            self.save()
+            self.last_saved = self.step
+        if self.step % t.validate_every == 0 and self.step < t.max_steps and not stopping:
+            if self.accelerator.is_main_process:
+                self.validate()
+            self.accelerator.wait_for_everyone()
 
     def _final_outputs(self) -> dict:
         metrics, images = self.validate()
