@@ -249,14 +249,9 @@ def test_plan_packs_identities_in_order_within_bounds():
 
 
 @pytest.mark.slow
-def test_ray_tasks_write_the_same_bytes(tmp_path):
-    ray = pytest.importorskip("ray")
-    build(tmp_path / "seq", max_samples=20, min_shards=3)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        build(tmp_path / "ray", max_samples=20, min_shards=3, parallel=True)
-    finally:
-        ray.shutdown()
+def test_ray_tasks_write_the_same_bytes(tmp_path, ray_local):
+    build(tmp_path / "seq", max_samples=20, min_shards=3, parallel=False)
+    build(tmp_path / "ray", max_samples=20, min_shards=3, parallel=True)
     a = pq.read_table(tmp_path / "seq" / "shards.parquet")
     b = pq.read_table(tmp_path / "ray" / "shards.parquet")
     assert a.equals(b)
