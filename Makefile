@@ -4,13 +4,13 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: chromium install demo test bench bench-download bench-faces bench-cluster bench-stats train clean help
+.PHONY: chromium install demo test bench bench-download bench-faces bench-cluster bench-stats bench-trainer train clean help
 
 help:
 	@echo "make demo    build the demo corpus from the photos in data/demo (offline)"
 	@echo "make test    run the test suite"
 	@echo "make bench   run every benchmark (bench-download, bench-faces, bench-cluster)"
-	@echo "make train   train the tiny config on the demo shards (CPU)"
+	@echo "make train   train the tiny config on the demo shards (CPU; after make demo)"
 
 install: $(STAMP)
 
@@ -33,7 +33,7 @@ chromium:
 test: $(STAMP) chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: bench-download bench-faces bench-cluster bench-stats
+bench: bench-download bench-faces bench-cluster bench-stats bench-trainer
 
 bench-download: $(STAMP)
 	$(PY) benchmarks/bench_download.py
@@ -47,5 +47,24 @@ bench-cluster: $(STAMP)
 bench-stats: $(STAMP)
 	$(PY) benchmarks/bench_stats.py
 
+bench-trainer: $(STAMP)
+	$(PY) benchmarks/bench_trainer.py
+
+# make train                      the tiny config on the demo shards, on CPU (run make demo first)
+# make train CONFIG=sdxl MODEL=DIR [GPUS=8]   the real run through accelerate launch
+CONFIG ?= tiny
+MODEL  ?=
+GPUS   ?= 1
+SHARDS ?= manifests/demo/shards
+TRAIN_ARGS ?=
+
+train: $(STAMP)
+	@test -d "$(SHARDS)" || { echo "no shards at $(SHARDS): run 'make demo' first (or set SHARDS=...)"; exit 2; }
+ifeq ($(CONFIG),tiny)
+	$(PY) -m trainer.train --config tiny --shards $(SHARDS) --output runs/tiny $(TRAIN_ARGS)
+else
+	$(VENV)/bin/accelerate launch --num_processes $(GPUS) $(if $(filter 1,$(GPUS)),,--multi_gpu) --num_machines 1 --mixed_precision bf16 --dynamo_backend no -m trainer.train --config $(CONFIG) --model "$(MODEL)" --shards $(SHARDS) --output runs/$(CONFIG) $(TRAIN_ARGS)
+endif
+
 clean:
-	rm -rf manifests/demo .pytest_cache
+	rm -rf manifests/demo runs/tiny .pytest_cache
