@@ -41,7 +41,20 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _injected_write_failure(path: Path) -> None:
+    # Fault rehearsal hook (datakit.rehearsal): while the file named by DATAKIT_FAIL_WRITE_FLAG
+    # exists, the next table write removes it and fails, as a full or flaky disk would.
+    flag = os.environ.get("DATAKIT_FAIL_WRITE_FLAG")
+    if flag:
+        try:
+            os.remove(flag)
+        except FileNotFoundError:
+            return
+        raise OSError(f"{path}: write failed (injected by DATAKIT_FAIL_WRITE_FLAG)")
+
+
 def atomic_write_table(path: Path, table: pa.Table) -> None:
+    _injected_write_failure(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}-{path.name}"
     # Fixed writer settings so the same table gives the same bytes.
