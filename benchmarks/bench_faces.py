@@ -8,9 +8,11 @@ detect + landmarks + filter + embed twice, in one run:
   the 128-d ResNet, a 256 px crop as JPEG); it decodes once and checks only area and dominance,
   so it does a little less work than the stages (which decode in detect and again in embed, and
   measure sharpness);
-- ray: this project's stage classes (datakit.detect / filter / embed) as Ray Data
-  ``map_batches`` steps, the model stages as actor pools of ``--workers`` actors with fractional
-  ``num_cpus`` (whole-CPU pools can deadlock a 2-CPU machine), each actor loading its models once.
+- ray: this project's stage classes (datakit.detect / filter / embed) in Ray Data
+  ``map_batches`` actor pools with fractional ``num_cpus`` (whole-CPU pools can deadlock a 2-CPU
+  machine), each actor loading its models once. ``--mode fused`` (default): one pool of
+  ``--workers`` actors, each running the three stages on its batches; ``--mode stages``: a pool
+  per stage, as datakit's runner lays them out (five worker processes to start instead of two).
 
 Prints images/s of each, the ratio (goal: >= 1.8x on 2 cores), and each step's share of the
 time. ``ray.init`` is timed apart; actor start-up and model loading count in the Ray time.
@@ -118,37 +120,47 @@ def plain_loop(items: list[bytes]) -> dict:
 # ---------------------------------------------------------------- the pipeline on Ray
 
 
-class StageActor:
-    """One worker of a stage: builds the stage once, runs it on batches, reports its time."""
+class StagesActor:
+    """One Ray worker: builds the named stages once (models loaded once), then runs each batch
+    through them in order and reports the time each step took."""
 
-    def __init__(self, name: str):
+    def __init__(self, names: list[str]):
         from datakit import registry
 
-        cls = registry.stage_class(name)
-        self.stage = cls(cls.Settings(), {"faces": None})
-        self.stage.setup()
+        self.stages = []
+        for name in names:
+            cls = registry.stage_class(name)
+            stage = cls(cls.Settings(), {"faces": None})
+            stage.setup()
+            self.stages.append(stage)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from datakit.store import overlay
 
-        backend = getattr(self.stage, "backend", None)
-        before = dict(getattr(backend, "timings", {}))
-        t0, cpu0 = time.perf_counter(), time.process_time()
-        out = overlay(batch, self.stage.process(batch))
-        spent, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-        after = dict(getattr(backend, "timings", {}))
-        steps = {k: after[k] - before.get(k, 0.0) for k in after}
-        # the stage's time not spent in the backend's timed steps: decoding, bookkeeping
-        steps[f"{self.stage.name} (rest)"] = spent - sum(steps.values())
-        if not after:
-            steps = {self.stage.name: spent}
-        steps[CPU] = cpu
-        column = f"_seconds_{self.stage.name}"
-        per_row = [json.dumps(steps)] + [None] * (out.num_rows - 1)
-        return out.append_column(column, pa.array(per_row, pa.string()))
+        steps: dict[str, float] = defaultdict(float)
+        cpu0 = time.process_time()
+        for stage in self.stages:
+            backend = getattr(stage, "backend", None)
+            before = dict(getattr(backend, "timings", {}))
+            t0 = time.perf_counter()
+            batch = overlay(batch, stage.process(batch))
+            spent = time.perf_counter() - t0
+            after = dict(getattr(backend, "timings", {}))
+            for k in after:
+                steps[k] += after[k] - before.get(k, 0.0)
+            # time outside the backend's timed steps: decoding, sharpness, bookkeeping
+            steps[f"{stage.name} (rest)" if after else stage.name] += spent - sum(
+                after[k] - before.get(k, 0.0) for k in after
+            )
+        steps[CPU] = time.process_time() - cpu0
+        column = "_seconds_" + "_".join(s.name for s in self.stages)
+        cells = [json.dumps(steps)] + [None] * (batch.num_rows - 1)
+        return batch.append_column(column, pa.array(cells, pa.string()))
 
 
-def ray_pipeline(items: list[bytes], workers: int, batch_size: int) -> dict:
+def ray_pipeline(items: list[bytes], workers: int, batch_size: int, mode: str) -> dict:
+    """``fused``: one pool of ``workers`` actors, each running detect, filter and embed;
+    ``stages``: one pool per stage, as datakit's runner lays them out."""
     import ray
 
     table = pa.table({
@@ -160,15 +172,22 @@ def ray_pipeline(items: list[bytes], workers: int, batch_size: int) -> dict:
         "image_bytes": items,
     })  # fmt: skip
     t_start = time.perf_counter()
-    blocks = [table.slice(i, 64) for i in range(0, table.num_rows, 64)]
-    ds = ray.data.from_arrow(blocks)
-    for name, uses_model in (("detect", True), ("filter", False), ("embed", True)):
-        kwargs = dict(batch_size=batch_size, batch_format="pyarrow", fn_constructor_kwargs={"name": name})
-        if uses_model:
-            kwargs.update(compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1.0 / workers)
-        else:
-            kwargs.update(compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.1)
-        ds = ds.map_batches(type(name, (StageActor,), {}), **kwargs)
+    ds = ray.data.from_arrow([table.slice(i, 64) for i in range(0, table.num_rows, 64)])
+    if mode == "fused":
+        pools = [(["detect", "filter", "embed"], workers, 0.9 / workers)]
+    else:
+        # Every actor of the three pools must fit in the 2 CPUs at once (2 x 0.45 + 0.05 +
+        # 2 x 0.45), or the embed pool gets its second actor only when the detect pool is done.
+        pools = [(["detect"], workers, 0.9 / workers), (["filter"], 1, 0.05), (["embed"], workers, 0.9 / workers)]
+    for names, size, cpus in pools:
+        ds = ds.map_batches(
+            type("_".join(names), (StagesActor,), {}),
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            fn_constructor_kwargs={"names": names},
+            compute=ray.data.ActorPoolStrategy(size=size),
+            num_cpus=cpus,
+        )
     seconds = defaultdict(float)
     rows = kept = 0
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -195,9 +214,9 @@ def shares(seconds: dict) -> str:
 def report(name: str, run: dict, items: int) -> float:
     ips = items / run["wall"]
     cores = run["seconds"].get(CPU, 0.0) / run["wall"]
-    print(f"{name:6s}: {run['wall']:.1f}s, {ips:.2f} images/s, {run['kept']} kept; "
+    print(f"{name:13s}: {run['wall']:.1f}s, {ips:.2f} images/s, {run['kept']} kept; "
           f"CPU time / wall = {cores:.2f} cores")  # fmt: skip
-    print(f"        time by step: {shares(run['seconds'])}")
+    print(f"{'':15s}time by step: {shares(run['seconds'])}")
     return ips
 
 
@@ -206,6 +225,8 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=2000)
     parser.add_argument("--workers", type=int, default=2, help="actors per model stage")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--mode", choices=("fused", "stages"), default="fused",
+                        help="fused: one actor pool runs the three stages; stages: a pool per stage")
     parser.add_argument("--skip-plain", action="store_true")
     args = parser.parse_args()
     items = load_items(args.items)
@@ -220,14 +241,14 @@ def main() -> None:
     ctx.print_on_execution_start = False
     print(f"ray.init: {time.perf_counter() - t0:.1f}s (not counted below)")
 
-    ray_run = ray_pipeline(items, args.workers, args.batch_size)
+    ray_run = ray_pipeline(items, args.workers, args.batch_size, args.mode)
     ray.shutdown()
-    ray_ips = report("ray", ray_run, len(items))
+    ray_ips = report(f"ray ({args.mode})", ray_run, len(items))
     if args.skip_plain:
         return
     plain_ips = report("plain", plain_loop(items), len(items))
-    print(f"ratio : {ray_ips / plain_ips:.2f}x the plain loop (goal >= 1.8x on 2 cores)")
-    print("        (CPU/wall well under 2 for ray, or under 1 for plain, means other work shared the cores)")
+    print(f"{'ratio':13s}: {ray_ips / plain_ips:.2f}x the plain loop (goal >= 1.8x on 2 cores)")
+    print(f"{'':15s}(CPU/wall well under 2 for ray, or under 1 for plain: other work shared the cores)")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from __future__ import annotations
 import importlib.util
 import time
 from collections import defaultdict
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -120,15 +121,30 @@ class DlibBackend(FaceBackend):
             "dlib {} box scaled to RetinaFace's: width x{}, height x{}, centre moved by {} of the "
             "height".format(self.detector_kind, *RETINAFACE_MAPPING[self.detector_kind])
         )
-        if self.detector_kind == "cnn":
-            self.cnn = dlib.cnn_face_detection_model_v1(str(self.files["cnn"]))
-        else:
-            self.hog = dlib.get_frontal_face_detector()
-        self.sp68 = dlib.shape_predictor(str(self.files["landmarks68"]))
-        self.sp5 = dlib.shape_predictor(str(self.files["landmarks5"]))
-        self.recognizer = dlib.face_recognition_model_v1(str(self.files["recognition"]))
         self.min_score = 0.0 if settings.min_score is None else float(settings.min_score)
         self.timings: dict[str, float] = defaultdict(float)  # seconds per step, for benchmarks
+
+    # Models load on first use: a detect worker never needs the ResNet, an embed worker never
+    # the detector or the 100 MB 68-point model, and each worker starts sooner for it.
+    @cached_property
+    def cnn(self):
+        return self.dlib.cnn_face_detection_model_v1(str(self.files["cnn"]))
+
+    @cached_property
+    def hog(self):
+        return self.dlib.get_frontal_face_detector()
+
+    @cached_property
+    def sp68(self):
+        return self.dlib.shape_predictor(str(self.files["landmarks68"]))
+
+    @cached_property
+    def sp5(self):
+        return self.dlib.shape_predictor(str(self.files["landmarks5"]))
+
+    @cached_property
+    def recognizer(self):
+        return self.dlib.face_recognition_model_v1(str(self.files["recognition"]))
 
     # detection -------------------------------------------------------------------------
     def _run_detector(self, img: np.ndarray) -> geometry.Detections:
