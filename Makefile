@@ -28,7 +28,7 @@ demo: $(STAMP)
 
 # The report tests render the page in Debian's headless chromium; installed here when missing.
 chromium:
-	sh scripts/ensure_chromium.sh
+	bash scripts/ensure_chromium.sh
 
 test: $(STAMP) chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
