@@ -219,7 +219,23 @@ def run_one_partition(stage: Stage, work: WorkDir, part: int, upstream: list[str
         log.warning("stage %s part %d failed as a whole (%s); retrying item by item", stage.name, part, error)
         update = process_item_by_item(stage, view)
     seconds = time.perf_counter() - t0
-    work.write_part(stage.name, part, update, partition_stats(stage.name, part, view, update, seconds))
+    write_with_retries(work, stage.name, part, update, partition_stats(stage.name, part, view, update, seconds))
+
+
+WRITE_ATTEMPTS = 4
+
+
+def write_with_retries(work: WorkDir, stage: str, part: int, table: pa.Table, stats: dict) -> None:
+    """A flaky disk or network file system gets a few tries before the partition fails."""
+    for attempt in range(1, WRITE_ATTEMPTS + 1):
+        try:
+            work.write_part(stage, part, table, stats)
+            return
+        except OSError as error:
+            if attempt == WRITE_ATTEMPTS:
+                raise
+            log.warning("stage %s part %d: write failed (%s); trying again", stage, part, error)
+            time.sleep(0.5 * 2 ** (attempt - 1))
 
 
 def checked_update(stage_name: str, view: pa.Table, update: pa.Table) -> pa.Table:
@@ -328,7 +344,7 @@ def _run_global_task(cls, settings, context, upstream, output) -> None:
         piece = checked_update(name, view, update.slice(offset, view.num_rows))
         offset += view.num_rows
         share = seconds * view.num_rows / max(1, update.num_rows)
-        work.write_part(name, part, piece, partition_stats(name, part, view, piece, share))
+        write_with_retries(work, name, part, piece, partition_stats(name, part, view, piece, share))
     if offset != update.num_rows:
         raise ValueError(f"stage {name} returned {update.num_rows} rows for {offset} items")
     work.mark_done(name, {"partitions": work.num_parts(), "seconds": round(seconds, 3)})

@@ -245,3 +245,20 @@ def test_sigkill_mid_download_then_rerun_gives_the_clean_manifest(tmp_path):
     assert a.equals(b), "the resumed build's manifest differs from the clean build's"
     assert len(set(b.column("image_id").to_pylist())) == 150
     assert not list(work.root.rglob(".tmp-*"))
+
+
+def test_a_write_that_fails_once_is_retried(tmp_path, ray_local, monkeypatch):
+    # the session's Ray workers started before this test set the variable: run the partition here
+    from datakit.download import DownloadStage
+
+    recipe = load_recipe(recipe_file(tmp_path, {"download": {}}))
+    runner.prepare_output(WorkDir(recipe.output), recipe, restart=False)
+    runner.enumerate_items(WorkDir(recipe.output), recipe)
+    flag = tmp_path / "fail-once"
+    flag.write_text("x")
+    monkeypatch.setenv("DATAKIT_FAIL_WRITE_FLAG", str(flag))
+    stage = DownloadStage(recipe.stage_settings("download"), runner.stage_context(recipe))
+    stage.setup()
+    runner.run_one_partition(stage, WorkDir(recipe.output), 0, [])
+    assert not flag.exists(), "the injected failure did not fire"
+    assert WorkDir(recipe.output).part_done("download", 0)
