@@ -29,7 +29,7 @@ def test_faults_on_a_two_node_cluster_leave_the_build_unchanged(tmp_path):
     events = " | ".join(result["fault_events"])
     assert "stopped" in events and "back after" in events, events
     assert "worker node killed" in events, events
-    assert "driver SIGKILLed" in events, events
+    assert "driver SIGKILLed" in events, events  # at the planned point, or by the stall watchdog
     # killed driver, a run that dies on the failing write, then the run that completes
     assert result["fault_runs"] >= 3, events
     assert not (tmp_path / "fail-next-write").exists(), "the injected write failure never fired"
