@@ -10,7 +10,9 @@ two local HTTP server processes, and runs ``datakit run --address`` against that
    one source is stopped for a while and started again on the same port; the worker node is
    killed (its raylet and every process under it) mid-stage and started again; the driver is
    killed with SIGKILL and the run started again; one parquet write fails (the
-   ``DATAKIT_FAIL_WRITE_FLAG`` hook of ``datakit.store``) and the run is started again;
+   ``DATAKIT_FAIL_WRITE_FLAG`` hook of ``datakit.store``): the runner retries the write, and
+   a run that fails anyway is started again; a run that makes no progress for ``stall_s``
+   (Ray Data can wait forever on an actor of a lost node) is killed and started again;
 3. the two builds are compared: every manifest (``*.parquet`` of the output folder) has the
    same rows and values, every tar shard has the same sha256, and ``datakit verify`` passes.
 

@@ -2,7 +2,7 @@
 
 A clean build and a build during which one HTTP server stops for a while, the worker node is
 killed mid-stage and started again, the driver is SIGKILLed and started again, and one parquet
-write fails, must give the same manifests and tar shards; `datakit verify` passes on both; no
+write fails (the runner retries it), must give the same manifests and tar shards; `datakit verify` passes on both; no
 Ray process of the cluster is left behind.
 """
 
@@ -30,9 +30,10 @@ def test_faults_on_a_two_node_cluster_leave_the_build_unchanged(tmp_path):
     assert "stopped" in events and "back after" in events, events
     assert "worker node killed" in events, events
     assert "driver SIGKILLed" in events, events  # at the planned point, or by the stall watchdog
-    # killed driver, a run that dies on the failing write, then the run that completes
-    assert result["fault_runs"] >= 3, events
+    # the SIGKILLed driver, then the run that completes (the runner retries the failed write itself)
+    assert result["fault_runs"] >= 2, events
     assert not (tmp_path / "fail-next-write").exists(), "the injected write failure never fired"
+    assert "injected by DATAKIT_FAIL_WRITE_FLAG" in (tmp_path / "faulty.log").read_text()
     assert result["leftover_processes"] == 0
 
 
