@@ -356,8 +356,9 @@ def write_recipe(folder: Path, servers: list[FixedPortServer], items: int, stage
                         "name_column": "name", "base_url": server.base_url,
                         "license": "fixture photos: research use", "intended_use": "research only"})
     settings = {
-        # retries x doubling backoff (0.5+1+2+4 s, jittered) outlasts the injected server outage
-        "download": {"timeout_s": 5, "retries": 4, "backoff_s": 0.5, "allow_private_addresses": True,
+        # retries x doubling backoff (1+2+4+8+16 s, jittered) outlasts the injected outage, which
+        # includes the server's restart (seconds on a busy machine: a 7.5 s window was too short)
+        "download": {"timeout_s": 5, "retries": 5, "backoff_s": 1.0, "allow_private_addresses": True,
                      "request_concurrency": 32, "per_host_concurrency": 16, "max_bytes": 20_000_000},
         "detect": {}, "filter": {"min_area_fraction": 0.10}, "embed": {}, "attributes": {}, "dedup": {},
         "cluster": {"min_images": 5}, "caption": {"mode": "template"},
@@ -503,10 +504,11 @@ def _run_with_faults(recipe, output, cluster, servers, fail_flag, log, outage_s,
     if wait_driver(proc, output, stall_s, until=first_partition_stage(output, download, 0.01)) is None:
         server = servers[source_downloading(output)]
         server.stop()
-        faults.note(f"HTTP server :{server.port} stopped at {time.time() - t0:.1f} s")
+        down = time.time()
+        faults.note(f"HTTP server :{server.port} stopped at {down - t0:.1f} s")
         time.sleep(outage_s)
         server.start()
-        faults.note(f"HTTP server :{server.port} back after {outage_s:g} s")
+        faults.note(f"HTTP server :{server.port} back after {time.time() - down:.1f} s (restart included)")
     if wait_driver(proc, output, stall_s, until=first_partition_stage(output, download, 0.3)) is None:
         killed = cluster.restart_worker()
         faults.note(f"worker node killed ({killed} processes) at {time.time() - t0:.1f} s and started again")
