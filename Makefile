@@ -4,13 +4,14 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: chromium install demo test bench bench-download bench-faces bench-cluster bench-stats bench-trainer train clean help
+.PHONY: chromium install demo test bench bench-download bench-faces bench-cluster bench-stats bench-trainer rehearsal train clean help
 
 help:
 	@echo "make demo    build the demo corpus from the photos in data/demo (offline)"
 	@echo "make test    run the test suite"
 	@echo "make bench   run every benchmark (bench-download, bench-faces, bench-cluster)"
 	@echo "make train   train the tiny config on the demo shards (CPU; after make demo)"
+	@echo "make rehearsal  two-node Ray scale and fault rehearsal (~20 min)"
 
 install: $(STAMP)
 
@@ -49,6 +50,9 @@ bench-stats: $(STAMP)
 
 bench-trainer: $(STAMP)
 	$(PY) benchmarks/bench_trainer.py
+
+rehearsal: $(STAMP)
+	$(PY) -m datakit.rehearsal
 
 # make train                      the tiny config on the demo shards, on CPU (run make demo first)
 # make train CONFIG=sdxl MODEL=DIR [GPUS=8]   the real run through accelerate launch
