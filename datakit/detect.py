@@ -13,14 +13,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pyarrow as pa
 from pydantic import Field
 
 from datakit.decode import DecodeError, load_rgb
-from datakit.faces import geometry, model_provenance
-from datakit.faces.stageio import backend_from_context, face_settings, floats, input_rows, update_table
-from datakit import schema
-from datakit.stage import Stage, StageSettings, drop
+from datakit.faces import geometry
+from datakit.faces.stageio import FaceModelStage, floats
+from datakit.stage import StageSettings, drop
 
 COLUMNS = (
     "face_backend",
@@ -39,27 +37,12 @@ class Settings(StageSettings):
     sharpness_size: int = Field(default=128, ge=16, le=1024)
 
 
-class DetectStage(Stage):
+class DetectStage(FaceModelStage):
     name = "detect"
-    uses_model = True
     Settings = Settings
+    COLUMNS = COLUMNS
 
-    @classmethod
-    def provenance(cls, settings, context) -> dict:
-        return model_provenance(face_settings(context), context.get("recipe_dir"))
-
-    def setup(self) -> None:
-        self.backend = backend_from_context(self.context, self.settings.num_cpus)
-
-    def process(self, table: pa.Table) -> pa.Table:
-        rows = input_rows(table, ())
-        blobs = table.column("image_bytes").to_pylist()
-        for row, blob in zip(rows, blobs):
-            if row["status"] == schema.KEPT:
-                self.detect_row(row, blob)
-        return update_table(rows, COLUMNS)
-
-    def detect_row(self, row: dict, blob: bytes) -> None:
+    def process_row(self, row: dict, blob: bytes) -> None:
         try:
             pixels = np.array(load_rgb(blob), dtype=np.uint8)
         except DecodeError as e:  # download decodes first; this guards work folders made otherwise

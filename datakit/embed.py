@@ -12,22 +12,12 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import pyarrow as pa
 from PIL import Image
 from pydantic import Field
 
-from datakit import schema
 from datakit.decode import load_rgb
-from datakit.faces import model_provenance
-from datakit.faces.stageio import (
-    backend_from_context,
-    face_from_row,
-    face_settings,
-    floats,
-    input_rows,
-    update_table,
-)
-from datakit.stage import Stage, StageSettings
+from datakit.faces.stageio import FaceModelStage, face_from_row, floats
+from datakit.stage import StageSettings
 
 COLUMNS = ("embedding", "embedding_model", "face_crop")
 NEEDS = ("face_backend", "face_box", "face_score", "landmarks5", "landmarks68")
@@ -39,27 +29,13 @@ class Settings(StageSettings):
     jpeg_quality: int = Field(default=95, ge=50, le=100)
 
 
-class EmbedStage(Stage):
+class EmbedStage(FaceModelStage):
     name = "embed"
-    uses_model = True
     Settings = Settings
+    NEEDS = NEEDS
+    COLUMNS = COLUMNS
 
-    @classmethod
-    def provenance(cls, settings, context) -> dict:
-        return model_provenance(face_settings(context), context.get("recipe_dir"))
-
-    def setup(self) -> None:
-        self.backend = backend_from_context(self.context, self.settings.num_cpus)
-
-    def process(self, table: pa.Table) -> pa.Table:
-        rows = input_rows(table, NEEDS)
-        blobs = table.column("image_bytes").to_pylist()
-        for row, blob in zip(rows, blobs):
-            if row["status"] == schema.KEPT:
-                self.embed_row(row, blob)
-        return update_table(rows, COLUMNS)
-
-    def embed_row(self, row: dict, blob: bytes) -> None:
+    def process_row(self, row: dict, blob: bytes) -> None:
         if row["face_backend"] != self.backend.name:
             raise ValueError(
                 f"row {row['image_id']}: its face was detected by {row['face_backend']!r} but the "

@@ -11,8 +11,9 @@ import numpy as np
 import pyarrow as pa
 
 from datakit import schema
-from datakit.faces import FaceSettings, load_backend
+from datakit.faces import FaceSettings, load_backend, model_provenance
 from datakit.faces.base import Face
+from datakit.stage import Stage
 
 DROP_COLUMNS = ("status", "drop_stage", "reason", "detail")
 
@@ -64,3 +65,33 @@ def face_from_row(row: dict) -> Face:
         landmarks5=np.asarray(row["landmarks5"], dtype=np.float64).reshape(5, 2),
         landmarks68=None if lm68 is None else np.asarray(lm68, dtype=np.float64).reshape(68, 2),
     )
+
+
+class FaceModelStage(Stage):
+    """A partition stage that runs the face backend on each kept row's image.
+
+    Subclasses name the columns they read (``NEEDS``) and write (``COLUMNS``) and implement
+    ``process_row(row, image_bytes)``, which fills the row in place (or drops it).
+    """
+
+    uses_model = True
+    NEEDS: tuple[str, ...] = ()
+    COLUMNS: tuple[str, ...] = ()
+
+    @classmethod
+    def provenance(cls, settings, context) -> dict:
+        return model_provenance(face_settings(context), context.get("recipe_dir"))
+
+    def setup(self) -> None:
+        self.backend = backend_from_context(self.context, self.settings.num_cpus)
+
+    def process(self, table: pa.Table) -> pa.Table:
+        rows = input_rows(table, self.NEEDS)
+        blobs = table.column("image_bytes").to_pylist()
+        for row, blob in zip(rows, blobs):
+            if row["status"] == schema.KEPT:
+                self.process_row(row, blob)
+        return update_table(rows, self.COLUMNS)
+
+    def process_row(self, row: dict, blob: bytes) -> None:
+        raise NotImplementedError
