@@ -16,7 +16,7 @@ from rich.table import Table
 
 from datakit import registry, schema
 
-console = Console()
+console = Console(soft_wrap=True)  # long paths stay whole, for people and for grep
 
 
 def main(argv: list[str] | None = None) -> int:

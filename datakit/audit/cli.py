@@ -17,8 +17,8 @@ from rich.table import Table
 
 from datakit.audit.folder import AUDIT_DIR, AuditError, OutputFolder
 
-console = Console()
-err = Console(stderr=True)
+console = Console(soft_wrap=True)  # long paths stay whole, for people and for grep
+err = Console(stderr=True, soft_wrap=True)
 
 
 def add_commands(subparsers) -> None:
