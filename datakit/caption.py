@@ -14,7 +14,6 @@ weights give the same captions. caption_source is "vlm:<model folder name>".
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Literal
 
@@ -22,6 +21,7 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from datakit import schema
+from datakit.store import file_sha256
 from datakit.decode import load_rgb
 from datakit.stage import Stage, StageSettings, live_mask
 
@@ -84,14 +84,6 @@ def model_folder(model_path: str, base_dir: str | None) -> Path:
     """caption.model_path; a relative path is taken from the recipe's folder."""
     path = Path(model_path).expanduser()
     return Path(base_dir) / path if not path.is_absolute() and base_dir else path
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def resolve_device(device: str) -> str:
@@ -163,7 +155,7 @@ class CaptionStage(Stage):
         if settings.mode != "vlm":
             return {"mode": "template"}
         path = model_folder(settings.model_path, context.get("recipe_dir"))
-        files = {p.name: sha256_file(p) for p in sorted(path.iterdir()) if p.is_file()} if path.is_dir() else {}
+        files = {p.name: file_sha256(p)[0] for p in sorted(path.iterdir()) if p.is_file()} if path.is_dir() else {}
         return {"mode": "vlm", "model_path": str(path), "files_sha256": files}
 
     def setup(self) -> None:

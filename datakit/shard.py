@@ -46,7 +46,7 @@ from pydantic import Field
 from datakit import schema
 from datakit.decode import load_rgb
 from datakit.stage import Stage, StageSettings
-from datakit.store import TMP_PREFIX, WorkDir, atomic_write_table
+from datakit.store import TMP_PREFIX, WorkDir, atomic_write_table, file_sha256
 
 SHARDS_DIR = "shards"
 SAFE_KEY = re.compile(r"^[0-9A-Za-z_-]{1,128}$")
@@ -332,7 +332,7 @@ def write_shard(output: str, name: str, keys: list[str], parts: list[int], encod
                 member = f"{key}.{suffix}"
                 tar.addfile(tar_info(member, len(data)), io.BytesIO(data))
                 members.append({"shard": f"{SHARDS_DIR}/{name}", "key": key, "member": member, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
-    digest, size = _file_sha256(tmp)
+    digest, size = file_sha256(tmp)
     tmp.replace(folder / name)
     return {"path": f"{SHARDS_DIR}/{name}", "bytes": size, "sha256": digest, "members": members}
 
@@ -348,16 +348,6 @@ def tar_info(member: str, size: int) -> tarfile.TarInfo:
     info.uname = info.gname = ""
     info.type = tarfile.REGTYPE
     return info
-
-
-def _file_sha256(path: Path) -> tuple[str, int]:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
 
 
 def remove_stale(folder: Path, keep: set[str]) -> None:

@@ -16,6 +16,7 @@ items file with each stage's columns laid over it in order.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -29,6 +30,16 @@ ITEMS = "items"
 TMP_PREFIX = ".tmp-"
 # Columns that hold bulk bytes: kept in the work folder, never in images.parquet.
 BULK_COLUMNS = ("image_bytes", "face_crop")
+
+
+def file_sha256(path: Path) -> tuple[str, int]:
+    """(sha256 hex, size in bytes) of a file, read in 1 MiB blocks."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

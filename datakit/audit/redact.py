@@ -59,7 +59,7 @@ import pyarrow.parquet as pq
 from datakit import registry, schema
 from datakit.audit.folder import AUDIT_DIR, IDENTITIES, IMAGES, MEMBERS, REDACTIONS, SHARDS, AuditError, OutputFolder
 from datakit.audit.sheets import normalize
-from datakit.store import TMP_PREFIX, atomic_write_table
+from datakit.store import TMP_PREFIX, atomic_write_table, file_sha256
 
 BIOMETRIC_COLUMNS = ("embedding", "landmarks5", "landmarks68")
 DECISION_COLUMNS = ("status", "drop_stage", "reason", "detail")
@@ -272,7 +272,7 @@ def rewrite_tar(path: Path, shard: str, keys: set[str], expected: dict[str, str]
             return None
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        digest, size = _sha256_file(tmp)
+        digest, size = file_sha256(tmp)
         os.replace(tmp, path)
         return {"bytes": size, "sha256": digest}
     except tarfile.TarError as e:
@@ -287,15 +287,6 @@ def same_header(src: tarfile.TarInfo) -> tarfile.TarInfo:
     for attr in ("size", "mtime", "mode", "uid", "gid", "uname", "gname", "type"):
         setattr(info, attr, getattr(src, attr))
     return info
-
-
-def _sha256_file(path: Path) -> tuple[str, int]:
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
 
 
 # ---------------------------------------------------------------- manifests

@@ -17,7 +17,6 @@ A recipe's top-level ``faces:`` section picks the backend and is validated by ``
 
 from __future__ import annotations
 
-import hashlib
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -25,6 +24,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from datakit.faces.base import Face, FaceBackend
+from datakit.store import file_sha256
 
 __all__ = ["Face", "FaceBackend", "FaceSettings", "load_backend", "model_provenance"]
 
@@ -119,8 +119,4 @@ def model_provenance(settings: FaceSettings | dict | None, base_dir: str | Path 
 
 @lru_cache(maxsize=64)
 def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(Path(path))[0]
