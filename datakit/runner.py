@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
-import pyarrow.parquet as pq
 
 from datakit import __version__, registry, schema
 from datakit.recipe import Recipe
@@ -65,9 +64,9 @@ def run(recipe: Recipe, address: str | None = None, restart: bool = False, quiet
             run_global(work, recipe, segment[0], upstream, context, quiet)
         else:
             run_partition_segment(work, recipe, segment, upstream, context, quiet)
-    write_images_manifest(work, names)
-    result = summarize(work, names, time.time() - started)
-    write_build_json(work, recipe, result, started)
+    images = write_images_manifest(work, names)
+    result = summarize(work, images, names, time.time() - started)
+    write_build_json(work, recipe, result, started, context)
     return result
 
 
@@ -360,8 +359,7 @@ def write_images_manifest(work: WorkDir, names: list[str]) -> pa.Table:
     return table
 
 
-def summarize(work: WorkDir, names: list[str], wall: float) -> RunResult:
-    images = pq.read_table(work.output / "images.parquet", columns=["status", "reason"])
+def summarize(work: WorkDir, images: pa.Table, names: list[str], wall: float) -> RunResult:
     status = images.column("status").to_pylist()
     reasons = Counter(r for s, r in zip(status, images.column("reason").to_pylist()) if s != schema.KEPT)
     stages = {}
@@ -386,7 +384,7 @@ def summarize(work: WorkDir, names: list[str], wall: float) -> RunResult:
     )
 
 
-def write_build_json(work: WorkDir, recipe: Recipe, result: RunResult, started: float) -> None:
+def write_build_json(work: WorkDir, recipe: Recipe, result: RunResult, started: float, context: dict) -> None:
     items_info = json.loads(work.success_path(ITEMS).read_text())
     runs_path = work.root / "runs.json"
     runs = json.loads(runs_path.read_text()) if runs_path.exists() else []
@@ -399,7 +397,7 @@ def write_build_json(work: WorkDir, recipe: Recipe, result: RunResult, started: 
         "recipe_hash": recipe.hash(),
         "recipe": recipe.canonical(),
         "packages": package_versions(),
-        "models": model_provenance(recipe),
+        "models": model_provenance(recipe, context),
         "counts": {
             "items": result.items,
             "kept": result.kept,
@@ -413,11 +411,11 @@ def write_build_json(work: WorkDir, recipe: Recipe, result: RunResult, started: 
     atomic_write_json(work.output / "build.json", build)
 
 
-def model_provenance(recipe: Recipe) -> dict:
+def model_provenance(recipe: Recipe, context: dict) -> dict:
     out = {}
     for name in recipe.stage_names():
         cls = registry.stage_class(name)
-        info = cls.provenance(recipe.stage_settings(name), stage_context(recipe))
+        info = cls.provenance(recipe.stage_settings(name), context)
         if info:
             out[name] = info
     return out
