@@ -141,7 +141,8 @@ def cmd_status(args) -> int:
         import pyarrow.parquet as pq
 
         rows = pq.read_metadata(manifest).num_rows
-        console.print(f"images.parquet: {rows} rows; build complete" if all(work.is_done(n) for n in names) else "")
+        state = "build complete" if all(work.is_done(n) for n in names) else "from an earlier run; the build is not finished"
+        console.print(f"images.parquet: {rows} rows; {state}")
     else:
         console.print("images.parquet: not written yet (the build has not finished)")
     return 0
