@@ -51,6 +51,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
+from datakit.testing.httpserver import PhotoServer
+
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 RAY = str(Path(sys.executable).parent / "ray")
@@ -87,26 +89,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex((HOST, port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on {HOST}:{port} after {timeout:g} s")
-
-
 # ---------------------------------------------------------------- HTTP servers on fixed ports
-
-
-def serve(folder: Path, port: int) -> None:
-    """The PhotoServer app on a given port (so a stopped server can come back at the same URL)."""
-    from aiohttp import web
-
-    from datakit.testing.httpserver import build_app
-
-    web.run_app(build_app(folder), host=HOST, port=port, print=None, reuse_address=True, handle_signals=True)
 
 
 class FixedPortServer:
@@ -115,27 +98,20 @@ class FixedPortServer:
     def __init__(self, folder: Path):
         self.folder = folder
         self.port = free_port()
-        self.process: subprocess.Popen | None = None
+        self.server: PhotoServer | None = None
 
     @property
     def base_url(self) -> str:
         return f"http://{HOST}:{self.port}/"
 
     def start(self) -> None:
-        self.process = subprocess.Popen(
-            [PYTHON, "-m", "datakit.rehearsal", "serve", str(self.folder), "--port", str(self.port)],
-            cwd=REPO, stdout=subprocess.DEVNULL)
-        wait_for_port(self.port)
+        self.server = PhotoServer(self.folder, in_process=False, port=self.port)
+        self.server.__enter__()
 
     def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-            self.process = None
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
 
 
 # ---------------------------------------------------------------- the Ray cluster
@@ -722,10 +698,6 @@ def _mib(n: int | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m datakit.rehearsal", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command")
-    p = sub.add_parser("serve", help="serve a photo folder on a fixed port (used by the rehearsal)")
-    p.add_argument("folder", type=Path)
-    p.add_argument("--port", type=int, required=True)
     parser.add_argument("--items", type=int, default=20_000, help="items of the large run")
     parser.add_argument("--small-items", type=int, default=5_000, help="items of the memory comparison run")
     parser.add_argument("--face-items", type=int, default=1_000, help="items of the full-pipeline (face) run")
@@ -733,9 +705,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp folder, removed)")
     parser.add_argument("--report-only", action="store_true", help="print the report of an earlier --work folder")
     args = parser.parse_args(argv)
-    if args.command == "serve":
-        serve(args.folder, args.port)
-        return 0
     # SIGTERM unwinds like an exception, so the cluster and the servers are stopped on the way out
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.report_only:

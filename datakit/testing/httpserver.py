@@ -301,10 +301,10 @@ async def _shutdown(runner: web.AppRunner) -> None:
     await asyncio.gather(*others, return_exceptions=True)
 
 
-def _bound_socket() -> socket.socket:
+def _bound_socket(port: int = 0) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((HOST, 0))
+    sock.bind((HOST, port))
     return sock
 
 
@@ -316,10 +316,11 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m datakit.testing.httpserver", description=main.__doc__)
     parser.add_argument("folder", nargs="?", type=Path, help="folder served under /files/")
+    parser.add_argument("--port", type=int, default=0, help="port to listen on (default: a free one)")
     args = parser.parse_args(argv)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    sock = _bound_socket()
+    sock = _bound_socket(args.port)
     runner = loop.run_until_complete(_start(build_app(args.folder), sock))
     print(f"PORT {sock.getsockname()[1]}", flush=True)
     try:
@@ -335,8 +336,17 @@ def main(argv: list[str] | None = None) -> int:
 class PhotoServer:
     """Context manager around the server; see the module docstring."""
 
-    def __init__(self, folder: str | Path | None = None, *, in_process: bool = True, tls_dir: Path | None = None):
+    def __init__(
+        self,
+        folder: str | Path | None = None,
+        *,
+        in_process: bool = True,
+        tls_dir: Path | None = None,
+        port: int = 0,
+    ):
         self.folder = Path(folder) if folder is not None else None
+        # 0: a free port. A fixed port lets a stopped server come back at the same URLs.
+        self.fixed_port = port
         self.in_process = in_process
         self.tls_dir = Path(tls_dir) if tls_dir is not None else None  # https with a self-signed cert
         if self.tls_dir is not None and not in_process:
@@ -390,7 +400,7 @@ class PhotoServer:
     def _start_thread(self) -> None:
         app = build_app(self.folder)
         ssl_context = self_signed_context(self.tls_dir) if self.tls_dir is not None else None
-        sock = _bound_socket()
+        sock = _bound_socket(self.fixed_port)
         self.port = sock.getsockname()[1]
         self._loop = asyncio.new_event_loop()
         started = threading.Event()
@@ -416,7 +426,8 @@ class PhotoServer:
     def _start_process(self) -> None:
         # A fresh interpreter (not multiprocessing): callers need no __main__ guard, and the
         # server shares no GIL with the client under test.
-        cmd = [sys.executable, "-m", "datakit.testing.httpserver"] + ([str(self.folder)] if self.folder else [])
+        cmd = [sys.executable, "-m", "datakit.testing.httpserver", "--port", str(self.fixed_port)]
+        cmd += [str(self.folder)] if self.folder else []
         self._process = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         line = self._process.stdout.readline()  # blocks until it listens or dies
         if not line.startswith("PORT "):
