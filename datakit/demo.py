@@ -8,37 +8,13 @@ happens. Usage: ``python -m datakit.demo [--output DIR] [--restart]``.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
-import threading
-from contextlib import contextmanager
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "pipelines" / "demo.yaml"
 WEB_ROOT = REPO / "data" / "demo" / "web"
-
-
-class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, format, *args):  # the build's manifest records every answer
-        pass
-
-
-@contextmanager
-def serve_folder(root: Path):
-    """A static file server on 127.0.0.1 (random free port); yields its base URL."""
-    handler = functools.partial(_QuietHandler, directory=str(root))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,9 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from datakit.cli import main as cli_main
+    from datakit.testing.httpserver import PhotoServer
 
-    with serve_folder(WEB_ROOT) as base_url:
-        os.environ["DATAKIT_DEMO_BASE_URL"] = base_url
+    with PhotoServer(WEB_ROOT) as server:
+        os.environ["DATAKIT_DEMO_BASE_URL"] = f"{server.base_url}/files/"
         cli_args = ["run", str(RECIPE)]
         if args.output:
             cli_args += ["--output", str(args.output)]
