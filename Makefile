@@ -63,7 +63,7 @@ SHARDS ?= manifests/demo/shards
 TRAIN_ARGS ?=
 
 train: $(STAMP)
-	@test -d "$(SHARDS)" || { echo "no shards at $(SHARDS): run 'make demo' first (or set SHARDS=...)"; exit 2; }
+	@case "$(SHARDS)" in *://*) ;; *) test -d "$(SHARDS)" || { echo "no shards at $(SHARDS): run 'make demo' first (or set SHARDS=...)"; exit 2; } ;; esac
 ifeq ($(CONFIG),tiny)
 	$(PY) -m trainer.train --config tiny --shards $(SHARDS) --output runs/tiny $(TRAIN_ARGS)
 else

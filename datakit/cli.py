@@ -1,6 +1,7 @@
 """``datakit`` command line: ``run`` a recipe, see a build's ``status``.
 
-Also ``python -m datakit``. Exit codes: 0 done, 1 the build failed, 2 bad recipe or arguments.
+Also ``python -m datakit``. Exit codes: 0 done, 1 the build failed, 2 bad recipe or arguments,
+75 the build stalled (no partition finished within ``ray.stall_timeout``): run it again to resume.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from datakit import registry, schema
+from datakit import registry
+from datakit.store import location
 
 console = Console(soft_wrap=True)  # long paths stay whole, for people and for grep
 
@@ -37,14 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run a build recipe (resumes an interrupted build)")
     p.add_argument("recipe", type=Path, help="recipe YAML, e.g. pipelines/demo.yaml")
-    p.add_argument("--output", type=Path, help="override the recipe's output folder")
+    p.add_argument("--output", help="override the recipe's output: a folder or an fsspec URL (s3://bucket/prefix)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--restart", action="store_true", help="discard an earlier build in the output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", help="where a build stands")
-    p.add_argument("output", type=Path, help="the build's output folder")
+    p.add_argument("output", type=location, help="the build's output folder or URL")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("check", help="validate a recipe without running it")
@@ -72,6 +74,7 @@ def cmd_check(args) -> int:
 def cmd_run(args) -> int:
     from datakit import runner
     from datakit.recipe import RecipeError, load_recipe
+    from datakit.watchdog import EXIT_STALLED, Stalled
 
     try:
         recipe = load_recipe(args.recipe, output=args.output)
@@ -84,6 +87,9 @@ def cmd_run(args) -> int:
     except (runner.BuildMismatch, RecipeError) as e:
         console.print(f"[red]error[/red]: {e}", highlight=False)
         return 2
+    except Stalled as e:
+        console.print(f"[red]stalled[/red]: {e}", highlight=False)
+        return EXIT_STALLED
     print_summary(result)
     return 0
 
@@ -104,7 +110,7 @@ def print_summary(result) -> None:
 
 
 def cmd_status(args) -> int:
-    from datakit.store import ITEMS, WorkDir
+    from datakit.store import ITEMS, WorkDir, read_metadata
 
     work = WorkDir(args.output)
     recipe_file = work.root / "recipe.json"
@@ -124,7 +130,7 @@ def cmd_status(args) -> int:
         parts = 0
         table.add_row("sources", "not started", "-", "-", "-", "-")
     for name in names:
-        done = sum(1 for p in range(parts) if work.part_done(name, p))
+        done = len(work.done_parts(name))
         stats = work.read_stats(name)
         state = "done" if work.is_done(name) else ("running or stopped" if done else "waiting")
         table.add_row(
@@ -136,11 +142,9 @@ def cmd_status(args) -> int:
             str(sum(sum(s["dropped"].values()) for s in stats)),
         )
     console.print(table)
-    manifest = args.output / "images.parquet"
+    manifest = work.output / "images.parquet"
     if manifest.exists():
-        import pyarrow.parquet as pq
-
-        rows = pq.read_metadata(manifest).num_rows
+        rows = read_metadata(manifest).num_rows
         state = "build complete" if all(work.is_done(n) for n in names) else "from an earlier run; the build is not finished"
         console.print(f"images.parquet: {rows} rows; {state}")
     else:

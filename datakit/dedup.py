@@ -118,7 +118,7 @@ def compute_phashes(work, upstream: list[str], num_cpus: float) -> pa.Table:
     progress = dict(desc="dedup: phash", unit="part", total=len(parts))
     if ray.is_initialized():
         task = ray.remote(num_cpus=num_cpus)(_phash_partition)
-        refs = [task.remote(str(work.output), part, upstream) for part in parts]
+        refs = [task.remote(work.output, part, upstream) for part in parts]
         tables = [ray.get(ref) for ref in tqdm(refs, **progress)]
     else:
         tables = [_phash_partition(work.output, part, upstream) for part in tqdm(parts, **progress)]

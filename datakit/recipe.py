@@ -67,12 +67,19 @@ class RaySettings(_Strict):
     address: str | None = None  # null: RAY_ADDRESS if set, else a local Ray
     num_cpus: int | None = Field(default=None, ge=1)  # local Ray only
     partition_size: int = Field(default=256, ge=1)  # items per partition (the unit of resume)
+    # When no partition of a running stage finishes for this long, the run restarts that stage's
+    # pending partitions (a hung worker or a wedged Ray Data pipeline); null turns it off.
+    stall_timeout: float | None = Field(default=900.0, gt=0)
+    stall_restarts: int = Field(default=2, ge=0)  # then the run stops with an error; run it again to resume
 
 
 class Recipe(_Strict):
     name: str
     description: str | None = None
-    output: Path
+    output: Path | str  # a folder (relative to the recipe) or an fsspec URL such as s3://bucket/corpus
+    # fsspec options for an output URL (endpoint_url, region, ...): not part of what is built,
+    # so neither hashed nor written to recipe.json or build.json (they may hold credentials).
+    storage_options: dict[str, Any] = Field(default_factory=dict, exclude=True)
     sources: list[Source] = Field(min_length=1)
     faces: dict[str, Any] | None = None  # validated by datakit.faces.FaceSettings when used
     stages: dict[str, dict[str, Any] | None]
@@ -117,8 +124,8 @@ class Recipe(_Strict):
     def canonical(self) -> dict:
         """What determines the build's output: everything but where Ray runs."""
         data = self.model_dump(mode="json")
-        data["ray"].pop("address", None)
-        data["ray"].pop("num_cpus", None)
+        for key in ("address", "num_cpus", "stall_timeout", "stall_restarts"):
+            data["ray"].pop(key, None)
         for source in data["sources"]:
             source.pop("base_url", None)  # a mirror's address; locators are kept as listed
         data["stages"] = {n: self.stage_settings(n).model_dump(mode="json") for n in self.stage_names()}
@@ -153,7 +160,7 @@ def validate_recipe(raw: dict, path: Path) -> Recipe:
         raise RecipeError(_explain(e, path, raw)) from None
     base = path.resolve().parent
     recipe.path = path.resolve()
-    recipe.output = _resolve(base, recipe.output)
+    recipe.output = _resolve_output(base, recipe.output)
     for i, source in enumerate(recipe.sources):
         if isinstance(source, FolderSource):
             source.root = _resolve(base, source.root)
@@ -174,6 +181,17 @@ def validate_recipe(raw: dict, path: Path) -> Recipe:
         except ValidationError as e:
             raise RecipeError(_explain(e, path, raw, prefix=("faces",))) from None
     return recipe
+
+
+def _resolve_output(base: Path, output) -> Path | str:
+    text = str(output)
+    if is_url(text):
+        return text.rstrip("/")
+    return _resolve(base, Path(text.removeprefix("file://")))
+
+
+def is_url(text: str) -> bool:
+    return "://" in text and not text.startswith("file://")
 
 
 def _resolve(base: Path, p: Path) -> Path:

@@ -11,8 +11,10 @@ two local HTTP server processes, and runs ``datakit run --address`` against that
    killed (its raylet and every process under it) mid-stage and started again; the driver is
    killed with SIGKILL and the run started again; one parquet write fails (the
    ``DATAKIT_FAIL_WRITE_FLAG`` hook of ``datakit.store``): the runner retries the write, and
-   a run that fails anyway is started again; a run that makes no progress for ``stall_s``
-   (Ray Data can wait forever on an actor of a lost node) is killed and started again;
+   a run that fails anyway is started again. A stage that makes no progress for the recipe's
+   ``ray.stall_timeout`` (60 s here; Ray Data can wait forever on an actor of a lost node)
+   is restarted by datakit's own watchdog (``datakit.watchdog``); the rehearsal kills a
+   driver that makes no progress for ``stall_s`` (300 s) only as a backstop;
 3. the two builds are compared: every manifest (``*.parquet`` of the output folder) has the
    same rows and values, every tar shard has the same sha256, and ``datakit verify`` passes.
 
@@ -344,7 +346,7 @@ def write_recipe(folder: Path, servers: list[FixedPortServer], items: int, stage
         "name": "rehearsal",
         "output": "out",
         "sources": sources,
-        "ray": {"partition_size": partition_size},
+        "ray": {"partition_size": partition_size, "stall_timeout": 60},
         "stages": {name: settings[name] for name in stages},
     }
     if any(s in stages for s in ("detect", "embed")):
@@ -440,7 +442,7 @@ def first_partition_stage(output: Path, stages: list[str], fraction: float):
     return check
 
 
-def run_clean(recipe: Path, output: Path, cluster: RayCluster, log: Path, stall_s: float = 120) -> dict:
+def run_clean(recipe: Path, output: Path, cluster: RayCluster, log: Path, stall_s: float = 300) -> dict:
     t0 = time.time()
     with MemorySampler(cluster) as mem:
         proc = start_driver(recipe, output, cluster, log)
@@ -455,7 +457,7 @@ def run_clean(recipe: Path, output: Path, cluster: RayCluster, log: Path, stall_
 
 
 def run_with_faults(recipe: Path, output: Path, cluster: RayCluster, servers: list[FixedPortServer],
-                    fail_flag: Path, log: Path, outage_s: float = 2.0, stall_s: float = 120,
+                    fail_flag: Path, log: Path, outage_s: float = 2.0, stall_s: float = 300,
                     max_attempts: int = 8) -> FaultLog:
     """One build with every fault kind injected; started again after each lost driver until done."""
     faults = FaultLog()
@@ -516,7 +518,10 @@ def _run_with_faults(recipe, output, cluster, servers, fail_flag, log, outage_s,
         raise RuntimeError(f"the faulty build did not complete in {max_attempts} runs; see {log}")
     if fail_flag.exists():
         raise RuntimeError("the injected write failure never fired (DATAKIT_FAIL_WRITE_FLAG did not reach the workers)")
-    faults.note(f"build complete after {faults.attempts} runs, {time.time() - t0:.1f} s")
+    runs = json.loads((output / "build.json").read_text()).get("runs", [])
+    restarts = sum(r.get("stall_restarts", 0) for r in runs)
+    faults.note(f"build complete after {faults.attempts} runs, {time.time() - t0:.1f} s; "
+                f"datakit's stall watch restarted a stage {restarts} times in the run that finished")
     return faults
 
 

@@ -15,11 +15,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
@@ -28,7 +27,8 @@ from datakit import __version__, registry, schema
 from datakit.recipe import Recipe
 from datakit.sources import items_table, iter_items
 from datakit.stage import Stage
-from datakit.store import BULK_COLUMNS, ITEMS, WorkDir, atomic_write_json, atomic_write_table
+from datakit.watchdog import Stalled, StallWatch
+from datakit.store import BULK_COLUMNS, ITEMS, Location, WorkDir, atomic_write_json, atomic_write_table, remove_tree
 
 log = logging.getLogger("datakit")
 
@@ -39,12 +39,13 @@ class BuildMismatch(RuntimeError):
 
 @dataclass
 class RunResult:
-    output: Path
+    output: Location
     items: int
     kept: int
     dropped_by_reason: dict[str, int]
     stages: dict[str, dict] = field(default_factory=dict)
     wall_seconds: float = 0.0
+    stall_restarts: int = 0  # pipelines the stall watchdog restarted during this run
 
 
 # ---------------------------------------------------------------- entry point
@@ -52,20 +53,22 @@ class RunResult:
 
 def run(recipe: Recipe, address: str | None = None, restart: bool = False, quiet: bool = False) -> RunResult:
     started = time.time()
-    work = WorkDir(recipe.output)
+    work = WorkDir(recipe.output, recipe.storage_options)
     prepare_output(work, recipe, restart)
     enumerate_items(work, recipe)
     context = stage_context(recipe)
     connect(address or recipe.ray.address, recipe.ray.num_cpus, quiet)
     names = recipe.stage_names()
+    restarts = 0
     for segment in segments(names):
         upstream = names[: names.index(segment[0])]
         if registry.stage_class(segment[0]).kind == "global":
             run_global(work, recipe, segment[0], upstream, context, quiet)
         else:
-            run_partition_segment(work, recipe, segment, upstream, context, quiet)
+            restarts += run_partition_segment(work, recipe, segment, upstream, context, quiet)
     images = write_images_manifest(work, names)
     result = summarize(work, images, names, time.time() - started)
+    result.stall_restarts = restarts
     write_build_json(work, recipe, result, started, context)
     return result
 
@@ -73,7 +76,7 @@ def run(recipe: Recipe, address: str | None = None, restart: bool = False, quiet
 def prepare_output(work: WorkDir, recipe: Recipe, restart: bool) -> None:
     recorded = work.root / "recipe.json"
     if restart and work.output.exists():
-        shutil.rmtree(work.root, ignore_errors=True)
+        remove_tree(work.root)
         for name in ("images.parquet", "build.json"):
             (work.output / name).unlink(missing_ok=True)
     if recorded.exists():
@@ -158,10 +161,10 @@ def cluster_cpus() -> float:
 class PartitionWorker:
     """One Ray Data worker of a partition stage: builds the stage once, then runs partitions."""
 
-    def __init__(self, stage_cls: type[Stage], settings, context: dict, upstream: list[str], output: str):
+    def __init__(self, stage_cls: type[Stage], settings, context: dict, upstream: list[str], output: Location):
         self.stage: Stage = stage_cls(settings, context)
         self.stage.setup()
-        self.work = WorkDir(Path(output))
+        self.work = WorkDir(output)
         self.upstream = upstream
 
     def __call__(self, batch: dict) -> dict:
@@ -170,40 +173,68 @@ class PartitionWorker:
         return batch
 
 
-def run_partition_segment(work, recipe, segment, upstream, context, quiet) -> None:
-    import ray
-
+def run_partition_segment(work, recipe, segment, upstream, context, quiet) -> int:
+    """Run consecutive partition stages to the end; returns how often a stall restarted them."""
+    restarts = 0
     parts = range(work.num_parts())
-    pending = [p for p in parts if not all(work.part_done(s, p) for s in segment)]
-    if pending:
-        ds = ray.data.from_items([{"part": p} for p in pending], override_num_blocks=len(pending))
-        for i, name in enumerate(segment):
-            settings = recipe.stage_settings(name)
-            cls = registry.stage_class(name)
-            # A class named after the stage, so Ray's progress bars read "MapBatches(detect)".
-            worker = type(name, (PartitionWorker,), {})
-            pool = settings.concurrency or max(1, int(cluster_cpus() if cls.uses_model else cluster_cpus() * 2))
-            ds = ds.map_batches(
-                worker,
-                batch_size=1,
-                fn_constructor_kwargs=dict(
-                    stage_cls=cls,
-                    settings=settings,
-                    context=context,
-                    upstream=upstream + segment[:i],
-                    output=str(work.output),
-                ),
-                num_cpus=settings.num_cpus,
-                num_gpus=settings.num_gpus or None,
-                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool),
-            )
-        for _ in ds.iter_batches(batch_size=None):
-            pass
+    what = f"stage {'/'.join(segment)}"
+    for attempt in range(recipe.ray.stall_restarts + 1):
+        done = {name: work.done_parts(name) for name in segment}
+        pending = [p for p in parts if not all(p in done[name] for name in segment)]
+        if not pending:
+            break
+        # The watch interrupts the main thread; a run started from another thread goes without it.
+        timeout = recipe.ray.stall_timeout if threading.current_thread() is threading.main_thread() else None
+        watch = StallWatch(lambda: sum(len(work.done_parts(name)) for name in segment), timeout, what)
+        try:
+            with watch:
+                run_pipeline(work, recipe, segment, upstream, context, pending)
+            break
+        except KeyboardInterrupt:
+            if not watch.fired:
+                raise  # the user's Ctrl-C
+            restarts += 1
+    else:
+        raise Stalled(
+            f"{what}: no partition finished within {recipe.ray.stall_timeout:g} s, "
+            f"{recipe.ray.stall_restarts + 1} times; run the same command again to resume"
+        )
     for name in segment:
-        missing = [p for p in parts if not work.part_done(name, p)]
+        finished = work.done_parts(name)
+        missing = [p for p in parts if p not in finished]
         if missing:
             raise RuntimeError(f"stage {name}: partitions {missing[:10]} did not finish")
         work.mark_done(name, {"partitions": len(parts)})
+    return restarts
+
+
+def run_pipeline(work, recipe, segment, upstream, context, pending: list[int]) -> None:
+    """One Ray Data pipeline over the pending partitions: an actor pool per stage."""
+    import ray
+
+    ds = ray.data.from_items([{"part": p} for p in pending], override_num_blocks=len(pending))
+    for i, name in enumerate(segment):
+        settings = recipe.stage_settings(name)
+        cls = registry.stage_class(name)
+        # A class named after the stage, so Ray's progress bars read "MapBatches(detect)".
+        worker = type(name, (PartitionWorker,), {})
+        pool = settings.concurrency or max(1, int(cluster_cpus() if cls.uses_model else cluster_cpus() * 2))
+        ds = ds.map_batches(
+            worker,
+            batch_size=1,
+            fn_constructor_kwargs=dict(
+                stage_cls=cls,
+                settings=settings,
+                context=context,
+                upstream=upstream + segment[:i],
+                output=work.output,
+            ),
+            num_cpus=settings.num_cpus,
+            num_gpus=settings.num_gpus or None,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool),
+        )
+    for _ in ds.iter_batches(batch_size=None):
+        pass
 
 
 def run_one_partition(stage: Stage, work: WorkDir, part: int, upstream: list[str]) -> None:
@@ -326,11 +357,11 @@ def run_global(work, recipe, name, upstream, context, quiet) -> None:
     log.info("stage %s: running over all %d partitions", name, work.num_parts())
     task = ray.remote(_run_global_task).options(num_cpus=settings.num_cpus, num_gpus=settings.num_gpus or None)
     cls = registry.stage_class(name)
-    ray.get(task.remote(cls, settings, context, upstream, str(work.output)))
+    ray.get(task.remote(cls, settings, context, upstream, work.output))
 
 
-def _run_global_task(cls, settings, context, upstream, output) -> None:
-    work = WorkDir(Path(output))
+def _run_global_task(cls, settings, context, upstream, output: Location) -> None:
+    work = WorkDir(output)
     stage: Stage = cls(settings, context)
     name = stage.name
     stage.setup()
@@ -388,7 +419,9 @@ def write_build_json(work: WorkDir, recipe: Recipe, result: RunResult, started: 
     items_info = json.loads(work.success_path(ITEMS).read_text())
     runs_path = work.root / "runs.json"
     runs = json.loads(runs_path.read_text()) if runs_path.exists() else []
-    runs.append({"started": _iso(started), "finished": _iso(time.time()), "wall_seconds": result.wall_seconds})
+    runs.append(
+        {"started": _iso(started), "finished": _iso(time.time()), "wall_seconds": result.wall_seconds, "stall_restarts": result.stall_restarts}
+    )
     atomic_write_json(runs_path, runs)
     build = {
         "datakit_version": __version__,

@@ -32,21 +32,22 @@ import hashlib
 import io
 import json
 import re
-import shutil
 import tarfile
+import tempfile
 import uuid
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from datakit import schema
 from datakit.decode import load_rgb
 from datakit.stage import Stage, StageSettings
-from datakit.store import TMP_PREFIX, WorkDir, atomic_write_table, file_sha256
+from datakit.store import (
+    TMP_PREFIX, Location, WorkDir, atomic_write_table, file_sha256, is_local, publish_file, read_table, remove_tree,
+)  # fmt: skip
 
 SHARDS_DIR = "shards"
 SAFE_KEY = re.compile(r"^[0-9A-Za-z_-]{1,128}$")
@@ -83,13 +84,13 @@ class ShardStage(Stage):
 
     def process_global(self, work: WorkDir, upstream: list[str]) -> pa.Table:
         s: Settings = self.settings
-        output = Path(self.context["output_dir"])
-        meta = work.read_all(upstream, columns=MANIFEST_COLUMNS)
+        output = work.output
+        meta = with_all_columns(work.read_all(upstream, columns=MANIFEST_COLUMNS), MANIFEST_COLUMNS)
         check_identities(meta)
         encoded_dir = work.stage_dir(self.name) / "encoded"
         summaries = run_tasks(
             encode_partition,
-            [(str(work.output), list(upstream), part, str(encoded_dir), s.image_size, s.jpeg_quality) for part in range(work.num_parts())],
+            [(output, list(upstream), part, encoded_dir, s.image_size, s.jpeg_quality) for part in range(work.num_parts())],
             parallel=s.parallel, num_cpus=s.num_cpus, desc="shard: encode",
         )  # fmt: skip
         samples = pa.concat_tables([pa.Table.from_pylist(x, schema=SUMMARY_SCHEMA) for x in summaries])
@@ -99,12 +100,12 @@ class ShardStage(Stage):
         remove_stale(shards_dir, {name for name, _ in plan})
         written = run_tasks(
             write_shard,
-            [(str(output), name, keys, _parts_of(good, keys), str(encoded_dir)) for name, keys in plan],
+            [(output, name, keys, _parts_of(good, keys), encoded_dir) for name, keys in plan],
             parallel=s.parallel, num_cpus=s.num_cpus, desc="shard: write",
         )  # fmt: skip
         shard_of = {k: name for name, keys in plan for k in keys}
         write_manifests(output, meta, plan, written, shard_of)
-        shutil.rmtree(encoded_dir, ignore_errors=True)
+        remove_tree(encoded_dir)
         errors = dict(zip(samples.column("key").to_pylist(), samples.column("error").to_pylist()))
         return self.update_table(meta, shard_of, errors)
 
@@ -134,6 +135,14 @@ class ShardStage(Stage):
         )
 
 
+def with_all_columns(table: pa.Table, columns: list[str]) -> pa.Table:
+    """Null columns for what a skipped stage would have added (no attributes stage: no age)."""
+    for name in columns:
+        if name not in table.column_names and name != "identity_id":
+            table = table.append_column(name, pa.nulls(table.num_rows, schema.IMAGES_SCHEMA.field(name).type))
+    return table
+
+
 def check_identities(meta: pa.Table) -> None:
     if "identity_id" not in meta.column_names:
         raise ValueError("shard: the rows have no identity_id column; run the cluster stage before shard")
@@ -151,16 +160,16 @@ SUMMARY_SCHEMA = pa.schema(
 )
 
 
-def encode_partition(output: str, upstream: list[str], part: int, encoded_dir: str, image_size: int, quality: int) -> list[dict]:
+def encode_partition(output: Location, upstream: list[str], part: int, encoded_dir: Location, image_size: int, quality: int) -> list[dict]:
     """Encode the kept samples of one partition into encoded_dir; returns one summary per sample."""
-    path = Path(encoded_dir) / f"part-{part:05d}.parquet"
+    path = encoded_dir / f"part-{part:05d}.parquet"
     if not path.exists():  # a finished file from a killed run is reused
-        work = WorkDir(Path(output))
+        work = WorkDir(output)
         view = work.read_view(part, upstream, columns=[*META_COLUMNS, "image_bytes", "face_crop"])
         kept = view.filter(pa.compute.equal(view.column("status"), schema.KEPT))
         rows = [encode_sample(row, image_size, quality) for row in kept.to_pylist()]
         atomic_write_table(path, pa.Table.from_pylist(rows, schema=ENCODED_SCHEMA))
-    table = pq.read_table(path)
+    table = read_table(path)
     cols = {c: table.column(c).to_pylist() for c in ("key", "identity_id", "error")}
     sizes = _tar_bytes(table)
     return [
@@ -307,20 +316,31 @@ def _parts_of(samples: pa.Table, keys: list[str]) -> list[int]:
 # ------------------------------------------------------------------ write
 
 
-def write_shard(output: str, name: str, keys: list[str], parts: list[int], encoded_dir: str) -> dict:
+def write_shard(output: Location, name: str, keys: list[str], parts: list[int], encoded_dir: Location) -> dict:
     """Write one tar atomically; returns its size, sha256 and member rows."""
-    pieces = [
-        pq.read_table(Path(encoded_dir) / f"part-{p:05d}.parquet", filters=[("key", "in", keys)]) for p in parts
-    ]
+    pieces = [read_table(encoded_dir / f"part-{p:05d}.parquet", filters=[("key", "in", keys)]) for p in parts]
     table = pa.concat_tables(pieces)
     row_of = {k: i for i, k in enumerate(table.column("key").to_pylist())}
     missing = [k for k in keys if k not in row_of]
     if missing:
         raise ValueError(f"shard {name}: {len(missing)} planned samples are not in the encoded files, e.g. {missing[0]}")
     columns = {col: table.column(col) for _, col in MEMBERS}
-    folder = Path(output) / SHARDS_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f"{TMP_PREFIX}{uuid.uuid4().hex}-{name}"
+    folder = output / SHARDS_DIR
+    if is_local(folder):  # the temporary sits beside the tar, so the rename is atomic
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f"{TMP_PREFIX}{uuid.uuid4().hex}-{name}"
+    else:  # built on local disk, then uploaded whole
+        tmp = Path(tempfile.gettempdir()) / f"{TMP_PREFIX}{uuid.uuid4().hex}-{name}"
+    try:
+        members = _write_tar(tmp, keys, row_of, columns)
+        digest, size = file_sha256(tmp)
+        publish_file(tmp, folder / name)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left when the write or the upload failed
+    return {"path": f"{SHARDS_DIR}/{name}", "bytes": size, "sha256": digest, "members": members}
+
+
+def _write_tar(tmp: Path, keys: list[str], row_of: dict, columns: dict) -> list[dict]:
     members = []
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for key in keys:
@@ -331,10 +351,8 @@ def write_shard(output: str, name: str, keys: list[str], parts: list[int], encod
                     continue
                 member = f"{key}.{suffix}"
                 tar.addfile(tar_info(member, len(data)), io.BytesIO(data))
-                members.append({"shard": f"{SHARDS_DIR}/{name}", "key": key, "member": member, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
-    digest, size = file_sha256(tmp)
-    tmp.replace(folder / name)
-    return {"path": f"{SHARDS_DIR}/{name}", "bytes": size, "sha256": digest, "members": members}
+                members.append({"shard": f"{SHARDS_DIR}/{tmp.name.split('-', 2)[2]}", "key": key, "member": member, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    return members
 
 
 def tar_info(member: str, size: int) -> tarfile.TarInfo:
@@ -350,7 +368,7 @@ def tar_info(member: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def remove_stale(folder: Path, keep: set[str]) -> None:
+def remove_stale(folder: Location, keep: set[str]) -> None:
     """Shard files of an earlier, different plan (and temporaries) would mislead readers."""
     if not folder.exists():
         return
@@ -362,7 +380,7 @@ def remove_stale(folder: Path, keep: set[str]) -> None:
 # ------------------------------------------------------------------ manifests
 
 
-def write_manifests(output: Path, meta: pa.Table, plan, written: list[dict], shard_of: dict) -> None:
+def write_manifests(output: Location, meta: pa.Table, plan, written: list[dict], shard_of: dict) -> None:
     rows = {r["image_id"]: r for r in meta.select(["image_id", "identity_id", "label", "source", "age", "gender"]).to_pylist()}
     shard_rows = []
     for (name, keys), w in zip(plan, written):

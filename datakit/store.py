@@ -12,6 +12,11 @@ A file's presence is its completion marker: it is written under a temporary name
 folder and renamed into place, so a killed run leaves either the whole file or none (and a
 stray temporary that the next run deletes). The view of partition *i* after stage *k* is the
 items file with each stage's columns laid over it in order.
+
+OUTPUT may also be an fsspec URL (``s3://bucket/corpus``, ``gs://...``): :func:`location`
+turns it into a path object (universal_pathlib) with the same ``/``, ``exists`` and ``open``.
+Object stores have no rename, but an object appears only when its upload completes, so there
+a file is written whole from memory (one PUT) and the completion-marker rule still holds.
 """
 
 from __future__ import annotations
@@ -19,9 +24,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePath
+from typing import Any, Union
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -32,17 +39,87 @@ TMP_PREFIX = ".tmp-"
 BULK_COLUMNS = ("image_bytes", "face_crop")
 
 
-def file_sha256(path: Path) -> tuple[str, int]:
+# A local folder (pathlib.Path) or an fsspec URL (upath.UPath): both have /, exists, open, glob.
+Location = Union[Path, Any]
+
+
+def location(where, storage_options: dict | None = None) -> Location:
+    """A local path, or a path object for an fsspec URL such as ``s3://bucket/prefix``.
+
+    ``storage_options`` go to the fsspec file system (endpoint, region, credentials); what is
+    not given comes from fsspec's ``FSSPEC_<PROTOCOL>_<OPTION>`` environment variables and the
+    backend's own configuration (``AWS_*`` variables, ``~/.aws``).
+    """
+    if hasattr(where, "protocol") and not isinstance(where, PurePath):
+        return where  # already a location
+    text = os.fspath(where)
+    if "://" not in text or text.startswith("file://"):
+        return Path(text.removeprefix("file://"))
+    from upath import UPath
+
+    options = {"use_listings_cache": False, **(storage_options or {})}  # other nodes write here too
+    try:
+        return UPath(text, **options)
+    except (ImportError, ValueError) as error:
+        raise ValueError(f"{text}: cannot open this output location ({error}); for s3:// install s3fs") from error
+
+
+def is_local(path: Location) -> bool:
+    return isinstance(path, PurePath)
+
+
+def read_table(path: Location, **kwargs) -> pa.Table:
+    if is_local(path):
+        return pq.read_table(path, **kwargs)
+    return pq.read_table(path.path, filesystem=path.fs, **kwargs)
+
+
+def read_schema(path: Location) -> pa.Schema:
+    if is_local(path):
+        return pq.read_schema(path)
+    with path.open("rb") as f:
+        return pq.read_schema(f)
+
+
+def read_metadata(path: Location) -> pq.FileMetaData:
+    if is_local(path):
+        return pq.read_metadata(path)
+    with path.open("rb") as f:
+        return pq.read_metadata(f)
+
+
+def remove_tree(path: Location) -> None:
+    if is_local(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.fs.rm(path.path, recursive=True)
+
+
+def publish_file(local: Path, dest: Location) -> None:
+    """Move a finished local file to ``dest`` whole: a rename here, an upload to a URL."""
+    if is_local(dest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(local, dest)
+    else:
+        dest.fs.put_file(str(local), dest.path)
+        local.unlink()
+
+
+def file_sha256(path: Location) -> tuple[str, int]:
     """(sha256 hex, size in bytes) of a file, read in 1 MiB blocks."""
     digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
+    path = Path(path) if isinstance(path, str) else path
+    with path.open("rb") as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
             size += len(chunk)
     return digest.hexdigest(), size
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Location, data: bytes) -> None:
+    if not is_local(path):
+        path.fs.pipe_file(path.path, data)  # one PUT: the object appears whole or not at all
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}-{path.name}"
     with open(tmp, "wb") as f:
@@ -52,7 +129,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _injected_write_failure(path: Path) -> None:
+def _injected_write_failure(path: Location) -> None:
     # Fault rehearsal hook (datakit.rehearsal): while the file named by DATAKIT_FAIL_WRITE_FLAG
     # exists, the next table write removes it and fails, as a full or flaky disk would.
     flag = os.environ.get("DATAKIT_FAIL_WRITE_FLAG")
@@ -64,8 +141,13 @@ def _injected_write_failure(path: Path) -> None:
         raise OSError(f"{path}: write failed (injected by DATAKIT_FAIL_WRITE_FLAG)")
 
 
-def atomic_write_table(path: Path, table: pa.Table) -> None:
+def atomic_write_table(path: Location, table: pa.Table) -> None:
     _injected_write_failure(path)
+    if not is_local(path):
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd", write_statistics=True, store_schema=True)
+        atomic_write_bytes(path, sink.getvalue().to_pybytes())
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}-{path.name}"
     # Fixed writer settings so the same table gives the same bytes.
@@ -75,26 +157,26 @@ def atomic_write_table(path: Path, table: pa.Table) -> None:
     os.replace(tmp, path)
 
 
-def atomic_write_json(path: Path, obj) -> None:
+def atomic_write_json(path: Location, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
 class WorkDir:
-    def __init__(self, output: Path):
-        self.output = Path(output)
+    def __init__(self, output, storage_options: dict | None = None):
+        self.output = location(output, storage_options)
         self.root = self.output / "_work"
 
     # paths
-    def stage_dir(self, stage: str) -> Path:
+    def stage_dir(self, stage: str) -> Location:
         return self.root / stage
 
-    def part_path(self, stage: str, part: int) -> Path:
+    def part_path(self, stage: str, part: int) -> Location:
         return self.stage_dir(stage) / f"part-{part:05d}.parquet"
 
-    def stats_path(self, stage: str, part: int) -> Path:
+    def stats_path(self, stage: str, part: int) -> Location:
         return self.stage_dir(stage) / f"stats-{part:05d}.json"
 
-    def success_path(self, stage: str) -> Path:
+    def success_path(self, stage: str) -> Location:
         return self.stage_dir(stage) / "_SUCCESS"
 
     # state
@@ -103,6 +185,18 @@ class WorkDir:
 
     def part_done(self, stage: str, part: int) -> bool:
         return self.part_path(stage, part).exists() and self.stats_path(stage, part).exists()
+
+    def done_parts(self, stage: str) -> set[int]:
+        """Partitions of ``stage`` with both files written, from one listing of its folder
+        (one request on an object store, where a check per file would be thousands)."""
+        try:
+            names = {p.name for p in self.stage_dir(stage).iterdir()}
+        except (FileNotFoundError, NotADirectoryError):  # not started: no folder (no prefix)
+            return set()
+        return {
+            int(n[5:-8]) for n in names
+            if n.startswith("part-") and n.endswith(".parquet") and f"stats-{n[5:-8]}.json" in names
+        }  # fmt: skip
 
     def num_parts(self) -> int:
         marker = self.success_path(ITEMS)
@@ -116,7 +210,7 @@ class WorkDir:
     def remove_temporaries(self) -> int:
         """Delete what a killed run left half-written. Returns how many files went."""
         removed = 0
-        if self.root.exists():
+        if is_local(self.root) and self.root.exists():  # object stores never hold temporaries
             for p in self.root.rglob(f"{TMP_PREFIX}*"):
                 p.unlink(missing_ok=True)
                 removed += 1
@@ -137,9 +231,9 @@ class WorkDir:
     # reading
     def read_view(self, part: int, stages: list[str], columns: list[str] | None = None) -> pa.Table:
         """Partition ``part`` as it stands after ``stages`` (in order), optionally projected."""
-        table = pq.read_table(self.part_path(ITEMS, part))
+        table = read_table(self.part_path(ITEMS, part))
         for stage in stages:
-            update = pq.read_table(self.part_path(stage, part))
+            update = read_table(self.part_path(stage, part))
             table = overlay(table, update, where=f"{stage} part {part}")
         if columns is not None:
             keep = [c for c in columns if c in table.column_names]

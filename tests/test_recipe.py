@@ -149,3 +149,23 @@ def test_cli_check_reports_the_key(tmp_path, capsys):
     path = write(tmp_path, r)
     assert main(["check", str(path)]) == 2
     assert "stages.download.retries" in capsys.readouterr().out
+
+
+def test_an_output_url_is_kept_as_given_and_storage_options_are_not_part_of_the_build(tmp_path, monkeypatch):
+    monkeypatch.setenv("S3_SECRET", "very-secret")
+    r = base() | {"output": "s3://bucket/builds/x/", "storage_options": {"endpoint_url": "http://127.0.0.1:9", "secret": "${S3_SECRET}"}}
+    recipe = load_recipe(write(tmp_path, r))
+    assert recipe.output == "s3://bucket/builds/x"
+    assert recipe.storage_options == {"endpoint_url": "http://127.0.0.1:9", "secret": "very-secret"}
+    assert "very-secret" not in str(recipe.canonical()) and "storage_options" not in recipe.canonical()
+    other = load_recipe(write(tmp_path, r | {"storage_options": {"endpoint_url": "http://127.0.0.1:10"}}))
+    assert other.hash() == recipe.hash(), "where the store is reached from must not change what is built"
+    assert load_recipe(write(tmp_path, r | {"output": "s3://bucket/builds/y"})).hash() != recipe.hash()
+
+
+def test_stall_settings_do_not_change_the_recipe_hash_and_are_validated(tmp_path):
+    plain = load_recipe(write(tmp_path, base()))
+    assert plain.ray.stall_timeout == 900 and plain.ray.stall_restarts == 2
+    tuned = load_recipe(write(tmp_path, base() | {"ray": {"stall_timeout": 30, "stall_restarts": 0}}))
+    assert tuned.hash() == plain.hash()
+    assert "ray.stall_timeout" in error_of(tmp_path, base() | {"ray": {"stall_timeout": -1}})

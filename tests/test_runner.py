@@ -262,3 +262,51 @@ def test_a_write_that_fails_once_is_retried(tmp_path, ray_local, monkeypatch):
     runner.run_one_partition(stage, WorkDir(recipe.output), 0, [])
     assert not flag.exists(), "the injected failure did not fire"
     assert WorkDir(recipe.output).part_done("download", 0)
+
+
+def stall_recipe(tmp_path: Path, url_lines: list[str], **ray_settings) -> Path:
+    """A URL-list recipe, two items per partition, whose requests may outlast the stall timeout."""
+    (tmp_path / "urls.csv").write_text("\n".join(["url,name", *url_lines]) + "\n")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "stall", "output": str(tmp_path / "out"),
+        "sources": [{"name": "web", "kind": "urls", "path": str(tmp_path / "urls.csv"), "name_column": "name"}],
+        "ray": {"partition_size": 2, **ray_settings},
+        "stages": {"download": {"allow_private_addresses": True, "timeout_s": 200, "retries": 0}},
+    }))  # fmt: skip
+    return path
+
+
+@pytest.mark.timeout(300)
+def test_a_hung_worker_is_noticed_and_its_partition_run_again(tmp_path, ray_local):
+    """One request hangs for 120 s (its timeout is longer); the stall watch restarts the stage
+    after 4 s without progress, the new worker's request is answered, the build completes."""
+    from datakit.testing.httpserver import PhotoServer
+
+    photos = sorted(p.relative_to(PHOTOS).as_posix() for p in PHOTOS.rglob("*.jpg"))[:7]
+    with PhotoServer(PHOTOS) as server:
+        hang = server.url("/fault/stall-once/a") + "?delay=120"
+        lines = [f"{hang},"] + [f"{server.file_url(rel)},{rel.split('/')[0]}" for rel in photos]
+        path = stall_recipe(tmp_path, lines, stall_timeout=4, stall_restarts=2)
+        started = time.monotonic()
+        result = runner.run(load_recipe(path), quiet=True)
+        hits = server.hits()
+    assert result.stall_restarts == 1
+    assert hits["/fault/stall-once/a"] == 2, "the hung request was not made again by a fresh worker"
+    assert time.monotonic() - started < 100, "the build waited for the hung request instead of restarting"
+    images = pq.read_table(tmp_path / "out" / "images.parquet")
+    assert images.num_rows == 8 and set(images.column("status").to_pylist()) == {schema.KEPT}
+    runs = json.loads((tmp_path / "out" / "build.json").read_text())["runs"]
+    assert runs[-1]["stall_restarts"] == 1
+
+
+def test_a_stage_that_never_finishes_stops_the_run_with_a_clear_error(tmp_path, ray_local):
+    from datakit.testing.httpserver import PhotoServer
+    from datakit.watchdog import Stalled
+
+    with PhotoServer(PHOTOS) as server:
+        lines = [server.url(f"/fault/hold/{i}") + "?delay=60," for i in range(2)]
+        path = stall_recipe(tmp_path, lines, stall_timeout=3, stall_restarts=1)
+        with pytest.raises(Stalled, match=r"stage download: no partition finished within 3 s, 2 times"):
+            runner.run(load_recipe(path), quiet=True)
+        assert server.hits()["/fault/hold/0"] == 2

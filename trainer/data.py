@@ -56,6 +56,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
+from webdataset.gopen import gopen_schemes
 
 from trainer.conditioning import face_pixels, time_ids
 from trainer.landmarks import box_of, render_landmarks, square_crop, to_crop
@@ -111,10 +112,47 @@ class Stats:
 # ---------------------------------------------------------------- shards
 
 
+# Object-store URLs are read through fsspec (webdataset's own table covers file, pipe:, http(s)
+# via curl, gs via gsutil). Options such as an S3 endpoint come from fsspec's configuration:
+# FSSPEC_S3_ENDPOINT_URL, FSSPEC_S3_KEY, ... or the backend's (AWS_* variables, ~/.aws).
+FSSPEC_SCHEMES = ("s3", "s3a", "gcs", "az", "abfs", "memory")
+
+
+def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **_):
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.open(path, mode, block_size=max(bufsize, 8 << 20))  # few large range reads
+
+
+for _scheme in FSSPEC_SCHEMES:
+    gopen_schemes.setdefault(_scheme, _gopen_fsspec)
+
+
+def _list_object_store(spec: str) -> list[str] | None:
+    """Shard URLs under an fsspec folder URL or glob, or None when ``spec`` is not such a URL."""
+    if spec.split("://", 1)[0] not in FSSPEC_SCHEMES:
+        return None
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(spec)
+    protocol = spec.split("://", 1)[0]
+    if any(c in path for c in "*?["):
+        found = fs.glob(path)
+    elif fs.isdir(path):
+        found = fs.glob(path.rstrip("/") + "/*.tar")
+    else:
+        found = [path] if fs.exists(path) else []
+    return sorted(f"{protocol}://{p}" for p in found)
+
+
 def list_shards(spec: str | Path | list) -> list[str]:
-    """Shard paths from a folder (its ``*.tar``, sorted), a glob, a brace pattern or a list."""
+    """Shard paths from a folder (its ``*.tar``, sorted), a glob, a brace pattern or a list;
+    folders and globs may be object-store URLs (``s3://bucket/corpus/shards``)."""
     if isinstance(spec, (list, tuple)):
         urls = [str(s) for s in spec]
+    elif (listed := _list_object_store(str(spec))) is not None:
+        urls = listed
     else:
         spec = str(spec)
         path = Path(spec)

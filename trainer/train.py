@@ -58,7 +58,7 @@ def cast(dtype: torch.dtype) -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="tiny", help="preset name (tiny, sdxl) or a YAML file")
-    parser.add_argument("--shards", default="manifests/demo/shards", help="shard folder, glob or brace pattern")
+    parser.add_argument("--shards", default="manifests/demo/shards", help="shard folder, glob or brace pattern; may be an object-store URL (s3://bucket/build/shards)")
     parser.add_argument("--output", default=None, help="run folder (default runs/<config name>)")
     parser.add_argument("--model", default=None, help="local diffusers SDXL folder (config sdxl)")
     parser.add_argument("--image-encoder", default=None, help="local CLIP vision folder (default MODEL/image_encoder)")

@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from datakit.audit.folder import AUDIT_DIR, AuditError, OutputFolder
+from datakit.store import location
 
 console = Console(soft_wrap=True)  # long paths stay whole, for people and for grep
 err = Console(stderr=True, soft_wrap=True)
@@ -23,7 +24,7 @@ err = Console(stderr=True, soft_wrap=True)
 
 def add_commands(subparsers) -> None:
     p = subparsers.add_parser("stats", help="corpus statistics: Table 6 (printed, CSV, JSON) and Figs. 11-14, 16 (PNG)")
-    p.add_argument("output", type=Path, help="the build's output folder")
+    p.add_argument("output", type=location, help="the build's output folder or URL (s3://bucket/prefix)")
     p.add_argument("--out", type=Path, help=f"where to write the files (default OUTPUT/{AUDIT_DIR})")
     p.add_argument("--sheets", default="8", help="Fig. 14-style identity sheets: how many identities (a number, or 'all'; default 8)")
     p.add_argument("--identity", action="append", default=[], metavar="NAME", help="draw this identity's sheet first (name or id; repeatable)")
@@ -32,7 +33,7 @@ def add_commands(subparsers) -> None:
     p.set_defaults(func=cmd_stats)
 
     p = subparsers.add_parser("report", help="one self-contained HTML page: tables, figures, drop funnel, identity browser")
-    p.add_argument("output", type=Path, help="the build's output folder")
+    p.add_argument("output", type=location, help="the build's output folder or URL (s3://bucket/prefix)")
     p.add_argument("--out", type=Path, help=f"the HTML file (default OUTPUT/{AUDIT_DIR}/report.html)")
     p.add_argument("--identity", action="append", default=[], metavar="NAME", help="list this person's images first (name or id; repeatable)")
     p.add_argument("--detail", type=int, default=300, help="people whose images are listed; the rest show names and counts (default 300)")
@@ -40,20 +41,20 @@ def add_commands(subparsers) -> None:
     p.set_defaults(func=cmd_report)
 
     p = subparsers.add_parser("explain", help="every stage's decision on one item, with the values behind it")
-    p.add_argument("output", type=Path, help="the build's output folder")
+    p.add_argument("output", type=location, help="the build's output folder or URL (s3://bucket/prefix)")
     p.add_argument("item", help="an image_id, a URL, or a folder source's file path")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_explain)
 
     p = subparsers.add_parser("verify", help="re-hash every shard and member against the manifests; exit 1 on any problem")
-    p.add_argument("output", type=Path, help="the build's output folder")
+    p.add_argument("output", type=location, help="the build's output folder or URL (s3://bucket/prefix)")
     p.add_argument("--jobs", type=int, default=2, help="shards hashed at once (default 2)")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write every problem to FILE as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_verify)
 
     p = subparsers.add_parser("redact", help="remove a person or images from the shards, manifests and work folder")
-    p.add_argument("output", type=Path, help="the build's output folder")
+    p.add_argument("output", type=location, help="the build's output folder or URL (s3://bucket/prefix)")
     p.add_argument("--identity", action="append", default=[], metavar="NAME", help="an identity's name or id (repeatable)")
     p.add_argument("--url", action="append", default=[], help="an image URL (repeatable)")
     p.add_argument("--image-id", action="append", default=[], dest="image_id", metavar="ID", help="an image_id (repeatable)")
@@ -62,7 +63,7 @@ def add_commands(subparsers) -> None:
     p.set_defaults(func=cmd_redact)
 
     p = subparsers.add_parser("card", help="write the dataset card OUTPUT/README.md (Hugging Face style front matter)")
-    p.add_argument("output", type=Path, help="the build's output folder")
+    p.add_argument("output", type=location, help="the build's output folder or URL (s3://bucket/prefix)")
     p.add_argument("--print", action="store_true", dest="show", help="also print it")
     p.set_defaults(func=cmd_card)
 

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import duckdb
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from datakit import registry, schema
 from datakit.audit.folder import IDENTITIES, IMAGES, MEMBERS, SHARDS, AuditError, OutputFolder
-from datakit.store import BULK_COLUMNS, ITEMS
+from datakit.store import BULK_COLUMNS, ITEMS, read_schema, read_table
 
 DECISIONS = ("status", "drop_stage", "reason", "detail")
 # where a column comes from when only images.parquet is there
@@ -106,6 +105,12 @@ def _locate(folder: OutputFolder, image_id: str) -> tuple[int, int] | None:
     items = folder.work.stage_dir(ITEMS)
     if not any(items.glob("part-*.parquet")):
         return None
+    if not folder.is_local:  # duckdb reads local files only (without its s3 extension)
+        for part in range(folder.work.num_parts()):
+            ids = read_table(folder.work.part_path(ITEMS, part), columns=["image_id"]).column(0).to_pylist()
+            if image_id in ids:
+                return part, ids.index(image_id)
+        return None
     con = duckdb.connect()
     con.execute("SET enable_progress_bar = false")
     pattern = str(items / "part-*.parquet").replace("'", "''")
@@ -128,14 +133,14 @@ def stages_from_work(folder: OutputFolder, image_id: str) -> list[dict]:
         path = folder.work.part_path(stage, part)
         if not path.is_file():
             continue
-        names = pq.read_schema(path).names
+        names = read_schema(path).names
         plain = [c for c in names if c not in BULK_COLUMNS]
-        row = pq.read_table(path, columns=plain).slice(index, 1).to_pylist()[0]
+        row = read_table(path, columns=plain).slice(index, 1).to_pylist()[0]
         if row.get("image_id") not in (None, image_id):
             raise AuditError(f"{path}: row {index} is {row.get('image_id')}, not {image_id}; the work folder is inconsistent")
         values = {k: v for k, v in row.items() if k not in DECISIONS and k not in ("image_id", "redacted_at", "redaction_reason")}
         for bulk in (c for c in BULK_COLUMNS if c in names):
-            cell = pq.read_table(path, columns=[bulk]).column(0)[index].as_py()
+            cell = read_table(path, columns=[bulk]).column(0)[index].as_py()
             values[bulk] = None if cell is None else f"{len(cell)} bytes in the work folder"
         out.append(_stage_entry(stage, status_before, row, values, from_work=True))
         status_before = row.get("status") or status_before

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
+import posixpath
 import tarfile
 from functools import cached_property
-from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from datakit.store import WorkDir
+from datakit.store import Location, WorkDir, is_local, location, read_schema, read_table
 
 IMAGES = "images.parquet"
 IDENTITIES = "identities.parquet"
@@ -26,13 +25,17 @@ class AuditError(RuntimeError):
 
 
 class OutputFolder:
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
+    def __init__(self, root):
+        self.root = location(root)  # a folder, or an fsspec URL (options from FSSPEC_* variables)
         if not self.root.is_dir():
             raise AuditError(f"{self.root}: no such folder (give the build's output folder)")
         self.work = WorkDir(self.root)
 
-    def path(self, name: str) -> Path:
+    @property
+    def is_local(self) -> bool:
+        return is_local(self.root)
+
+    def path(self, name: str) -> Location:
         return self.root / name
 
     def has(self, name: str) -> bool:
@@ -48,9 +51,18 @@ class OutputFolder:
     def read(self, name: str, columns: list[str] | None = None) -> pa.Table:
         self.require(name)
         if columns is not None:
-            present = set(pq.read_schema(self.path(name)).names)
+            present = set(read_schema(self.path(name)).names)
             columns = [c for c in columns if c in present]
-        return pq.read_table(self.path(name), columns=columns)
+        return read_table(self.path(name), columns=columns)
+
+    def sql_source(self, con, name: str, columns: list[str] | None = None) -> str:
+        """What a duckdb query reads ``name`` from: the file itself when local; for a URL, the
+        table read through fsspec and registered (duckdb's own s3 reader needs an extension)."""
+        if self.is_local:
+            return "read_parquet('" + str(self.path(name)).replace("'", "''") + "')"
+        view = "source_" + name.replace(".", "_")
+        con.register(view, self.read(name, columns))
+        return view
 
     @cached_property
     def build(self) -> dict:
@@ -87,12 +99,17 @@ class OutputFolder:
                     raise AuditError(f"{self.path(REDACTIONS)} line {n}: not valid JSON ({e})") from e
         return out
 
-    def inside(self, relative: str) -> Path:
+    def inside(self, relative: str) -> Location:
         """OUTPUT/relative, refusing names that would leave the output folder."""
-        path = (self.root / relative).resolve()
-        if not path.is_relative_to(self.root.resolve()):
+        if self.is_local:
+            path = (self.root / relative).resolve()
+            if not path.is_relative_to(self.root.resolve()):
+                raise AuditError(f"{relative!r} (from a manifest) points outside {self.root}")
+            return path
+        clean = posixpath.normpath(relative)
+        if clean.startswith(("/", "..")) or "://" in relative:
             raise AuditError(f"{relative!r} (from a manifest) points outside {self.root}")
-        return path
+        return self.root / clean
 
 
 class ShardReader:
@@ -112,7 +129,7 @@ class ShardReader:
             if not path.is_file():
                 return None
             try:
-                self._tar = tarfile.open(path, "r:")
+                self._tar = tarfile.open(path, "r:") if is_local(path) else tarfile.open(fileobj=path.open("rb"), mode="r:")
                 self._index = {m.name: m for m in self._tar.getmembers() if m.isfile()}
             except (tarfile.TarError, OSError):
                 self._tar, self._index = None, {}

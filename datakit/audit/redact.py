@@ -178,6 +178,11 @@ def redact(
     if not (identities or urls or image_ids):
         raise AuditError("say what to redact: --identity NAME, --url URL or --image-id ID")
     folder.require(IMAGES)
+    if not folder.is_local:
+        raise AuditError(
+            f"{folder.root}: redact rewrites shards and manifests in place under a file lock, which an object "
+            "store cannot give; run it on a local or mounted copy of the build (e.g. `aws s3 sync`), then sync back"
+        )
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if now is None else now))
     with _lock(folder):
         ids, already = select(folder, identities, urls, image_ids)

@@ -85,9 +85,9 @@ def compute(folder: OutputFolder) -> Stats:
     con = duckdb.connect()
     con.execute("SET threads TO 2")
     con.execute("SET enable_progress_bar = false")  # it would print into stdout (and into --json output)
-    images = str(folder.path(IMAGES))
+    images = folder.sql_source(con, IMAGES, NEEDED)
     # One scan of the few columns needed, into memory; the queries below then never touch the file.
-    con.execute(f"CREATE TABLE images AS SELECT {', '.join(NEEDED)} FROM read_parquet({_quote(images)})")
+    con.execute(f"CREATE TABLE images AS SELECT {', '.join(NEEDED)} FROM {images}")
     con.execute("CREATE TABLE kept AS SELECT * FROM images WHERE status = 'kept'")
     statuses = dict(con.execute("SELECT status, count(*) FROM images GROUP BY status").fetchall())
     items = sum(statuses.values())
@@ -110,10 +110,6 @@ def compute(folder: OutputFolder) -> Stats:
         drops=drops(con),
         items_by_source=dict(con.execute("SELECT source, count(*) FROM images GROUP BY source ORDER BY source").fetchall()),
     )
-
-
-def _quote(path: str) -> str:
-    return "'" + path.replace("'", "''") + "'"
 
 
 def _order_sources(folder: OutputFolder, names) -> list:
@@ -198,7 +194,7 @@ def gender_identities(con, folder: OutputFolder) -> dict[str, int]:
     out = dict.fromkeys((*GENDERS, UNKNOWN), 0)
     if folder.has(IDENTITIES):
         rows = con.execute(
-            f"SELECT gender, count(*) FROM read_parquet({_quote(str(folder.path(IDENTITIES)))}) GROUP BY gender"
+            f"SELECT gender, count(*) FROM {folder.sql_source(con, IDENTITIES, ['gender'])} GROUP BY gender"
         ).fetchall()
     else:
         rows = con.execute(

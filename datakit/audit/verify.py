@@ -22,7 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import pyarrow.parquet as pq
 
 from datakit import schema
 from datakit.audit.folder import IDENTITIES, IMAGES, MEMBERS, SHARDS, OutputFolder
@@ -126,7 +125,7 @@ def scan_tar(path: Path, rel: str) -> Scan:
     if not path.is_file():
         scan.exists = False
         return scan
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         reader = _HashingReader(f)
         try:
             with tarfile.open(fileobj=reader, mode="r|") as tar:
@@ -149,8 +148,8 @@ def scan_tar(path: Path, rel: str) -> Scan:
 
 def verify(folder: OutputFolder, jobs: int = 2, progress: bool = False) -> Report:
     folder.require(IMAGES, SHARDS, MEMBERS)
-    shards = pq.read_table(folder.path(SHARDS)).to_pylist()
-    members = pq.read_table(folder.path(MEMBERS)).to_pylist()
+    shards = folder.read(SHARDS).to_pylist()
+    members = folder.read(MEMBERS).to_pylist()
     images = folder.read(IMAGES, columns=["image_id", "status", "identity_id", "shard", "key"]).to_pylist()
     report = Report()
     problems = report.problems
@@ -188,7 +187,8 @@ def find_tars(folder: OutputFolder) -> list[str]:
     base = folder.path(SHARDS_DIR)
     if not base.is_dir():
         return []
-    return sorted(p.relative_to(folder.root).as_posix() for p in base.rglob("*") if p.is_file() and (p.suffix == ".tar" or p.name.startswith(TMP_PREFIX)))
+    found = [p for p in base.rglob("*") if p.is_file() and (p.suffix == ".tar" or p.name.startswith(TMP_PREFIX))]
+    return sorted(f"{SHARDS_DIR}/{p.relative_to(base).as_posix()}" for p in found)
 
 
 def _is_temp(rel: str) -> bool:

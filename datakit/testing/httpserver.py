@@ -41,6 +41,8 @@ Routes (every response is deterministic except where a route says it sleeps):
 ``/fault/big?size=N&length=1``        N bytes of zeros; ``length=0`` sends them chunked, with no
                                       Content-Length
 ``/fault/hold/<key>?delay=S``         the JPEG after S seconds (to watch how many requests overlap)
+``/fault/stall-once/<key>?delay=S``   the first request of this path gets the JPEG after S seconds
+                                      (a worker that hangs), later ones at once
 ``/_stats``                           JSON: requests seen per path, and the most requests that
                                       were open at once (this route is not counted)
 ====================================  ===============================================================
@@ -231,6 +233,11 @@ def build_app(folder: Path | None) -> web.Application:
         await asyncio.sleep(float(request.query.get("delay", "0.2")))
         return jpeg_response()
 
+    async def stall_once(request):
+        if hits[request.path] == 1:
+            await asyncio.sleep(float(request.query.get("delay", "60")))
+        return jpeg_response()
+
     async def stats(request):
         return web.json_response({"hits": dict(hits), "max_in_flight": load["max_in_flight"]})
 
@@ -238,6 +245,7 @@ def build_app(folder: Path | None) -> web.Application:
     app.add_routes([
         web.get("/files/{path:.+}", serve_file),
         web.get("/image.jpg", image),
+        web.get("/fault/stall-once/{key}", stall_once),
         web.get("/fault/status/{code:\\d+}", status),
         web.get("/fault/flaky/{key}", flaky),
         web.get("/fault/retry-after/{key}", retry_after),
