@@ -80,6 +80,9 @@ class Recipe(_Strict):
     # fsspec options for an output URL (endpoint_url, region, ...): not part of what is built,
     # so neither hashed nor written to recipe.json or build.json (they may hold credentials).
     storage_options: dict[str, Any] = Field(default_factory=dict, exclude=True)
+    # Redaction logs (redactions.jsonl) of earlier builds: the items they name are not fetched.
+    # OUTPUT/redactions.jsonl, when there is one, counts without being listed.
+    redactions: list[Path] = Field(default_factory=list)
     sources: list[Source] = Field(min_length=1)
     faces: dict[str, Any] | None = None  # validated by datakit.faces.FaceSettings when used
     stages: dict[str, dict[str, Any] | None]
@@ -161,6 +164,10 @@ def validate_recipe(raw: dict, path: Path) -> Recipe:
     base = path.resolve().parent
     recipe.path = path.resolve()
     recipe.output = _resolve_output(base, recipe.output)
+    for i, log in enumerate(recipe.redactions):
+        recipe.redactions[i] = _resolve(base, log)
+        if not recipe.redactions[i].is_file():
+            raise RecipeError(f"{path}: redactions[{i}]: file not found: {recipe.redactions[i]}")
     for i, source in enumerate(recipe.sources):
         if isinstance(source, FolderSource):
             source.root = _resolve(base, source.root)

@@ -25,7 +25,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from datakit import __version__, registry, schema
 from datakit.recipe import Recipe
-from datakit.sources import items_table, iter_items
+from datakit.sources import apply_redactions, items_table, iter_items, read_redactions
 from datakit.stage import Stage
 from datakit.watchdog import Stalled, StallWatch
 from datakit.store import BULK_COLUMNS, ITEMS, Location, WorkDir, atomic_write_json, atomic_write_table, remove_tree
@@ -99,13 +99,19 @@ def enumerate_items(work: WorkDir, recipe: Recipe) -> None:
     if work.is_done(ITEMS):
         return
     rows = list(iter_items(recipe.sources, recipe.path))
+    logs = list(recipe.redactions)
+    if (work.output / "redactions.jsonl").exists():  # kept by --restart: an opt-out outlives the build
+        logs.append(work.output / "redactions.jsonl")
+    redacted = apply_redactions(rows, read_redactions(logs))
+    if redacted:
+        log.info("%d items were redacted in an earlier build and will not be fetched", redacted)
     size = recipe.ray.partition_size
     parts = max(1, (len(rows) + size - 1) // size)
     for part in range(parts):
         table = items_table(rows[part * size : (part + 1) * size])
         atomic_write_table(work.part_path(ITEMS, part), table)
     by_source = Counter(r["source"] for r in rows)
-    work.mark_done(ITEMS, {"partitions": parts, "items": len(rows), "by_source": dict(by_source)})
+    work.mark_done(ITEMS, {"partitions": parts, "items": len(rows), "by_source": dict(by_source), "redacted": redacted})
 
 
 def stage_context(recipe: Recipe) -> dict:
@@ -392,7 +398,8 @@ def write_images_manifest(work: WorkDir, names: list[str]) -> pa.Table:
 
 def summarize(work: WorkDir, images: pa.Table, names: list[str], wall: float) -> RunResult:
     status = images.column("status").to_pylist()
-    reasons = Counter(r for s, r in zip(status, images.column("reason").to_pylist()) if s != schema.KEPT)
+    # a redacted item has no drop reason; it is counted under its status
+    reasons = Counter(r if s == schema.DROPPED else s for s, r in zip(status, images.column("reason").to_pylist()) if s != schema.KEPT)
     stages = {}
     for name in names:
         stats = work.read_stats(name)

@@ -35,6 +35,8 @@ ITEM_SCHEMA = pa.schema(
         ("drop_stage", pa.string()),
         ("reason", pa.string()),
         ("detail", pa.string()),
+        ("redacted_at", pa.string()),  # set for an item an earlier build's redaction log names
+        ("redaction_reason", pa.string()),
     ]
 )
 
@@ -52,6 +54,37 @@ def iter_items(sources, recipe_path: Path | None = None) -> Iterator[dict]:
             row["status"] = schema.KEPT
             row["drop_stage"] = row["reason"] = row["detail"] = None
             yield row
+
+
+def read_redactions(paths) -> dict[str, dict]:
+    """image_id -> {redacted_at, redaction_reason} from redaction logs (``datakit redact``'s
+    ``redactions.jsonl``). Dry runs do not count; an item's first redaction stands."""
+    out: dict[str, dict] = {}
+    for path in paths:
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                if entry.get("dry_run"):
+                    continue
+                for image_id in entry["image_ids"]:
+                    out.setdefault(image_id, {"redacted_at": entry["time"], "redaction_reason": entry["reason"]})
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise RecipeError(f"{path} line {n}: not a redaction record ({type(e).__name__}: {e})") from e
+    return out
+
+
+def apply_redactions(rows: list[dict], redactions: dict[str, dict]) -> int:
+    """Mark the items an earlier redaction removed: never fetched again. Returns how many."""
+    marked = 0
+    for row in rows:
+        hit = redactions.get(row["image_id"])
+        if hit is not None:
+            row.update(hit, status=schema.REDACTED, fetch_uri=None,
+                       detail=f"redacted {hit['redacted_at']} in an earlier build; not fetched again")  # fmt: skip
+            marked += 1
+    return marked
 
 
 def items_table(rows: list[dict]) -> pa.Table:

@@ -169,3 +169,16 @@ def test_stall_settings_do_not_change_the_recipe_hash_and_are_validated(tmp_path
     tuned = load_recipe(write(tmp_path, base() | {"ray": {"stall_timeout": 30, "stall_restarts": 0}}))
     assert tuned.hash() == plain.hash()
     assert "ray.stall_timeout" in error_of(tmp_path, base() | {"ray": {"stall_timeout": -1}})
+
+
+def test_redaction_logs_must_exist_and_a_bad_line_is_named(tmp_path):
+    assert "redactions[0]: file not found" in error_of(tmp_path, base() | {"redactions": ["gone.jsonl"]})
+    from datakit.sources import read_redactions
+
+    log = tmp_path / "redactions.jsonl"
+    log.write_text('{"image_ids": ["a"], "time": "t", "reason": "r", "dry_run": false}\n{"image_ids": 5}\n')
+    with pytest.raises(RecipeError, match=r"redactions.jsonl line 2: not a redaction record"):
+        read_redactions([log])
+    log.write_text('{"image_ids": ["a"], "time": "t1", "reason": "r1"}\n{"image_ids": ["a", "b"], "time": "t2", "reason": "r2"}\n'
+                   '{"image_ids": ["c"], "time": "t3", "reason": "r3", "dry_run": true}\n')  # fmt: skip
+    assert read_redactions([log]) == {"a": {"redacted_at": "t1", "redaction_reason": "r1"}, "b": {"redacted_at": "t2", "redaction_reason": "r2"}}

@@ -310,3 +310,37 @@ def test_a_stage_that_never_finishes_stops_the_run_with_a_clear_error(tmp_path, 
         with pytest.raises(Stalled, match=r"stage download: no partition finished within 3 s, 2 times"):
             runner.run(load_recipe(path), quiet=True)
         assert server.hits()["/fault/hold/0"] == 2
+
+
+def test_a_rebuild_does_not_fetch_what_was_redacted(tmp_path, ray_local):
+    """redact, then `run --restart` (or a new build listing the log): the item stays redacted
+    and its URL is not requested again."""
+    from datakit.audit.folder import OutputFolder
+    from datakit.audit.redact import redact
+    from datakit.testing.httpserver import PhotoServer
+
+    photos = sorted(p.relative_to(PHOTOS).as_posix() for p in PHOTOS.rglob("*.jpg"))[:6]
+    with PhotoServer(PHOTOS) as server:
+        urls = [f"{server.file_url(rel)},{rel.split('/')[0]}" for rel in photos]
+        path = stall_recipe(tmp_path, urls)
+        runner.run(load_recipe(path), quiet=True)
+        out = tmp_path / "out"
+        victim = pq.read_table(out / "images.parquet").to_pylist()[2]
+        redact(OutputFolder(out), "subject asked to be removed", image_ids=[victim["image_id"]])
+
+        runner.run(load_recipe(path), restart=True, quiet=True)
+        other = yaml.safe_load(path.read_text()) | {"output": str(tmp_path / "other"), "redactions": [str(out / "redactions.jsonl")]}
+        path.write_text(yaml.safe_dump(other))
+        runner.run(load_recipe(path), quiet=True)
+        hits = server.hits()
+    path_of = "/files/" + photos[2]
+    assert hits[path_of] == 1, "a redacted item was fetched again"
+    assert all(hits["/files/" + rel] == 3 for i, rel in enumerate(photos) if i != 2)
+    for folder in (out, tmp_path / "other"):
+        rows = {r["image_id"]: r for r in pq.read_table(folder / "images.parquet").to_pylist()}
+        row = rows[victim["image_id"]]
+        assert row["status"] == schema.REDACTED and row["redaction_reason"] == "subject asked to be removed"
+        assert row["redacted_at"] and row["sha256"] is None and "not fetched again" in row["detail"]
+        assert sum(r["status"] == schema.KEPT for r in rows.values()) == 5
+        build = json.loads((folder / "build.json").read_text())
+        assert build["counts"]["dropped_by_reason"] == {"redacted": 1}
