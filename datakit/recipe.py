@@ -227,7 +227,7 @@ def _substitute_env(node, path: Path, keys: list):
 def _explain(error: ValidationError, path: Path, raw: dict, prefix: tuple = ()) -> str:
     lines = []
     for err in error.errors():
-        loc = list(prefix) + [p for p in err["loc"] if not _is_union_tag(p)]
+        loc = list(prefix) + _without_union_tag(list(err["loc"]))
         key = _format_key(loc)
         kind = err["type"]
         if kind == "extra_forbidden":
@@ -241,8 +241,12 @@ def _explain(error: ValidationError, path: Path, raw: dict, prefix: tuple = ()) 
     return "\n".join(lines)
 
 
-def _is_union_tag(part) -> bool:
-    return part in ("folder", "urls")
+def _without_union_tag(loc: list) -> list:
+    """pydantic names the chosen source kind in the path (sources.0.folder.root); drop just that
+    element, so a key that happens to be called "folder" or "urls" elsewhere stays."""
+    if len(loc) >= 3 and loc[0] == "sources" and isinstance(loc[1], int) and loc[2] in ("folder", "urls"):
+        return loc[:2] + loc[3:]
+    return loc
 
 
 def _format_key(loc) -> str:

@@ -182,3 +182,10 @@ def test_redaction_logs_must_exist_and_a_bad_line_is_named(tmp_path):
     log.write_text('{"image_ids": ["a"], "time": "t1", "reason": "r1"}\n{"image_ids": ["a", "b"], "time": "t2", "reason": "r2"}\n'
                    '{"image_ids": ["c"], "time": "t3", "reason": "r3", "dry_run": true}\n')  # fmt: skip
     assert read_redactions([log]) == {"a": {"redacted_at": "t1", "redaction_reason": "r1"}, "b": {"redacted_at": "t2", "redaction_reason": "r2"}}
+
+
+def test_a_stage_setting_named_like_a_source_kind_keeps_its_name_in_errors(tmp_path):
+    error = error_of(tmp_path, base() | {"stages": {"download": {"urls": 1}}})
+    assert "stages.download.urls: unknown key" in error
+    error = error_of(tmp_path, base() | {"sources": [{"name": "f", "kind": "folder", "root": "photos", "bogus": 1}]})
+    assert "sources[0].bogus: unknown key" in error
