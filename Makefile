@@ -11,7 +11,7 @@ help:
 	@echo "make test    run the test suite"
 	@echo "make bench   run every benchmark (bench-download, bench-faces, bench-cluster)"
 	@echo "make train   train the tiny config on the demo shards (CPU; after make demo)"
-	@echo "make rehearsal  two-node Ray scale and fault rehearsal (~20 min)"
+	@echo "make rehearsal  two-node Ray scale and fault rehearsal (~30 min)"
 
 install: $(STAMP)
 

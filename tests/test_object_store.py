@@ -135,6 +135,17 @@ def test_a_second_run_on_s3_resumes_and_changes_nothing(s3, builds):
     assert {p: fs.info(p)["ETag"] for p in fs.find(f"{BUCKET}/builds/small/shards")} == before
 
 
+def test_restart_on_s3_discards_the_work_folder_and_builds_the_same_again(s3, builds):
+    local, url, result, tmp = builds
+    fs = fs_of(s3)
+    stray = f"{BUCKET}/builds/small/_work/download/part-09999.parquet"
+    fs.pipe_file(stray, b"left by an older build")
+    again = runner.run(load_recipe(write_recipe(tmp, url, s3)), restart=True, quiet=True)
+    assert not fs.exists(stray), "--restart left the old work folder behind"
+    assert again.kept == result.kept
+    assert read_remote(s3, "images.parquet").equals(pq.read_table(local / "images.parquet"))
+
+
 def test_cli_status_verify_and_stats_read_the_build_from_s3(s3, builds):
     local, url, result, tmp = builds
 
