@@ -129,6 +129,8 @@ class Recipe(_Strict):
         data = self.model_dump(mode="json")
         for key in ("address", "num_cpus", "stall_timeout", "stall_restarts"):
             data["ray"].pop(key, None)
+        if not data["redactions"]:
+            del data["redactions"]  # so recipes without it keep the hash they had before it existed
         for source in data["sources"]:
             source.pop("base_url", None)  # a mirror's address; locators are kept as listed
         data["stages"] = {n: self.stage_settings(n).model_dump(mode="json") for n in self.stage_names()}

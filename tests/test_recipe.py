@@ -189,3 +189,12 @@ def test_a_stage_setting_named_like_a_source_kind_keeps_its_name_in_errors(tmp_p
     assert "stages.download.urls: unknown key" in error
     error = error_of(tmp_path, base() | {"sources": [{"name": "f", "kind": "folder", "root": "photos", "bogus": 1}]})
     assert "sources[0].bogus: unknown key" in error
+
+
+def test_the_demo_recipe_hash_is_stable():
+    """A changed hash refuses to resume every existing build: new optional settings must not move it.
+    (Update the value only for a change that really alters what a recipe builds.)"""
+    import os
+
+    os.environ.setdefault("DATAKIT_DEMO_BASE_URL", "http://127.0.0.1:1/files/")
+    assert load_recipe(REPO / "pipelines" / "demo.yaml").hash()[:12] == "9821e882f9fe"
