@@ -181,7 +181,9 @@ class RayCluster:
         temp = self.root / name
         temp.mkdir(parents=True, exist_ok=True)
         nm_port = free_port()
-        base = 10000 + 250 * secrets.randbelow(80)  # below the ephemeral range that free_port() draws from
+        # worker ports: below the ephemeral range that free_port() draws from, and above Ray's fixed
+        # defaults (client server 10001, which a range starting at 10000 collided with: 1 run in 80)
+        base = 10250 + 250 * secrets.randbelow(80)
         ports = ["--node-manager-port", str(nm_port), "--object-manager-port", str(free_port()),
                  "--min-worker-port", str(base), "--max-worker-port", str(base + 200),
                  "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
