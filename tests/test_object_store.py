@@ -207,3 +207,27 @@ def test_redact_refuses_an_object_store_build_with_a_clear_message(s3, builds):
     assert proc.returncode != 0
     assert "object store" in (proc.stdout + proc.stderr) and url in (proc.stdout + proc.stderr)
     assert read_remote(s3, "images.parquet").equals(pq.read_table(local / "images.parquet"))
+
+
+@pytest.mark.timeout(600)
+def test_a_two_node_cluster_builds_into_s3(s3, builds):
+    """`datakit run --address` on a real two-node Ray cluster (datakit.rehearsal's), output on S3:
+    workers on both nodes write partitions to the bucket; the result equals the local build."""
+    from datakit import rehearsal
+
+    local, url, result, tmp = builds
+    target = f"s3://{BUCKET}/builds/two-node"
+    recipe = write_recipe(tmp, target, s3)
+    with rehearsal.ray_cluster() as cluster:
+        proc = subprocess.run([sys.executable, "-m", "datakit", "run", str(recipe), "--address", cluster.address, "--quiet"],
+                              cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=500)  # fmt: skip
+        worker_logs = " ".join(p.read_text(errors="replace") for p in cluster.worker.temp_dir.rglob("worker-*.out"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "MapBatches(" in worker_logs or "_run_global_task" in worker_logs, "no datakit stage ran on the second node"
+    with fs_of(s3).open(f"{BUCKET}/builds/two-node/images.parquet", "rb") as f:
+        two_node = pq.read_table(f)
+    local_images = pq.read_table(local / "images.parquet")
+    assert two_node.equals(local_images), "the two-node S3 build's images.parquet differs from the local build's"
+    shards = {r["path"]: r["sha256"] for r in read_remote(s3, "shards.parquet").to_pylist()}
+    with fs_of(s3).open(f"{BUCKET}/builds/two-node/shards.parquet", "rb") as f:
+        assert {r["path"]: r["sha256"] for r in pq.read_table(f).to_pylist()} == shards
