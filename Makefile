@@ -4,12 +4,12 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: chromium install demo test bench bench-download bench-faces bench-cluster bench-stats bench-trainer rehearsal train clean help
+.PHONY: chromium install demo test bench bench-download bench-faces bench-cluster bench-stats bench-trainer bench-objstore rehearsal train clean help
 
 help:
 	@echo "make demo    build the demo corpus from the photos in data/demo (offline)"
 	@echo "make test    run the test suite"
-	@echo "make bench   run every benchmark (bench-download, bench-faces, bench-cluster)"
+	@echo "make bench   run every benchmark (download, faces, cluster, stats, trainer, objstore)"
 	@echo "make train   train the tiny config on the demo shards (CPU; after make demo)"
 	@echo "make rehearsal  two-node Ray scale and fault rehearsal (~30 min)"
 
@@ -34,7 +34,7 @@ chromium:
 test: $(STAMP) chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: bench-download bench-faces bench-cluster bench-stats bench-trainer
+bench: bench-download bench-faces bench-cluster bench-stats bench-trainer bench-objstore
 
 bench-download: $(STAMP)
 	$(PY) benchmarks/bench_download.py
@@ -50,6 +50,9 @@ bench-stats: $(STAMP)
 
 bench-trainer: $(STAMP)
 	$(PY) benchmarks/bench_trainer.py
+
+bench-objstore: $(STAMP)
+	$(PY) benchmarks/bench_objstore.py
 
 rehearsal: $(STAMP)
 	$(PY) -m datakit.rehearsal

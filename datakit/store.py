@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 
 ITEMS = "items"
 TMP_PREFIX = ".tmp-"
+REMOTE_READERS = 16  # partition views read at once from an object store
 # Columns that hold bulk bytes: kept in the work folder, never in images.parquet.
 BULK_COLUMNS = ("image_bytes", "face_crop")
 
@@ -223,10 +224,11 @@ class WorkDir:
         atomic_write_json(self.stats_path(stage, part), stats)
 
     def read_stats(self, stage: str) -> list[dict]:
-        out = []
-        for p in sorted(self.stage_dir(stage).glob("stats-*.json")):
-            out.append(json.loads(p.read_text()))
-        return out
+        paths = sorted(self.stage_dir(stage).glob("stats-*.json"))
+        if paths and not is_local(self.root):  # one batched, concurrent fetch, not a GET per file in turn
+            blobs = self.root.fs.cat([p.path for p in paths])
+            return [json.loads(blobs[p.path]) for p in paths]
+        return [json.loads(p.read_text()) for p in paths]
 
     # reading
     def read_view(self, part: int, stages: list[str], columns: list[str] | None = None) -> pa.Table:
@@ -241,8 +243,25 @@ class WorkDir:
         return table
 
     def iter_views(self, stages: list[str], columns: list[str] | None = None) -> Iterator[pa.Table]:
-        for part in range(self.num_parts()):
-            yield self.read_view(part, stages, columns)
+        parts = range(self.num_parts())
+        if is_local(self.root):
+            for part in parts:
+                yield self.read_view(part, stages, columns)
+            return
+        # An object store answers each small read after a round trip: keep several in flight,
+        # and still yield the partitions in order.
+        # (A bounded window: at most REMOTE_READERS views wait in memory.)
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=REMOTE_READERS) as pool:
+            window: deque = deque()
+            for part in parts:
+                window.append(pool.submit(self.read_view, part, stages, columns))
+                if len(window) >= REMOTE_READERS:
+                    yield window.popleft().result()
+            while window:
+                yield window.popleft().result()
 
     def read_all(self, stages: list[str], columns: list[str] | None = None) -> pa.Table:
         """Every partition after ``stages``; pass ``columns`` to leave bulk bytes on disk."""
