@@ -22,12 +22,6 @@ import time
 import pyarrow as pa
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_for(port: int, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -68,6 +62,7 @@ def main() -> int:
 
     import s3fs
 
+    from datakit.rehearsal import free_port
     from datakit.store import REMOTE_READERS, WorkDir
 
     port = free_port()

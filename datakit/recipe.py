@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from datakit import registry
+from datakit.store import is_url
 
 ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -197,10 +198,6 @@ def _resolve_output(base: Path, output) -> Path | str:
     if is_url(text):
         return text.rstrip("/")
     return _resolve(base, Path(text.removeprefix("file://")))
-
-
-def is_url(text: str) -> bool:
-    return "://" in text and not text.startswith("file://")
 
 
 def _resolve(base: Path, p: Path) -> Path:

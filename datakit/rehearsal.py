@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
+from datakit.store import ITEMS, WorkDir, read_table
 from datakit.testing.httpserver import PhotoServer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -369,13 +370,9 @@ def start_driver(recipe: Path, output: Path, cluster: "RayCluster", log: Path) -
                             start_new_session=True)
 
 
-def parts_done(output: Path, stage: str) -> int:
-    return len(list((output / "_work" / stage).glob("stats-*.json")))
-
-
 def total_parts(output: Path) -> int | None:
-    marker = output / "_work" / "items" / "_SUCCESS"
-    return json.loads(marker.read_text())["partitions"] if marker.exists() else None
+    work = WorkDir(output)
+    return work.num_parts() if work.is_done(ITEMS) else None
 
 
 def progress(output: Path) -> int:
@@ -427,11 +424,11 @@ class FaultLog:
 
 def source_downloading(output: Path) -> int:
     """Index of the source (= server) whose items the first undownloaded partition holds."""
-    import pyarrow.parquet as pq
-
+    work = WorkDir(output)
+    done = work.done_parts("download")
     for part in range(total_parts(output) or 0):
-        if not (output / "_work" / "download" / f"stats-{part:05d}.json").exists():
-            source = pq.read_table(output / "_work" / "items" / f"part-{part:05d}.parquet", columns=["source"])
+        if part not in done:
+            source = read_table(work.part_path(ITEMS, part), columns=["source"])
             return int(source.column("source")[0].as_py().split("_")[-1])
     return 0
 
@@ -440,7 +437,7 @@ def first_partition_stage(output: Path, stages: list[str], fraction: float):
     """A predicate: some partition stage has at least ``fraction`` of its partitions done."""
     def check() -> bool:
         n = total_parts(output)
-        return bool(n) and any(parts_done(output, s) >= max(1, int(n * fraction)) for s in stages)
+        return bool(n) and any(len(WorkDir(output).done_parts(s)) >= max(1, int(n * fraction)) for s in stages)
     return check
 
 

@@ -85,8 +85,9 @@ class ShardStage(Stage):
     def process_global(self, work: WorkDir, upstream: list[str]) -> pa.Table:
         s: Settings = self.settings
         output = work.output
-        meta = with_all_columns(work.read_all(upstream, columns=MANIFEST_COLUMNS), MANIFEST_COLUMNS)
+        meta = work.read_all(upstream, columns=MANIFEST_COLUMNS)
         check_identities(meta)
+        meta = schema.conform(meta).select(MANIFEST_COLUMNS)  # a skipped stage's columns as nulls (no attributes: no age)
         encoded_dir = work.stage_dir(self.name) / "encoded"
         summaries = run_tasks(
             encode_partition,
@@ -133,14 +134,6 @@ class ShardStage(Stage):
                 "key": pa.array(key, pa.string()),
             }
         )
-
-
-def with_all_columns(table: pa.Table, columns: list[str]) -> pa.Table:
-    """Null columns for what a skipped stage would have added (no attributes stage: no age)."""
-    for name in columns:
-        if name not in table.column_names and name != "identity_id":
-            table = table.append_column(name, pa.nulls(table.num_rows, schema.IMAGES_SCHEMA.field(name).type))
-    return table
 
 
 def check_identities(meta: pa.Table) -> None:
@@ -332,7 +325,7 @@ def write_shard(output: Location, name: str, keys: list[str], parts: list[int], 
     else:  # built on local disk, then uploaded whole
         tmp = Path(tempfile.gettempdir()) / f"{TMP_PREFIX}{uuid.uuid4().hex}-{name}"
     try:
-        members = _write_tar(tmp, keys, row_of, columns)
+        members = _write_tar(tmp, name, keys, row_of, columns)
         digest, size = file_sha256(tmp)
         publish_file(tmp, folder / name)
     finally:
@@ -340,7 +333,7 @@ def write_shard(output: Location, name: str, keys: list[str], parts: list[int], 
     return {"path": f"{SHARDS_DIR}/{name}", "bytes": size, "sha256": digest, "members": members}
 
 
-def _write_tar(tmp: Path, keys: list[str], row_of: dict, columns: dict) -> list[dict]:
+def _write_tar(tmp: Path, name: str, keys: list[str], row_of: dict, columns: dict) -> list[dict]:
     members = []
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for key in keys:
@@ -351,7 +344,7 @@ def _write_tar(tmp: Path, keys: list[str], row_of: dict, columns: dict) -> list[
                     continue
                 member = f"{key}.{suffix}"
                 tar.addfile(tar_info(member, len(data)), io.BytesIO(data))
-                members.append({"shard": f"{SHARDS_DIR}/{tmp.name.split('-', 2)[2]}", "key": key, "member": member, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+                members.append({"shard": f"{SHARDS_DIR}/{name}", "key": key, "member": member, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
     return members
 
 

@@ -42,6 +42,13 @@ BULK_COLUMNS = ("image_bytes", "face_crop")
 
 # A local folder (pathlib.Path) or an fsspec URL (upath.UPath): both have /, exists, open, glob.
 Location = Union[Path, Any]
+# Fixed writer settings so the same table gives the same bytes.
+PARQUET_WRITE = dict(compression="zstd", write_statistics=True, store_schema=True)
+
+
+def is_url(text: str) -> bool:
+    """An fsspec URL (s3://, gs://, memory://); ``file://`` and plain paths are local folders."""
+    return "://" in text and not text.startswith("file://")
 
 
 def location(where, storage_options: dict | None = None) -> Location:
@@ -54,7 +61,7 @@ def location(where, storage_options: dict | None = None) -> Location:
     if hasattr(where, "protocol") and not isinstance(where, PurePath):
         return where  # already a location
     text = os.fspath(where)
-    if "://" not in text or text.startswith("file://"):
+    if not is_url(text):
         return Path(text.removeprefix("file://"))
     from upath import UPath
 
@@ -69,24 +76,24 @@ def is_local(path: Location) -> bool:
     return isinstance(path, PurePath)
 
 
+def _parquet_source(path: Location) -> tuple:
+    """(where, filesystem) for pyarrow: a file here, or a URL's path with its fsspec file system."""
+    return (path, None) if is_local(path) else (path.path, path.fs)
+
+
 def read_table(path: Location, **kwargs) -> pa.Table:
-    if is_local(path):
-        return pq.read_table(path, **kwargs)
-    return pq.read_table(path.path, filesystem=path.fs, **kwargs)
+    where, fs = _parquet_source(path)
+    return pq.read_table(where, filesystem=fs, **kwargs)
 
 
 def read_schema(path: Location) -> pa.Schema:
-    if is_local(path):
-        return pq.read_schema(path)
-    with path.open("rb") as f:
-        return pq.read_schema(f)
+    where, fs = _parquet_source(path)
+    return pq.read_schema(where, filesystem=fs)
 
 
 def read_metadata(path: Location) -> pq.FileMetaData:
-    if is_local(path):
-        return pq.read_metadata(path)
-    with path.open("rb") as f:
-        return pq.read_metadata(f)
+    where, fs = _parquet_source(path)
+    return pq.read_metadata(where, filesystem=fs)
 
 
 def remove_tree(path: Location) -> None:
@@ -146,13 +153,12 @@ def atomic_write_table(path: Location, table: pa.Table) -> None:
     _injected_write_failure(path)
     if not is_local(path):
         sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression="zstd", write_statistics=True, store_schema=True)
+        pq.write_table(table, sink, **PARQUET_WRITE)
         atomic_write_bytes(path, sink.getvalue().to_pybytes())
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}-{path.name}"
-    # Fixed writer settings so the same table gives the same bytes.
-    pq.write_table(table, tmp, compression="zstd", write_statistics=True, store_schema=True)
+    pq.write_table(table, tmp, **PARQUET_WRITE)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -37,8 +37,7 @@ class StallWatch:
         self.poll = poll or min(30.0, max(0.5, (timeout or 30.0) / 4))
         self.grace = grace
         self.fired = False
-        self._stop = threading.Event()
-        self._returned = threading.Event()
+        self._stop = threading.Event()  # set when the main thread leaves the watched block
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> StallWatch:
@@ -48,7 +47,6 @@ class StallWatch:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._returned.set()
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
@@ -76,7 +74,7 @@ class StallWatch:
         # A real SIGINT, not _thread.interrupt_main(): the main thread sleeps in a lock wait that
         # only a signal wakes.
         signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-        if not self._returned.wait(self.grace):
+        if not self._stop.wait(self.grace):
             print(
                 f"datakit: {self.what} stalled and its pipeline did not stop within {self.grace:.0f} s; "
                 f"exiting (code {EXIT_STALLED}). Run the same command again to resume.",
