@@ -56,21 +56,35 @@ def iter_items(sources, recipe_path: Path | None = None) -> Iterator[dict]:
             yield row
 
 
+def redaction_log(path) -> list[tuple[int, dict]]:
+    """(line number, record) of a redaction log (``datakit redact``'s ``redactions.jsonl``, one
+    JSON object per line). A line that is not JSON is a ValueError naming file and line."""
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                out.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {n}: not valid JSON ({e})") from e
+    return out
+
+
 def read_redactions(paths) -> dict[str, dict]:
-    """image_id -> {redacted_at, redaction_reason} from redaction logs (``datakit redact``'s
-    ``redactions.jsonl``). Dry runs do not count; an item's first redaction stands."""
+    """image_id -> {redacted_at, redaction_reason} from redaction logs. Dry runs do not count;
+    an item's first redaction stands."""
     out: dict[str, dict] = {}
     for path in paths:
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
+        try:
+            records = redaction_log(path)
+        except ValueError as e:
+            raise RecipeError(str(e)) from e
+        for n, entry in records:
             try:
-                entry = json.loads(line)
                 if entry.get("dry_run"):
                     continue
                 for image_id in entry["image_ids"]:
                     out.setdefault(image_id, {"redacted_at": entry["time"], "redaction_reason": entry["reason"]})
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            except (KeyError, TypeError, AttributeError) as e:
                 raise RecipeError(f"{path} line {n}: not a redaction record ({type(e).__name__}: {e})") from e
     return out
 

@@ -9,6 +9,7 @@ from functools import cached_property
 
 import pyarrow as pa
 
+from datakit.sources import redaction_log
 from datakit.store import Location, WorkDir, is_local, location, read_schema, read_table
 
 IMAGES = "images.parquet"
@@ -90,14 +91,10 @@ class OutputFolder:
     def redactions(self) -> list[dict]:
         if not self.has(REDACTIONS):
             return []
-        out = []
-        for n, line in enumerate(self.path(REDACTIONS).read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise AuditError(f"{self.path(REDACTIONS)} line {n}: not valid JSON ({e})") from e
-        return out
+        try:
+            return [record for _, record in redaction_log(self.path(REDACTIONS))]
+        except ValueError as e:
+            raise AuditError(str(e)) from e
 
     def inside(self, relative: str) -> Location:
         """OUTPUT/relative, refusing names that would leave the output folder."""
