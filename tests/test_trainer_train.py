@@ -227,3 +227,72 @@ def test_relaxed_resume_continues_with_another_loader_layout_and_init_from_loads
     assert distance(warm) < distance(cold) / 3  # one step away from the checkpoint's weights, not from scratch
     state = json.loads((fresh / "checkpoints" / "step-0000001" / "trainer_state.json").read_text())
     assert state["step"] == 1 and state["lr_scheduler"]["last_epoch"] == 1
+
+
+def test_precompute_cache_gives_the_same_loss_sequence(full_run, shards, tmp_path):
+    import shutil
+
+    from trainer.precompute import main as precompute
+
+    out, _ = full_run
+    cached = tmp_path / "shards"
+    shutil.copytree(shards, cached)
+    assert precompute(["--config", "tiny", "--shards", str(cached), "--threads", "1", "--batch-size", "3"]) == {"cached": 4}
+    files = sorted(p.name for p in cached.glob("*.cache-64.safetensors"))
+    assert files == [f"shard-{i:05d}.cache-64.safetensors" for i in range(4)]
+    assert precompute(["--config", "tiny", "--shards", str(cached), "--threads", "1"]) == {"skipped": 4}  # resumable
+
+    run = tmp_path / "run"
+    main([*RUN, "--shards", str(cached), "--output", str(run), "--set", "train.val_identities=0"])
+    with_cache, without = losses(run), losses(out)
+    assert [s for s, _, _ in with_cache] == [s for s, _, _ in without]
+    np.testing.assert_allclose([l for _, l, _ in with_cache], [l for _, l, _ in without], rtol=1e-4)
+
+    # the cache is what training read: a cache of another sample's tensors changes the losses
+    from safetensors.torch import load_file, save_file
+
+    for path in cached.glob("*.cache-64.safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata()
+        tensors = load_file(path)
+        save_file({k: (v.flip(0) if k.endswith("latent_mean") else v) for k, v in tensors.items()}, path, metadata=metadata)
+    tampered = tmp_path / "tampered"
+    main([*RUN, "--shards", str(cached), "--output", str(tampered), "--max-steps", "2", "--set", "train.val_identities=0"])
+    assert [l for _, l, _ in losses(tampered)] != [l for _, l, _ in without][:2]
+
+
+def test_pipeline_folder_round_trips_with_face_attention(full_run, tmp_path):
+    from trainer.pipeline import HiFiPortraitPipeline
+    from trainer.testing import template_landmarks
+
+    out, _ = full_run
+    pipe = HiFiPortraitPipeline.from_checkpoint(out)
+    pipe.set_progress_bar_config(disable=True)
+    folder = tmp_path / "pipeline"
+    pipe.save_pretrained(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    assert {"unet", "vae", "controlnet", "face_refiner", "image_encoder", "scheduler", "tokenizer_2"} <= set(index)
+    loaded = HiFiPortraitPipeline.from_pretrained(folder)
+    loaded.set_progress_bar_config(disable=True)
+    face = [n for n, p in loaded.unet.attn_processors.items() if hasattr(p, "to_k_face")]
+    assert len(face) == len(pipe._face_processors()) > 0
+    args = ("a photo", torch.zeros(4, 3, 32, 32), np.eye(4, 128, dtype=np.float32))
+    kwargs = {"landmarks": template_landmarks() * 24 + 4, "width": 32, "height": 32, "num_inference_steps": 2, "output_type": "latent"}
+    a = pipe(*args, generator=torch.Generator().manual_seed(0), **kwargs).images
+    b = loaded(*args, generator=torch.Generator().manual_seed(0), **kwargs).images
+    torch.testing.assert_close(a, b)
+
+    # a base override: the frozen parts from another folder (here the run's base), trained parts from this one
+    moved = HiFiPortraitPipeline.from_pretrained(folder, base=out / "base")
+    moved.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(moved(*args, generator=torch.Generator().manual_seed(0), **kwargs).images, a)
+    elsewhere = HiFiPortraitPipeline.from_checkpoint(out / "checkpoints" / "step-0000007", base=folder)
+    assert len([p for p in elsewhere.unet.attn_processors.values() if hasattr(p, "to_k_face")]) == len(face)
+
+    (folder / "face_attention.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="face_attention.safetensors missing"):
+        HiFiPortraitPipeline.from_pretrained(folder)
+    with pytest.raises(FileNotFoundError, match="not a HiFiPortraitPipeline folder"):
+        HiFiPortraitPipeline.from_pretrained(out / "base")
