@@ -166,9 +166,9 @@ def snapshot(net, optimizer, state: dict) -> dict:
     for name, module in (("controlnet", net.controlnet), ("face_refiner", net.refiner)):
         parts[name] = (dict(module.config), {k: host_copy(v) for k, v in module.state_dict().items()})
     face = {k: host_copy(v) for k, v in net.face_attention.state_dict().items()}
-    tensors, meta = optimizer_to_files(optimizer)
+    optimizer_files = optimizer_to_files(optimizer) if optimizer is not None else None
     return {"parts": parts, "configs": {"controlnet": net.controlnet, "face_refiner": net.refiner},
-            "face_attention": face, "optimizer": (tensors, meta), "state": state}
+            "face_attention": face, "optimizer": optimizer_files, "state": state}
 
 
 def write_snapshot(tmp: Path, snap: dict) -> None:
@@ -178,9 +178,10 @@ def write_snapshot(tmp: Path, snap: dict) -> None:
         save_file(weights, tmp / name / WEIGHTS_NAME, metadata={"format": "pt"})
     if snap["face_attention"]:
         save_file(snap["face_attention"], tmp / "face_attention.safetensors")
-    tensors, meta = snap["optimizer"]
-    save_file(tensors, tmp / "optimizer.safetensors")
-    (tmp / "optimizer.json").write_text(json.dumps(meta) + "\n")
+    if snap["optimizer"] is not None:  # None: sharded by DeepSpeed/FSDP, not checkpointed
+        tensors, meta = snap["optimizer"]
+        save_file(tensors, tmp / "optimizer.safetensors")
+        (tmp / "optimizer.json").write_text(json.dumps(meta) + "\n")
     (tmp / STATE_FILE).write_text(json.dumps(snap["state"], indent=1, default=str) + "\n")
 
 

@@ -157,6 +157,13 @@ class Trainer:
             ],
         )
         acc = self.accelerator
+        from accelerate.utils import DistributedType
+
+        # DeepSpeed ZeRO / FSDP shard the optimizer state: checkpoints then hold no optimizer (see save)
+        self.sharded_optimizer = acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+        if acc.distributed_type == DistributedType.DEEPSPEED:
+            # the loader is not prepared by accelerate, so DeepSpeed learns the micro-batch here
+            acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
         self.rank, self.world = acc.process_index, acc.num_processes
         self.device = acc.device
         self.weight_dtype = DTYPES[self.mixed_precision]
@@ -383,7 +390,8 @@ class Trainer:
         acc.wait_for_everyone()  # the folder exists for every rank
         ckpt.save_rank_rng(tmp, self.rank, self.generator)
         if acc.is_main_process:
-            snap = ckpt.snapshot(acc.unwrap_model(self.model), self.optimizer.optimizer, self.state())
+            optimizer = None if self.sharded_optimizer else self.optimizer.optimizer
+            snap = ckpt.snapshot(acc.unwrap_model(self.model), optimizer, self.state())
             self.writer = threading.Thread(target=self._write, args=(tmp, snap, self.step), name="checkpoint-writer")
             self.writer.start()
         return ckpt.checkpoint_root(self.output) / f"step-{self.step:07d}"
@@ -420,13 +428,16 @@ class Trainer:
             changed.append(f"{state['world_size']} -> {self.world} processes")
         if state["epoch_length"] != self.stream.epoch_length:
             changed.append(f"{state['epoch_length']} -> {self.stream.epoch_length} batches per epoch (num_workers, batches_per_epoch)")
+        if not (folder / "optimizer.safetensors").is_file():
+            changed.append("no optimizer state in the checkpoint (written under DeepSpeed/FSDP): AdamW's moments restart")
         if changed and not relaxed:
             raise ValueError(
                 f"{folder} cannot continue exactly: {'; '.join(changed)}. Use the same layout, or add --relaxed "
                 "to continue anyway, or --init-from to start from its weights"
             )
         self._load_weights(folder)
-        ckpt.load_optimizer(folder, self.optimizer.optimizer, self.device)
+        if (folder / "optimizer.safetensors").is_file() and not self.sharded_optimizer:
+            ckpt.load_optimizer(folder, self.optimizer.optimizer, self.device)
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if state["scaler"] is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
