@@ -253,3 +253,30 @@ def test_loader_counts_upsampled_targets(shards):
         stream.set_position(0, 0)
         counts[resolution] = sum(b["stats"].get("upsampled_target", 0) for b in in_order(make_loader(stream), 0))
     assert counts == {64: 0, 512: 4}
+
+
+@pytest.mark.parametrize("name", ["one_node_8gpu", "multi_node", "deepspeed_zero2"])
+def test_accelerate_config_files_load(name):
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = Path(__file__).resolve().parent.parent / "trainer" / "accelerate" / f"{name}.yaml"
+    config = load_config_from_file(str(path))
+    assert config.mixed_precision == "bf16" and config.num_processes == 8 * config.num_machines
+    assert str(config.distributed_type).endswith("DEEPSPEED" if name == "deepspeed_zero2" else "MULTI_GPU")
+
+
+def test_make_train_passes_nodes_rank_and_address():
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    command = subprocess.run(
+        ["make", "-n", "train", "CONFIG=sdxl-80gb", "MODEL=/models/sdxl", "NODES=4", "NODE_RANK=2", "MAIN_ADDR=10.0.0.7",
+         "SHARDS=s3://bucket/shards", "STAMP="],
+        cwd=repo, capture_output=True, text=True, check=True,
+    ).stdout
+    assert "--config_file trainer/accelerate/multi_node.yaml" in command
+    assert "--num_machines 4 --machine_rank 2 --main_process_ip 10.0.0.7" in command
+    assert "$(( 8 * 4 ))" in command and "--num_machines 1" not in command

@@ -10,10 +10,11 @@ Top to bottom, one run:
    ``accelerate.Accelerator`` (bf16/fp16 autocast on GPU, fp32 on CPU, gloo on CPU, NCCL on GPU).
 2. the frozen base from local folders (``tiny`` builds one from a seed into ``OUTPUT/base``),
    HiFi-Net built on it (ControlNet from the UNet, face refiner, face attention), gradient
-   checkpointing, AdamW on the trained parameters only, LR warm-up and schedule.
+   checkpointing (ControlNet and frozen UNet switched separately), AdamW (or 8-bit AdamW) over one
+   parameter group per trained part (trainer/optim.py), LR warm-up and schedule.
 3. the identity stream (``trainer/data.py``), one per process, resampled and split by rank and
    worker so every rank takes the same number of steps.
-4. each step: VAE latents of the target, noise and timestep from a seeded generator, prompt /
+4. each step: VAE latents of the target (or the precompute cache's, trainer/precompute.py), noise and timestep from a seeded generator, prompt /
    face / joint dropout for classifier-free guidance (IP-Adapter's scheme), the noise-prediction
    MSE, backward (gradient accumulation through ``accelerator.accumulate``), clipping, step.
 5. every N steps and at the end: a checkpoint (safetensors + JSON, no pickle), validation on
@@ -23,7 +24,10 @@ Top to bottom, one run:
 
 ``--resume latest`` restores weights, optimizer, LR schedule, grad scaler, every rank's RNG and
 the data position, so the continued run repeats what an uninterrupted one would have done (on CPU
-the loss sequence is identical; tests/test_trainer_train.py checks it).
+the loss sequence is identical; tests/test_trainer_train.py checks it). ``--relaxed`` continues
+with another process count or loader layout (warned: not exact); ``--init-from CKPT`` takes the
+trained weights only. Checkpoints are written by a background thread of the main process
+(trainer/checkpoint.py); every collective waits ``train.distributed_timeout_minutes``.
 """
 
 from __future__ import annotations
