@@ -267,7 +267,9 @@ def test_pipeline_folder_round_trips_with_face_attention(full_run, tmp_path):
     from trainer.pipeline import HiFiPortraitPipeline
     from trainer.testing import template_landmarks
 
-    out, _ = full_run
+    out, summary = full_run
+    assert summary["pipeline"] == str(out / "pipeline")
+    assert (out / "pipeline" / "model_index.json").is_file() and (out / "pipeline" / "face_attention.safetensors").is_file()
     pipe = HiFiPortraitPipeline.from_checkpoint(out)
     pipe.set_progress_bar_config(disable=True)
     folder = tmp_path / "pipeline"
@@ -283,6 +285,9 @@ def test_pipeline_folder_round_trips_with_face_attention(full_run, tmp_path):
     a = pipe(*args, generator=torch.Generator().manual_seed(0), **kwargs).images
     b = loaded(*args, generator=torch.Generator().manual_seed(0), **kwargs).images
     torch.testing.assert_close(a, b)
+    exported = HiFiPortraitPipeline.from_pretrained(out / "pipeline")  # what the finished run wrote
+    exported.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(exported(*args, generator=torch.Generator().manual_seed(0), **kwargs).images, a)
 
     # a base override: the frozen parts from another folder (here the run's base), trained parts from this one
     moved = HiFiPortraitPipeline.from_pretrained(folder, base=out / "base")

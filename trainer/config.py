@@ -107,6 +107,7 @@ class TrainConfig(_Strict):
     # collective timeout (minutes) for every rank: long enough for the main process's validation
     # while the others wait at the barrier after it (checkpoints are written in the background)
     distributed_timeout_minutes: int = Field(60, ge=1)
+    export_pipeline: bool = True  # a finished run writes OUTPUT/pipeline (save_pretrained: the whole model, ~12 GB for sdxl)
 
 
 class Config(_Strict):

@@ -493,6 +493,15 @@ class Trainer:
         pipe.conditioning_scale = self.cfg.hifinet.controlnet_conditioning_scale
         return pipe
 
+    def export_pipeline(self, folder: Path) -> Path:
+        """The finished model as a complete diffusers pipeline folder (HiFiPortraitPipeline.from_pretrained)."""
+        pipe = self.pipeline()
+        pipe.landmark_points = self.probe["landmark_points"]
+        pipe.training_resolution = self.cfg.data.resolution
+        pipe.save_pretrained(folder)
+        log.info("pipeline folder %s", folder)
+        return folder
+
     def _examples(self, heldout: bool | None) -> list[dict]:
         d = self.cfg.data
         return fixed_examples(
@@ -700,6 +709,8 @@ class Trainer:
     def _final_outputs(self) -> dict:
         metrics, images = self.validate()
         out = {"validation": metrics, "loss_curve": str(loss_curve(self.output / "metrics.jsonl", self.output / "loss.png"))}
+        if self.cfg.train.export_pipeline:
+            out["pipeline"] = str(self.export_pipeline(self.output / "pipeline"))
         examples = self.validator.examples if self.validator and self.validator.examples else []
         if self.cfg.train.val_identities == 0:
             log.info("train.val_identities is 0: no validation and no sample grid")
