@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.testing import synthetic_samples, write_shards
+from devtools.shards import synthetic_samples, write_shards
 from trainer.train import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -103,9 +103,9 @@ def test_resume_latest_repeats_the_uninterrupted_loss_sequence(full_run, shards,
 
 
 def test_pipeline_makes_an_image_of_the_requested_size_from_a_checkpoint(full_run):
-    from trainer.landmarks import render_landmarks
+    from portrait.landmarks import render_landmarks
     from trainer.pipeline import HiFiPortraitPipeline
-    from trainer.testing import template_landmarks
+    from devtools.shards import template_landmarks
 
     out, _ = full_run
     pipe = HiFiPortraitPipeline.from_checkpoint(out)

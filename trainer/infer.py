@@ -7,7 +7,7 @@ References: dlib finds the largest face of each photo and gives its aligned crop
 and 128-d embedding (the embedding model must match the one the training shards used: the demo's
 dlib backend; for an ArcFace-trained checkpoint pass ``--reference-embeddings FILE.npy``).
 Target landmarks: the driving photo's 68 landmarks, retargeted to the references' face shape
-(``trainer.landmarks.retarget_landmarks``, a 2D stand-in for the paper's 3D landmark generator),
+(``portrait.landmarks.retarget_landmarks``, a 2D stand-in for the paper's 3D landmark generator),
 placed in the output frame the way training crops are made (a square around the face). Or give
 ``--landmarks FILE.npy`` with points already in output pixels.
 """
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainer.landmarks import render_landmarks
+from portrait.landmarks import render_landmarks
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from trainer.landmarks import landmark_error
+from portrait.landmarks import landmark_error
 
 DETECT_MIN_SIDE = 256  # HOG finds faces from ~80 px; small generated images are upscaled first
 

@@ -32,7 +32,7 @@ from trainer.checkpoint import load_state, resolve_checkpoint
 from trainer.components import load_base, vae_scale_factor
 from trainer.conditioning import encode_prompts, encode_reference_crops, face_pixels, normalise_clip
 from trainer.hifinet import HiFiNet, install_face_attention, processor_key
-from trainer.landmarks import render_landmarks
+from portrait.landmarks import render_landmarks
 from trainer.refiner import FaceRefiner
 
 
@@ -54,13 +54,14 @@ def driving_landmarks(driving: Image.Image, references: list, size: int, points:
     """Target landmarks in a size x size output: the driving photo's face retargeted to the
     references' face shape (2D stand-in for the paper's 3D landmark generator), framed like the
     training crops (the largest square around the face)."""
-    from trainer.landmarks import landmarks_68_to_5, retarget_landmarks, square_crop, to_crop
+    from portrait.faces.geometry import five_from_68
+    from portrait.landmarks import retarget_landmarks, square_crop, to_crop
 
     (face,) = analyse_photos([driving], faces, names=["driving photo"])
     retargeted = retarget_landmarks(face.landmarks, [r.landmarks for r in references])
     left, top, side = square_crop(driving.width, driving.height, face.box)
     landmarks = to_crop(retargeted, left, top, side, size)
-    return landmarks_68_to_5(landmarks) if points == 5 else landmarks
+    return five_from_68(landmarks).astype(np.float32) if points == 5 else landmarks
 
 
 def base_folders(state: dict, checkpoint: Path) -> tuple[Path, Path]:
