@@ -144,12 +144,14 @@ def retarget_landmarks(driving: np.ndarray, references: list[np.ndarray]) -> np.
 
 
 def landmark_error(predicted: np.ndarray, target: np.ndarray) -> float:
-    """Mean point distance normalised by the target's inter-ocular distance (NME). 68-point
-    predictions are reduced to 5 points when the target has 5."""
+    """Mean point distance normalised by the target's inter-ocular distance (NME). When one side
+    has 68 points and the other 5, the 68 are reduced to their 5."""
     predicted = np.asarray(predicted, dtype=np.float64)
     target = np.asarray(target, dtype=np.float64)
     if target.shape == (5, 2) and predicted.shape == (68, 2):
         predicted = five_from_68(predicted)
+    if predicted.shape == (5, 2) and target.shape == (68, 2):
+        target = five_from_68(target)
     if predicted.shape != target.shape:
         raise ValueError(f"landmark shapes differ: {predicted.shape} vs {target.shape}")
     eyes = five_from_68(target)[:2] if target.shape == (68, 2) else target[:2]

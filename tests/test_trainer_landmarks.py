@@ -1,4 +1,4 @@
-"""Landmark geometry, rendering, 2D retargeting, and the dlib face metrics on real photos."""
+"""Landmark geometry, rendering, 2D retargeting, and the face metrics on real photos (the build's face reader)."""
 
 from __future__ import annotations
 
@@ -81,34 +81,37 @@ def test_landmark_error_is_normalised_by_eye_distance():
 
 
 @pytest.fixture(scope="module")
-def dlib_faces():
-    from trainer.metrics import DlibFaces, dlib_unavailable_reason
+def reader():
+    from portrait.faces.reader import FaceReader
 
-    reason = dlib_unavailable_reason()
-    if reason:
-        pytest.skip(f"dlib face models unavailable: {reason}")
-    return DlibFaces()
+    return FaceReader()  # the default settings: dlib, as the demo build
 
 
-def test_face_metrics_on_real_photos(faces_dir, dlib_faces):
+def test_face_metrics_on_real_photos(faces_dir, reader):
     from trainer.metrics import face_metrics, summarise
 
     def photos(name, count):
         return [Image.open(p).convert("RGB") for p in sorted((faces_dir / "dev" / name).iterdir())[:count]]
 
+    def read(photo):
+        return reader.read(np.asarray(photo))
+
     blair = photos("Tony_Blair", 4)
     kidman = photos("Nicole_Kidman", 3)
-    refs = [dlib_faces.analyze(p).embedding for p in blair[1:]]
-    target = dlib_faces.analyze(blair[0])
-    same = face_metrics(dlib_faces, blair[0], refs, target.landmarks)
-    other = face_metrics(dlib_faces, kidman[0], refs, dlib_faces.analyze(kidman[0]).landmarks)
+    refs = [read(p).embedding for p in blair[1:]]
+    target = read(blair[0])
+    same = face_metrics(reader, blair[0], refs, target.landmarks)
+    other = face_metrics(reader, kidman[0], refs, read(kidman[0]).landmarks)
     assert same["detected"] and other["detected"]
     assert same["similarity"] > 0.9 and same["similarity"] > other["similarity"] + 0.03
     assert same["landmark_error"] < 0.02
-    shifted = face_metrics(dlib_faces, blair[0], refs, target.landmarks + 10)
+    shifted = face_metrics(reader, blair[0], refs, target.landmarks + 10)
     assert shifted["landmark_error"] > 0.1
-    blank = face_metrics(dlib_faces, Image.new("RGB", (64, 64), (128, 128, 128)), refs, target.landmarks)
+    five = face_metrics(reader, blair[0], refs, target.landmarks5)  # a 5-point target: 68 reduced to 5
+    assert five["landmark_error"] < 0.02
+    blank = face_metrics(reader, Image.new("RGB", (64, 64), (128, 128, 128)), refs, target.landmarks)
     assert blank == {"detected": False, "similarity": None, "landmark_error": None}
-    summary = summarise([same, other, blank])
+    summary = summarise([same, other, blank], reader.embedding_model)
     assert summary["images"] == 3 and summary["faces_detected"] == 2 and summary["detector_misses"] == 1
     assert summary["face_similarity"] == pytest.approx((same["similarity"] + other["similarity"]) / 2)
+    assert summary["similarity_model"] == "dlib_face_recognition_resnet_model_v1"

@@ -591,7 +591,6 @@ def fixed_examples(
         except CorruptSample as exn:
             stats.count("undecodable_image", str(exn), key=group[0].identity_id)
             continue
-        example["reference_boxes"] = [r.meta["box"] for r in records]
         examples.append(example)
     return examples
 

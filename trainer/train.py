@@ -103,6 +103,18 @@ def flat_config(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+def record_faces(shards, output: Path, main: bool) -> dict | None:
+    """The face settings of the build that made the shards (its build.json), kept in the run
+    folder as faces.json so that inference and validation read faces as the build did."""
+    from portrait.faces.reader import record_for_shards
+    from trainer.metrics import FACES_FILE
+
+    faces = record_for_shards(shards)
+    if faces is not None and main:
+        (output / FACES_FILE).write_text(json.dumps(faces, indent=1, sort_keys=True) + "\n")
+    return faces
+
+
 class Trainer:
     def __init__(self, cfg: Config, output: Path, shards: str, threads: int | None = None):
         self.cfg = cfg
@@ -149,6 +161,7 @@ class Trainer:
         self.output.mkdir(parents=True, exist_ok=True)
         list_shards(self.shards)  # a clear error before any model is built
         self.probe = probe_shards(self.shards)
+        self.faces = record_faces(self.shards, self.output, acc.is_main_process)
         self._setup_models()
         self._setup_optimizer()
         self._setup_data()
@@ -416,7 +429,7 @@ class Trainer:
                     "validation: no held-out identity in the shards (holdout_fraction %.3f); nothing to validate",
                     self.cfg.data.holdout_fraction,
                 )
-            self.validator = Validator(examples, t.val_inference_steps, t.val_guidance_scale, seed=t.seed)
+            self.validator = Validator(examples, t.val_inference_steps, t.val_guidance_scale, seed=t.seed, faces=self.faces)
         if not self.validator.examples:
             return None, []
         started = time.time()

@@ -114,6 +114,11 @@ class FaceReader:
         return cls(settings, crop, base_dir)
 
     @classmethod
+    def from_record(cls, record: dict) -> FaceReader:
+        """The reader a ``record`` (see ``record``) describes."""
+        return cls(FaceSettings.model_validate(record["faces"]), CropSettings(**record["crop"]))
+
+    @classmethod
     def for_shards(cls, shards) -> FaceReader:
         """The reader of the build that wrote ``shards``; FileNotFoundError when no build.json
         is found beside them."""
@@ -191,6 +196,24 @@ def read_config(path: str | Path) -> tuple[FaceSettings, CropSettings, Path | No
     except (ValueError, TypeError) as exn:
         raise ValueError(f"{path}: face settings: {exn}") from None
     return settings, crop_settings, base_dir
+
+
+def record(settings: FaceSettings, crop: CropSettings, base_dir: str | Path | None) -> dict:
+    """Face and crop settings as JSON, with ``model_dir`` made absolute, so they can be kept
+    (the trainer keeps them in its run folder) and used from anywhere."""
+    faces = settings.model_dump(mode="json")
+    if faces.get("model_dir"):
+        model_dir = Path(faces["model_dir"]).expanduser()
+        if not model_dir.is_absolute() and base_dir is not None:
+            model_dir = Path(base_dir) / model_dir
+        faces["model_dir"] = str(model_dir.resolve())
+    return {"faces": faces, "crop": {"size": crop.size, "padding": crop.padding, "jpeg_quality": crop.jpeg_quality}}
+
+
+def record_for_shards(shards) -> dict | None:
+    """The record of the build that wrote ``shards`` (from its build.json), or None."""
+    found = build_file_for(shards)
+    return None if found is None else record(*read_config(found))
 
 
 def build_file_for(shards) -> Path | None:
