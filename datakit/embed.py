@@ -16,7 +16,7 @@ from pydantic import Field
 from portrait.decode import load_rgb
 from datakit.faces.stageio import FaceModelStage, face_from_row, floats
 from datakit.stage import StageSettings
-from portrait.faces.reader import CropSettings, crop_jpeg
+from portrait.faces.reader import CropSettings, embed_face
 
 CROP = CropSettings()
 
@@ -45,7 +45,6 @@ class EmbedStage(FaceModelStage):
         face = face_from_row(row)
         pixels = np.array(load_rgb(blob), dtype=np.uint8)
         s = self.settings
-        vector, crop = self.backend.embed(pixels, face, crop_size=s.crop_size, crop_padding=s.crop_padding)
+        vector, row["face_crop"] = embed_face(self.backend, pixels, face, CropSettings(s.crop_size, s.crop_padding, s.jpeg_quality))
         row["embedding"] = floats(vector)
         row["embedding_model"] = self.backend.embedding_model
-        row["face_crop"] = crop_jpeg(crop, s.jpeg_quality)

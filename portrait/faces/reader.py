@@ -18,7 +18,6 @@ folder at inference as in the build.
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +46,13 @@ def crop_jpeg(rgb: np.ndarray, quality: int) -> bytes:
     out = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).save(out, format="JPEG", quality=quality)
     return out.getvalue()
+
+
+def embed_face(backend: FaceBackend, rgb: np.ndarray, face: Face, crop: CropSettings) -> tuple[np.ndarray, bytes]:
+    """(float32 embedding, aligned crop as JPEG) of a recorded face: the embed stage's step and
+    the reader's."""
+    vector, pixels = backend.embed(rgb, face, crop_size=crop.size, crop_padding=crop.padding)
+    return np.asarray(vector, dtype=np.float32), crop_jpeg(pixels, crop.jpeg_quality)
 
 
 def _f32(values) -> np.ndarray:
@@ -143,15 +149,15 @@ class FaceReader:
 
     def read_face(self, rgb: np.ndarray, face: Face) -> FaceReading:
         recorded = as_recorded(face)
-        vector, crop = self.backend.embed(rgb, recorded, crop_size=self.crop.size, crop_padding=self.crop.padding)
+        embedding, crop = embed_face(self.backend, rgb, recorded, self.crop)
         return FaceReading(
             box=recorded.box,
             score=recorded.score,
             landmarks5=recorded.landmarks5,
             landmarks68=recorded.landmarks68,
-            embedding=np.asarray(vector, dtype=np.float32),
+            embedding=embedding,
             embedding_model=self.backend.embedding_model,
-            crop=crop_jpeg(crop, self.crop.jpeg_quality),
+            crop=crop,
         )
 
 
@@ -166,16 +172,17 @@ def load_photo(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
 def read_config(path: str | Path) -> tuple[FaceSettings, CropSettings, Path | None]:
     """(face settings, crop settings, folder a relative model_dir is taken from) of a
     build.json, a recipe, or a file with a ``faces:`` section (and optionally ``crop:``)."""
+    import fsspec
     import yaml
 
-    path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())  # JSON is YAML
+        with fsspec.open(str(path), "rt") as f:  # a local path or an object-store URL
+            data = yaml.safe_load(f.read())  # JSON is YAML
     except (OSError, yaml.YAMLError) as exn:
         raise ValueError(f"{path}: cannot read face settings ({exn})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a build.json, a recipe or a mapping with a faces: section")
-    base_dir = path.parent
+    base_dir = None if "://" in str(path) else Path(path).parent
     if "recipe" in data and isinstance(data["recipe"], dict):  # a build.json
         if data.get("recipe_file"):
             base_dir = Path(data["recipe_file"]).parent
@@ -216,20 +223,24 @@ def record_for_shards(shards) -> dict | None:
     return None if found is None else record(*read_config(found))
 
 
-def build_file_for(shards) -> Path | None:
+def build_file_for(shards) -> str | Path | None:
     """The build.json of the build whose shards ``shards`` names (a folder, a glob, a tar or a
-    list of tars), looked for in the shards' folder and its parent; None for object-store URLs
-    and when there is none."""
+    list of tars; local or an object-store URL), looked for in the shards' folder and its
+    parent; None when there is none."""
+    import fsspec
+
     first = str(shards[0]) if isinstance(shards, (list, tuple)) and shards else str(shards)
     if "://" in first:
+        fs, path = fsspec.core.url_to_fs(first)
+        protocol = first.split("://", 1)[0]
+        folder = path.rstrip("/") if not any(c in path for c in "*?[{") and fs.isdir(path) else path.rsplit("/", 1)[0]
+        for candidate in (f"{folder}/{BUILD_FILE}", f"{folder.rsplit('/', 1)[0]}/{BUILD_FILE}"):
+            if fs.isfile(candidate):
+                return f"{protocol}://{candidate}"
         return None
     path = Path(first)
     folder = path if path.is_dir() else path.parent
     for candidate in (folder / BUILD_FILE, folder.parent / BUILD_FILE):
         if candidate.is_file():
-            try:
-                json.loads(candidate.read_text())
-            except ValueError:
-                continue
             return candidate
     return None
