@@ -30,6 +30,7 @@ import re
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -62,7 +63,12 @@ ENCODED_SCHEMA = pa.schema(
 
 
 class Settings(StageSettings):
-    image_size: int = Field(default=1024, ge=16, description="longest side of the stored image")
+    image_size: int = Field(default=1024, ge=16, description="the stored image's side named by resize, at most")
+    resize: Literal["long_side", "short_side"] = Field(
+        default="long_side",
+        description="long_side: the longest side is at most image_size; short_side: the shortest side is "
+        "(set image_size to the training resolution so the trainer's square crops need no upsampling)",
+    )
     jpeg_quality: int = Field(default=90, ge=1, le=100)
     max_samples: int = Field(default=1000, ge=1, description="samples per shard at most")
     max_bytes: int = Field(default=256 * 2**20, ge=RECORD, description="tar size per shard at most")
@@ -84,7 +90,7 @@ class ShardStage(Stage):
         encoded_dir = work.stage_dir(self.name) / "encoded"
         summaries = run_tasks(
             encode_partition,
-            [(output, list(upstream), part, encoded_dir, s.image_size, s.jpeg_quality) for part in range(work.num_parts())],
+            [(output, list(upstream), part, encoded_dir, s.image_size, s.jpeg_quality, s.resize) for part in range(work.num_parts())],
             parallel=s.parallel, num_cpus=s.num_cpus, desc="shard: encode",
         )  # fmt: skip
         samples = pa.concat_tables([pa.Table.from_pylist(x, schema=SUMMARY_SCHEMA) for x in summaries])
@@ -146,14 +152,14 @@ SUMMARY_SCHEMA = pa.schema(
 )
 
 
-def encode_partition(output: Location, upstream: list[str], part: int, encoded_dir: Location, image_size: int, quality: int) -> list[dict]:
+def encode_partition(output: Location, upstream: list[str], part: int, encoded_dir: Location, image_size: int, quality: int, resize: str = "long_side") -> list[dict]:
     """Encode the kept samples of one partition into encoded_dir; returns one summary per sample."""
     path = encoded_dir / f"part-{part:05d}.parquet"
     if not path.exists():  # a finished file from a killed run is reused
         work = WorkDir(output)
         view = work.read_view(part, upstream, columns=[*META_COLUMNS, "image_bytes", "face_crop"])
         kept = view.filter(pa.compute.equal(view.column("status"), schema.KEPT))
-        rows = [encode_sample(row, image_size, quality) for row in kept.to_pylist()]
+        rows = [encode_sample(row, image_size, quality, resize) for row in kept.to_pylist()]
         atomic_write_table(path, pa.Table.from_pylist(rows, schema=ENCODED_SCHEMA))
     table = read_table(path)
     cols = {c: table.column(c).to_pylist() for c in ("key", "identity_id", "error")}
@@ -173,7 +179,13 @@ def _tar_bytes(table: pa.Table) -> list[int]:
     return total.tolist()
 
 
-def encode_sample(row: dict, image_size: int, quality: int) -> dict:
+def stored_scale(width: int, height: int, image_size: int, resize: str = "long_side") -> float:
+    """The factor an image is stored at: its long (or short) side brought down to image_size; never up."""
+    side = max(width, height) if resize == "long_side" else min(width, height)
+    return min(1.0, image_size / side)
+
+
+def encode_sample(row: dict, image_size: int, quality: int, resize: str = "long_side") -> dict:
     key = row["image_id"]
     out = {"key": key, "identity_id": row["identity_id"], "error": None}
     try:
@@ -184,7 +196,7 @@ def encode_sample(row: dict, image_size: int, quality: int) -> dict:
             raise ValueError("no image bytes in the work folder")
         image = load_rgb(row["image_bytes"])
         w, h = image.size
-        scale = min(1.0, image_size / max(w, h))
+        scale = stored_scale(w, h, image_size, resize)
         if scale < 1.0:
             image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), resample=3)  # 3 = bicubic
         sx, sy = image.width / w, image.height / h
