@@ -22,8 +22,8 @@ import numpy as np
 import pyarrow as pa
 
 from datakit import schema
-from datakit.decode import load_rgb
-from datakit.faces.base import Face, FaceBackend
+from portrait.decode import load_rgb
+from portrait.faces.base import Face, FaceBackend
 from datakit.stage import Stage, StageSettings, drop, live_mask
 
 NAMES_PACKAGE = "gender-guesser"
@@ -123,7 +123,7 @@ class AttributesStage(Stage):
         # context["face_backend"]: a backend object built by the caller (one process, tests)
         backend = self.context.get("face_backend")
         if backend is None and face_settings is not None:
-            from datakit.faces import load_backend
+            from portrait.faces import load_backend
 
             backend = load_backend(face_settings, self.context.get("recipe_dir"))
         if backend is not None and backend.has_age_gender_model:

@@ -15,8 +15,8 @@ import json
 import numpy as np
 from pydantic import Field
 
-from datakit.decode import DecodeError, load_rgb
-from datakit.faces import geometry
+from portrait.decode import DecodeError, load_rgb
+from portrait.faces import geometry
 from datakit.faces.stageio import FaceModelStage, floats
 from datakit.stage import StageSettings, drop
 
@@ -50,7 +50,7 @@ class DetectStage(FaceModelStage):
             return
         height, width = pixels.shape[:2]
         faces = self.backend.detect(pixels)
-        faces.sort(key=lambda f: geometry.clipped_area(f.box, height, width), reverse=True)
+        faces = geometry.subject_first(faces, height, width)
         row["face_backend"] = self.backend.name
         row["face_count"] = len(faces)
         if not faces:
