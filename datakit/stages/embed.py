@@ -16,8 +16,8 @@ from PIL import Image
 from pydantic import Field
 
 from datakit.decode import load_rgb
-from datakit.faces.stageio import FaceModelStage, face_from_row, floats
-from datakit.stage import StageSettings
+from datakit.stage import Drop, StageSettings
+from datakit.stages.face_model import FaceModelStage, face_from_row, floats
 
 COLUMNS = ("embedding", "embedding_model", "face_crop")
 NEEDS = ("face_backend", "face_box", "face_score", "landmarks5", "landmarks68")
@@ -35,19 +35,20 @@ class EmbedStage(FaceModelStage):
     NEEDS = NEEDS
     COLUMNS = COLUMNS
 
-    def process_row(self, row: dict, blob: bytes) -> None:
+    def process_row(self, row: dict, out: dict) -> Drop | None:
         if row["face_backend"] != self.backend.name:
             raise ValueError(
                 f"row {row['image_id']}: its face was detected by {row['face_backend']!r} but the "
                 f"embed stage runs {self.backend.name!r}; one build uses one face backend"
             )
         face = face_from_row(row)
-        pixels = np.array(load_rgb(blob), dtype=np.uint8)
+        pixels = np.array(load_rgb(row["image_bytes"]), dtype=np.uint8)
         s = self.settings
         vector, crop = self.backend.embed(pixels, face, crop_size=s.crop_size, crop_padding=s.crop_padding)
-        row["embedding"] = floats(vector)
-        row["embedding_model"] = self.backend.embedding_model
-        row["face_crop"] = jpeg(crop, s.jpeg_quality)
+        out["embedding"] = floats(vector)
+        out["embedding_model"] = self.backend.embedding_model
+        out["face_crop"] = jpeg(crop, s.jpeg_quality)
+        return None
 
 
 def jpeg(rgb: np.ndarray, quality: int) -> bytes:
