@@ -98,7 +98,7 @@ def items_table(urls: list[tuple[str, str]]) -> pa.Table:
 def _download_partition(table: pa.Table, settings: dict, out_path: str) -> dict:
     import resource
 
-    from datakit.download import DownloadStage, Settings
+    from datakit.stages.download import DownloadStage, Settings
     from datakit.store import atomic_write_table
 
     def cpu():

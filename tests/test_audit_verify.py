@@ -17,7 +17,7 @@ from datakit import schema
 from datakit.audit.cli import main as audit_main
 from datakit.audit.folder import OutputFolder
 from datakit.audit.verify import verify
-from datakit.shard import tar_info
+from datakit.stages.shard.write import tar_info
 from datakit.store import atomic_write_table
 
 

@@ -249,7 +249,7 @@ def test_sigkill_mid_download_then_rerun_gives_the_clean_manifest(tmp_path):
 
 def test_a_write_that_fails_once_is_retried(tmp_path, ray_local, monkeypatch):
     # the session's Ray workers started before this test set the variable: run the partition here
-    from datakit.download import DownloadStage
+    from datakit.stages.download import DownloadStage
 
     recipe = load_recipe(recipe_file(tmp_path, {"download": {}}))
     runner.prepare_output(WorkDir(recipe.output), recipe, restart=False)

@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from datakit import schema
 from datakit.engine import manifests
@@ -64,28 +66,33 @@ def run(recipe: Recipe, address: str | None = None, restart: bool = False, quiet
     enumerate_items(work, recipe)
     context = stage_context(recipe, work)
     runner = make_executor(executor, verbose)
-    runner.start(address or recipe.ray.address, recipe.ray.num_cpus)
     plan = steps(recipe)
     names = [s.name for s in plan]
     display = Display(work, names, enabled=not quiet)
+    # a finished shard step's manifests stand as written (a redaction may have rewritten them since)
+    shards_done_before = work.is_done(manifests.SHARD_STEP)
     restarts = 0
-    try:
-        with display:
-            for segment in segments(plan):
-                upstream = names[: names.index(segment[0].name)]
-                if segment[0].kind == "global":
-                    run_global(work, runner, segment[0], upstream, context, display)
-                else:
-                    restarts += run_partition_segment(work, recipe, runner, segment, upstream, context, display)
-    finally:
-        if is_local(work.output):
-            runner.save_logs(work.output / "logs")
+    with runner.session(address or recipe.ray.address, recipe.ray.num_cpus, log_folder(work)), display:
+        for segment in segments(plan):
+            upstream = names[: names.index(segment[0].name)]
+            if segment[0].kind == "global":
+                run_global(work, runner, segment[0], upstream, context, display)
+            else:
+                restarts += run_partition_segment(work, recipe, runner, segment, upstream, context, display)
     images = manifests.write_images(work, names)
-    manifests.write_shard_manifests(work, images)
+    if not shards_done_before:
+        manifests.write_shard_manifests(work, images)
     result = summarize(work, images, names, time.time() - started)
     result.stall_restarts = restarts
     manifests.write_build_json(work, recipe, result, started, model_provenance(recipe, context))
     return result
+
+
+def log_folder(work: WorkDir) -> Path:
+    """OUTPUT/logs for a local output; a local temporary folder for an object store's."""
+    if is_local(work.output):
+        return work.output / "logs"
+    return Path(tempfile.gettempdir()) / "datakit-logs" / work.output.name
 
 
 def prepare_output(work: WorkDir, recipe: Recipe, restart: bool) -> None:

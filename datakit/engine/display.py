@@ -35,6 +35,7 @@ class Display:
         self._tasks: dict[str, int] = {}
         self._started: dict[str, tuple[float, int]] = {}
         self._sizes: list[int] = []
+        self._printed: dict[str, int] = {}  # non-TTY: the count each step's last line showed
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -110,7 +111,8 @@ class Display:
             rate = (done - done0) / elapsed
             if self._progress is not None:
                 self._progress.update(self._tasks[step], completed=done, rate=f"{rate:.1f}/s" if rate else "")
-            elif not final:
+            elif not final and self._printed.get(step) != done:
+                self._printed[step] = done
                 eta = (total - done) / rate if rate > 0 else None
                 left = f", {eta:.0f} s left" if eta is not None else ""
                 self.console.print(f"{step}: {done}/{total} items, {rate:.1f} items/s{left}", highlight=False)

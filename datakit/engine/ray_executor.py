@@ -15,6 +15,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from datakit.engine import steps as run_steps
@@ -28,6 +30,19 @@ class RayExecutor:
 
     def __init__(self, verbose: bool = False):
         self.verbose = verbose
+
+    @contextmanager
+    def session(self, address: str | None, num_cpus: int | None, log_dir: Path):
+        """Ray up for the length of a build. Unless verbose, what Ray's native code and the
+        processes it starts write to this process's stderr goes to ``log_dir/driver.log``
+        instead of the terminal, and the session's log files are copied to ``log_dir`` at the end."""
+        log_dir.mkdir(parents=True, exist_ok=True)
+        with native_stderr_to(None if self.verbose else log_dir / "driver.log"):
+            self.start(address, num_cpus)
+            try:
+                yield
+            finally:
+                self.save_logs(log_dir)
 
     def start(self, address: str | None, num_cpus: int | None) -> None:
         import ray
@@ -106,6 +121,35 @@ class RayExecutor:
 
         task = ray.remote(_global_task).options(num_cpus=step.settings.num_cpus, num_gpus=step.settings.num_gpus or None)
         ray.get(task.remote(step, context, upstream, work.output))
+
+
+@contextmanager
+def native_stderr_to(path: Path | None):
+    """Point file descriptor 2 at ``path`` (Ray's C++ logs and child processes write there);
+    Python's ``sys.stderr`` and the logging handlers on it keep the terminal."""
+    if path is None:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "ab") as f:
+        os.dup2(f.fileno(), 2)
+    before = sys.stderr
+    terminal = os.fdopen(os.dup(saved), "w", buffering=1, encoding=getattr(before, "encoding", None) or "utf-8")
+    handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.StreamHandler) and h.stream is before]
+    sys.stderr = terminal
+    for h in handlers:
+        h.setStream(terminal)
+    try:
+        yield
+    finally:
+        terminal.flush()
+        for h in handlers:
+            h.setStream(before)
+        sys.stderr = before
+        os.dup2(saved, 2)
+        os.close(saved)
+        terminal.close()
 
 
 class PartitionWorker:
