@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from datakit import runner, schema
+from datakit import schema
+from datakit.engine import build as runner
 from datakit.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parent.parent

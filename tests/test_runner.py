@@ -11,14 +11,15 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from datakit import registry, runner, schema
+from datakit import registry, schema
+from datakit.engine import build as runner
+from datakit.engine.steps import run_partition
 from datakit.recipe import load_recipe
-from datakit.stage import Stage, drop
+from datakit.stage import Output, Stage
 from datakit.store import WorkDir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,26 +30,14 @@ class ExplodingStage(Stage):
     """Test-only stage: raises on any partition holding an item whose locator says 'explode'."""
 
     name = "detect"  # borrows a registered name so recipes validate
+    reads = ("locator",)
+    adds = ("face_count",)
 
-    def process(self, table):
-        out = []
-        for row in table.to_pylist():
-            if "explode" in row["locator"]:
-                raise RuntimeError(f"cannot handle {row['locator']}")
-            out.append({"image_id": row["image_id"], "face_count": 1 if row["status"] == schema.KEPT else None})
-        return pa.Table.from_pylist(out)
-
-
-class ReviverStage(Stage):
-    """Test-only global stage that tries to revive every dropped row (the runner must refuse)."""
-
-    name = "dedup"
-    kind = "global"
-
-    def process_global(self, work, upstream):
-        t = work.read_all(upstream, columns=["image_id"])
-        n = t.num_rows
-        return pa.table({"image_id": t.column("image_id"), "status": [schema.KEPT] * n, "reason": [None] * n})
+    def process(self, rows):
+        for locator in rows.column("locator").to_pylist():
+            if "explode" in locator:
+                raise RuntimeError(f"cannot handle {locator}")
+        return Output({"face_count": [1] * rows.num_rows})
 
 
 @pytest.fixture
@@ -56,8 +45,7 @@ def test_stages(monkeypatch):
     import ray.cloudpickle
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    monkeypatch.setitem(registry.STAGES, "detect", f"{__name__}:ExplodingStage")
-    monkeypatch.setitem(registry.STAGES, "dedup", f"{__name__}:ReviverStage")
+    monkeypatch.setitem(registry.STAGES, "detect", [f"{__name__}:ExplodingStage"])
 
 
 def make_folder(tmp_path: Path) -> Path:
@@ -104,8 +92,8 @@ def test_folder_build_accounts_for_every_item(tmp_path, ray_local):
     assert "ray" in build["packages"] and "pyarrow" in build["packages"]
 
 
-def test_a_failing_item_is_dropped_alone_and_a_later_stage_cannot_revive_drops(tmp_path, ray_local, test_stages):
-    recipe = load_recipe(recipe_file(tmp_path, {"download": {}, "detect": {}, "dedup": {}}))
+def test_a_failing_item_is_dropped_alone_and_earlier_drops_stand(tmp_path, ray_local, test_stages):
+    recipe = load_recipe(recipe_file(tmp_path, {"download": {}, "detect": {}}))
     runner.run(recipe, quiet=True)
     rows = {r["locator"]: r for r in pq.read_table(tmp_path / "out" / "images.parquet").to_pylist()}
     # notes_explode.txt was already dropped by download (undecodable); its decision stands
@@ -259,7 +247,7 @@ def test_a_write_that_fails_once_is_retried(tmp_path, ray_local, monkeypatch):
     monkeypatch.setenv("DATAKIT_FAIL_WRITE_FLAG", str(flag))
     stage = DownloadStage(recipe.stage_settings("download"), runner.stage_context(recipe))
     stage.setup()
-    runner.run_one_partition(stage, WorkDir(recipe.output), 0, [])
+    run_partition(stage, WorkDir(recipe.output), 0, [])
     assert not flag.exists(), "the injected failure did not fire"
     assert WorkDir(recipe.output).part_done("download", 0)
 
