@@ -3,7 +3,7 @@
     make bench-download                      # or: .venv/bin/python benchmarks/bench_download.py
     .venv/bin/python benchmarks/bench_download.py --n 6000 --rounds 3
 
-One local server (datakit.testing.httpserver.PhotoServer in its own process) serves the dev
+One local server (devtools.photoserver.PhotoServer in its own process) serves the dev
 fixture photos (../shared/fixtures/faces/dev: JPEG and PNG, 112 px to 2500 px). Each photo is
 listed many times under distinct URLs (``?copy=N``) to make N URLs. Then, in the same run:
 
@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from datakit.testing.httpserver import PhotoServer  # noqa: E402
+from devtools.photoserver import PhotoServer  # noqa: E402
 
 DEFAULT_PHOTOS = REPO.parent / "shared" / "fixtures" / "faces" / "dev"
 BENCH_VENV = REPO / ".venv-bench"

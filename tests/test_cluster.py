@@ -17,7 +17,7 @@ from datakit.engine.local_executor import run_stages
 from datakit.stages import cluster
 from datakit.sources import ITEM_SCHEMA
 from datakit.store import WorkDir, atomic_write_table, remove_tree
-from datakit.testing.synthetic_faces import synthetic_corpus
+from devtools.synthetic_faces import synthetic_corpus
 
 from dlib_embeddings import DEV_DIR, dev_embeddings, negative_embeddings
 

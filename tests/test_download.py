@@ -1,4 +1,4 @@
-"""The download stage against a real HTTP server on 127.0.0.1 (datakit/testing/httpserver.py).
+"""The download stage against a real HTTP server on 127.0.0.1 (devtools/photoserver.py).
 
 Most cases run in one batch (one process() call, as in a build) and each test reads its row.
 The slow routes sleep 30 s: the batch can only end inside the pytest-timeout if the per-request
@@ -21,9 +21,9 @@ from PIL import Image
 from datakit import schema
 from datakit.engine.steps import decide
 from datakit.decode import DecodeError, check_image, decode_image
-from datakit.testing.httpserver import png_declaring
+from devtools.photoserver import png_declaring
 from datakit.stages.download import ADDS, DownloadStage, Settings
-from datakit.testing.httpserver import PhotoServer, sample_jpeg
+from devtools.photoserver import PhotoServer, sample_jpeg
 
 pytestmark = pytest.mark.timeout(25)
 

@@ -1,4 +1,4 @@
-"""The small fault rehearsal: a real two-node Ray cluster on this machine (datakit.rehearsal).
+"""The small fault rehearsal: a real two-node Ray cluster on this machine (devtools.rehearsal).
 
 A clean build and a build during which one HTTP server stops for a while, the worker node is
 killed mid-stage and started again, the driver is SIGKILLed and started again, and one parquet
@@ -14,12 +14,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from datakit import rehearsal, store
+from datakit import store
+from devtools.rehearsal.__main__ import rehearse
+from devtools.rehearsal.compare import compare_builds
+from devtools.rehearsal.servers import ALL_STAGES
 
 
 @pytest.mark.timeout(900)
 def test_faults_on_a_two_node_cluster_leave_the_build_unchanged(tmp_path):
-    result = rehearsal.rehearse(tmp_path, items=160, stages=rehearsal.ALL_STAGES, partition_size=16, label="ci")
+    result = rehearse(tmp_path, items=160, stages=ALL_STAGES, partition_size=16, label="ci")
 
     compare = result["compare"]
     assert compare["problems"] == [], "\n".join(compare["problems"])
@@ -46,12 +49,12 @@ def _manifest(folder, values):
 def test_compare_builds_ignores_row_order_and_attempts_but_reports_values(tmp_path):
     _manifest(tmp_path / "x", [10, 20, 30])
     _manifest(tmp_path / "y", [10, 20, 30])
-    same = rehearsal.compare_builds(tmp_path / "x", tmp_path / "y")
+    same = compare_builds(tmp_path / "x", tmp_path / "y")
     assert same["problems"] == [] and same["attempts_differ"] == 0
 
     pq.write_table(pa.table({"image_id": ["a", "b", "c"], "attempts": [1, 3, 2], "width": [20, 10, 31]}),
                    tmp_path / "y" / "images.parquet")
-    diff = rehearsal.compare_builds(tmp_path / "x", tmp_path / "y")
+    diff = compare_builds(tmp_path / "x", tmp_path / "y")
     assert diff["attempts_differ"] == 1
     assert len(diff["problems"]) == 1 and "images.parquet:width" in diff["problems"][0]
 

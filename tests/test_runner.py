@@ -189,7 +189,7 @@ def cli_run(recipe: Path, output: Path, **popen) -> subprocess.Popen:
 
 @pytest.mark.timeout(400)
 def test_sigkill_mid_download_then_rerun_gives_the_clean_manifest(tmp_path):
-    from datakit.testing.httpserver import PhotoServer
+    from devtools.photoserver import PhotoServer
 
     with PhotoServer(PHOTOS) as server:
         urls = url_list(tmp_path, server, 150)
@@ -269,7 +269,7 @@ def stall_recipe(tmp_path: Path, url_lines: list[str], **ray_settings) -> Path:
 def test_a_hung_worker_is_noticed_and_its_partition_run_again(tmp_path, ray_local):
     """One request hangs for 120 s (its timeout is longer); the stall watch restarts the stage
     after 4 s without progress, the new worker's request is answered, the build completes."""
-    from datakit.testing.httpserver import PhotoServer
+    from devtools.photoserver import PhotoServer
 
     photos = sorted(p.relative_to(PHOTOS).as_posix() for p in PHOTOS.rglob("*.jpg"))[:7]
     with PhotoServer(PHOTOS) as server:
@@ -289,7 +289,7 @@ def test_a_hung_worker_is_noticed_and_its_partition_run_again(tmp_path, ray_loca
 
 
 def test_a_stage_that_never_finishes_stops_the_run_with_a_clear_error(tmp_path, ray_local):
-    from datakit.testing.httpserver import PhotoServer
+    from devtools.photoserver import PhotoServer
     from datakit.watchdog import Stalled
 
     with PhotoServer(PHOTOS) as server:
@@ -305,7 +305,7 @@ def test_a_rebuild_does_not_fetch_what_was_redacted(tmp_path, ray_local):
     and its URL is not requested again."""
     from datakit.audit.folder import OutputFolder
     from datakit.audit.redact import redact
-    from datakit.testing.httpserver import PhotoServer
+    from devtools.photoserver import PhotoServer
 
     photos = sorted(p.relative_to(PHOTOS).as_posix() for p in PHOTOS.rglob("*.jpg"))[:6]
     with PhotoServer(PHOTOS) as server:

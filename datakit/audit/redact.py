@@ -51,7 +51,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -60,7 +59,7 @@ from datakit import registry, schema
 from datakit.audit.folder import AUDIT_DIR, IDENTITIES, IMAGES, MEMBERS, REDACTIONS, SHARDS, AuditError, OutputFolder
 from datakit.audit.sheets import normalize
 from datakit.engine.manifests import identities_table, write_table
-from datakit.engine.settle import DECISION_COLUMNS, clear_columns, redact_rows
+from datakit.engine.settle import clear_columns, redact_rows
 from datakit.store import TMP_PREFIX, atomic_write_table, file_sha256
 
 BIOMETRIC_COLUMNS = ("embedding", "landmarks5", "landmarks68")

@@ -54,7 +54,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from datakit import graph, schema
+from datakit import graph
 from datakit.stage import Output, Stage, StageSettings, column
 
 # pattern found in the embedding model's name (case-insensitive) -> linkage threshold
