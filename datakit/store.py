@@ -145,20 +145,7 @@ def atomic_write_bytes(path: Location, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _injected_write_failure(path: Location) -> None:
-    # Fault rehearsal hook (datakit.rehearsal): while the file named by DATAKIT_FAIL_WRITE_FLAG
-    # exists, the next table write removes it and fails, as a full or flaky disk would.
-    flag = os.environ.get("DATAKIT_FAIL_WRITE_FLAG")
-    if flag:
-        try:
-            os.remove(flag)
-        except FileNotFoundError:
-            return
-        raise OSError(f"{path}: write failed (injected by DATAKIT_FAIL_WRITE_FLAG)")
-
-
 def atomic_write_table(path: Location, table: pa.Table) -> None:
-    _injected_write_failure(path)
     if not is_local(path):
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, **PARQUET_WRITE)

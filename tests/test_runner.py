@@ -235,21 +235,22 @@ def test_sigkill_mid_download_then_rerun_gives_the_clean_manifest(tmp_path):
     assert not list(work.root.rglob(".tmp-*"))
 
 
-def test_a_write_that_fails_once_is_retried(tmp_path, ray_local, monkeypatch):
-    # the session's Ray workers started before this test set the variable: run the partition here
+def test_a_write_that_fails_once_is_retried(tmp_path):
+    """Through devtools.flakyfs, a file system whose next write fails while its flag file exists."""
     from datakit.stages.download import DownloadStage
 
-    recipe = load_recipe(recipe_file(tmp_path, {"download": {}}))
-    runner.prepare_output(WorkDir(recipe.output), recipe, restart=False)
-    runner.enumerate_items(WorkDir(recipe.output), recipe)
     flag = tmp_path / "fail-once"
+    recipe = load_recipe(recipe_file(tmp_path, {"download": {}}), output=f"flaky://{tmp_path}/out")
+    recipe.storage_options = {"fail_flag": str(flag)}
+    work = WorkDir(recipe.output, recipe.storage_options)
+    runner.prepare_output(work, recipe, restart=False)
+    runner.enumerate_items(work, recipe)
     flag.write_text("x")
-    monkeypatch.setenv("DATAKIT_FAIL_WRITE_FLAG", str(flag))
-    stage = DownloadStage(recipe.stage_settings("download"), runner.stage_context(recipe))
+    stage = DownloadStage(recipe.stage_settings("download"), runner.stage_context(recipe, work))
     stage.setup()
-    run_partition(stage, WorkDir(recipe.output), 0, [])
+    run_partition(stage, work, 0, [])
     assert not flag.exists(), "the injected failure did not fire"
-    assert WorkDir(recipe.output).part_done("download", 0)
+    assert WorkDir(tmp_path / "out").part_done("download", 0)
 
 
 def stall_recipe(tmp_path: Path, url_lines: list[str], **ray_settings) -> Path:

@@ -9,8 +9,9 @@ two local HTTP server processes, and runs ``datakit run --address`` against that
 2. the same recipe again into a second folder while faults are injected: the HTTP server of
    one source is stopped for a while and started again on the same port; the worker node is
    killed (its raylet and every process under it) mid-stage and started again; the driver is
-   killed with SIGKILL and the run started again; one parquet write fails (the
-   ``DATAKIT_FAIL_WRITE_FLAG`` hook of ``datakit.store``): the runner retries the write, and
+   killed with SIGKILL and the run started again; one parquet write fails (the faulty build
+   writes through ``devtools.flakyfs``, a file system that fails one write on demand): the
+   engine retries the write, and
    a run that fails anyway is started again. A stage that makes no progress for the recipe's
    ``ray.stall_timeout`` (60 s here; Ray Data can wait forever on an actor of a lost node)
    is restarted by datakit's own watchdog (``datakit.watchdog``); the rehearsal kills a
@@ -64,8 +65,8 @@ def rehearse(root: Path, items: int, stages: list[str], partition_size: int, fau
     try:
         for s in servers:
             s.start()
-        recipe = write_recipe(root / "recipe", servers, items, stages, partition_size)
-        with ray_cluster(env={"DATAKIT_FAIL_WRITE_FLAG": str(fail_flag)}) as cluster:
+        recipe = write_recipe(root / "recipe", servers, items, stages, partition_size, fail_flag=fail_flag)
+        with ray_cluster() as cluster:
             print(f"[{label}] {items} items, stages {','.join(stages)}, cluster {cluster.address}", flush=True)
             clean = run_clean(recipe, root / "clean", cluster, root / "clean.log")
             spilled, _ = cluster.spilled_bytes()

@@ -18,10 +18,13 @@ from devtools.rehearsal.cluster import MemorySampler, RayCluster
 # ---------------------------------------------------------------- running datakit
 
 
-def start_driver(recipe: Path, output: Path, cluster: "RayCluster", log: Path) -> subprocess.Popen:
+def start_driver(recipe: Path, output: Path, cluster: "RayCluster", log: Path, flaky: bool = False) -> subprocess.Popen:
+    """``datakit run`` into ``output``; ``flaky``: through devtools.flakyfs, which fails one write
+    while the recipe's ``storage_options.fail_flag`` file exists."""
     env, address = cluster.env, cluster.address
+    target = f"flaky://{output}" if flaky else str(output)
     f = open(log, "ab")  # noqa: SIM115 - closed with the process by the caller
-    return subprocess.Popen([PYTHON, "-m", "datakit", "run", str(recipe), "--output", str(output), "--address",
+    return subprocess.Popen([PYTHON, "-m", "datakit", "run", str(recipe), "--output", target, "--address",
                              address, "--quiet"], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
                             start_new_session=True)
 
@@ -100,7 +103,7 @@ def first_partition_stage(output: Path, stages: list[str], fraction: float):
 def run_clean(recipe: Path, output: Path, cluster: RayCluster, log: Path, stall_s: float = 300) -> dict:
     t0 = time.time()
     with MemorySampler(cluster) as mem:
-        proc = start_driver(recipe, output, cluster, log)
+        proc = start_driver(recipe, output, cluster, log, flaky=True)
         try:
             code = wait_driver(proc, output, stall_s)
         finally:
@@ -131,7 +134,7 @@ def _run_with_faults(recipe, output, cluster, servers, fail_flag, log, outage_s,
     download = ["download"]
     t0 = time.time()
     # 1. one source's server stops for a while during download, the worker node dies mid-stage
-    proc = start_driver(recipe, output, cluster, log)
+    proc = start_driver(recipe, output, cluster, log, flaky=True)
     drivers.append(proc)
     faults.attempts += 1
     if wait_driver(proc, output, stall_s, until=first_partition_stage(output, download, 0.01)) is None:
@@ -161,7 +164,7 @@ def _run_with_faults(recipe, output, cluster, servers, fail_flag, log, outage_s,
     faults.note("next parquet write set to fail once")
     while faults.attempts < max_attempts:
         cluster.wait_for_nodes(2)
-        proc = start_driver(recipe, output, cluster, log)
+        proc = start_driver(recipe, output, cluster, log, flaky=True)
         drivers.append(proc)
         faults.attempts += 1
         code = wait_driver(proc, output, stall_s)
@@ -172,7 +175,7 @@ def _run_with_faults(recipe, output, cluster, servers, fail_flag, log, outage_s,
     else:
         raise RuntimeError(f"the faulty build did not complete in {max_attempts} runs; see {log}")
     if fail_flag.exists():
-        raise RuntimeError("the injected write failure never fired (DATAKIT_FAIL_WRITE_FLAG did not reach the workers)")
+        raise RuntimeError("the injected write failure never fired (devtools.flakyfs did not reach the workers)")
     runs = json.loads((output / "build.json").read_text()).get("runs", [])
     restarts = sum(r.get("stall_restarts", 0) for r in runs)
     faults.note(f"build complete after {faults.attempts} runs, {time.time() - t0:.1f} s; "

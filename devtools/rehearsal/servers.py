@@ -93,7 +93,7 @@ def write_url_list(path: Path, folder: Path, n: int, fault_every: int, start: in
 
 
 def write_recipe(folder: Path, servers: list[FixedPortServer], items: int, stages: list[str],
-                 partition_size: int, fault_every: int = 100) -> Path:
+                 partition_size: int, fault_every: int = 100, fail_flag: Path | None = None) -> Path:
     import yaml
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -123,6 +123,8 @@ def write_recipe(folder: Path, servers: list[FixedPortServer], items: int, stage
         "ray": {"partition_size": partition_size, "stall_timeout": 60},
         "stages": {name: settings[name] for name in stages},
     }
+    if fail_flag is not None:  # read by devtools.flakyfs when the output is a flaky:// URL
+        recipe["storage_options"] = {"fail_flag": str(fail_flag)}
     if any(s in stages for s in ("detect", "embed")):
         recipe["faces"] = {"backend": "dlib"}
     path = folder / "recipe.yaml"
