@@ -127,7 +127,7 @@ IMAGES_SCHEMA = pa.schema([pa.field(n, t) for n, (t, _) in IMAGE_COLUMNS.items()
 
 # identities.parquet: one row per kept identity (written by the shard stage).
 IDENTITY_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
-    "identity_id": (pa.string(), "stable id (see datakit/cluster.py): sha1 of the identity's first name, or of its first image"),
+    "identity_id": (pa.string(), "stable id (see datakit/stages/cluster.py): sha1 of the identity's first name, or of its first image"),
     "names": (pa.list_(pa.string()), "distinct labels of its images, sorted"),
     "sources": (pa.list_(pa.string()), "distinct sources of its images, sorted"),
     "images": (pa.int64(), "kept images of the identity"),

@@ -36,8 +36,6 @@ import pyarrow.parquet as pq
 ITEMS = "items"
 TMP_PREFIX = ".tmp-"
 REMOTE_READERS = 16  # partition views read at once from an object store
-# Columns that hold bulk bytes: kept in the work folder, never in images.parquet.
-BULK_COLUMNS = ("image_bytes", "face_crop")
 
 
 # A local folder (pathlib.Path) or an fsspec URL (upath.UPath): both have /, exists, open, glob.

@@ -13,7 +13,7 @@ fails names the drop:
 
 Defaults were set on the 293 dev photos of the face fixtures: every dev subject covers >= 12% of
 its image (RetinaFace convention) and its box is >= 52 px on the shorter side. Sharpness (see
-datakit/detect.py) of dev subjects: 1st percentile 18, minimum 5.4 (one LFW frame with a 52 px
+datakit/stages/detect.py) of dev subjects: 1st percentile 18, minimum 5.4 (one LFW frame with a 52 px
 face, the only dev photo under the default of 10); the same photos blurred with a Gaussian of
 sigma = 3/128 of the face box's side score median 7.6, 95th percentile 15. Sharp, small faces and
 mildly blurred large ones overlap, so the threshold is a trade-off: raise it for cleaner crops.
