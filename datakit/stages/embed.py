@@ -48,7 +48,6 @@ class EmbedStage(FaceModelStage):
         out["embedding"] = floats(vector)
         out["embedding_model"] = self.backend.embedding_model
         out["face_crop"] = jpeg(crop, s.jpeg_quality)
-        return None
 
 
 def jpeg(rgb: np.ndarray, quality: int) -> bytes:
