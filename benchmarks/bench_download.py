@@ -98,6 +98,7 @@ def items_table(urls: list[tuple[str, str]]) -> pa.Table:
 def _download_partition(table: pa.Table, settings: dict, out_path: str) -> dict:
     import resource
 
+    from datakit.engine.steps import decide
     from datakit.stages.download import DownloadStage, Settings
     from datakit.store import atomic_write_table
 
@@ -106,7 +107,7 @@ def _download_partition(table: pa.Table, settings: dict, out_path: str) -> dict:
         return usage.ru_utime + usage.ru_stime
 
     c0 = cpu()
-    out = DownloadStage(Settings(**settings), {}).process(table)
+    out = decide(DownloadStage(Settings(**settings), {}), table)
     atomic_write_table(Path(out_path), out)
     status = out.column("status").to_pylist()
     return {"kept": status.count("kept"), "dropped": status.count("dropped"), "cpu": cpu() - c0,

@@ -135,6 +135,7 @@ class StagesActor:
             self.stages.append(stage)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        from datakit.engine.steps import decide
         from datakit.store import overlay
 
         steps: dict[str, float] = defaultdict(float)
@@ -143,7 +144,7 @@ class StagesActor:
             backend = getattr(stage, "backend", None)
             before = dict(getattr(backend, "timings", {}))
             t0 = time.perf_counter()
-            batch = overlay(batch, stage.process(batch))
+            batch = overlay(batch, decide(stage, batch))
             spent = time.perf_counter() - t0
             after = dict(getattr(backend, "timings", {}))
             for k in after:
