@@ -1,7 +1,8 @@
 """A local file system that fails one write on demand: the rehearsal's full or flaky disk.
 
-fsspec protocol ``flaky`` (registered through the ``fsspec.specs`` entry point in pyproject.toml,
-so every Ray worker of an installed checkout finds it): ``flaky:///abs/folder`` is the local
+fsspec protocol ``flaky`` (registered through the ``fsspec.specs`` and
+``universal_pathlib.implementations`` entry points in pyproject.toml, so every Ray worker of an
+installed checkout finds it and unpickles its paths): ``flaky:///abs/folder`` is the local
 folder ``/abs/folder``. While the file named by the ``fail_flag`` storage option exists, the next
 file written removes it and raises ``OSError``, as a full disk would; everything else passes
 through. A build pointed at ``--output flaky:///...`` (with ``storage_options: {fail_flag: ...}``
@@ -13,6 +14,7 @@ from __future__ import annotations
 import os
 
 from fsspec.implementations.local import LocalFileSystem
+from upath.core import UPath
 
 
 class FlakyFileSystem(LocalFileSystem):
@@ -49,3 +51,9 @@ class FlakyFileSystem(LocalFileSystem):
     def put_file(self, lpath, rpath, **kwargs):
         self._fail_once(rpath)
         return super().put_file(lpath, rpath, **kwargs)
+
+
+class FlakyPath(UPath):
+    """universal_pathlib's path class for ``flaky://`` (its generic fallback does not unpickle)."""
+
+    __slots__ = ()

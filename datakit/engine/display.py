@@ -68,6 +68,9 @@ class Display:
     @contextmanager
     def watching(self, steps: list[str]):
         """Steps now running: their progress is shown (non-TTY lines name only these)."""
+        if not self.enabled:
+            yield
+            return
         self.watched = list(steps)
         now = time.time()
         for step in steps:

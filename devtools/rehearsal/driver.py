@@ -103,7 +103,7 @@ def first_partition_stage(output: Path, stages: list[str], fraction: float):
 def run_clean(recipe: Path, output: Path, cluster: RayCluster, log: Path, stall_s: float = 300) -> dict:
     t0 = time.time()
     with MemorySampler(cluster) as mem:
-        proc = start_driver(recipe, output, cluster, log, flaky=True)
+        proc = start_driver(recipe, output, cluster, log)
         try:
             code = wait_driver(proc, output, stall_s)
         finally:

@@ -23,7 +23,7 @@ WEB_ROOT = REPO / "data" / "demo" / "web"
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m examples.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path, help="output folder (default: the recipe's, manifests/demo)")
+    parser.add_argument("--output", help="output folder or URL (default: the recipe's, manifests/demo)")
     parser.add_argument("--restart", action="store_true", help="discard an earlier demo build first")
     parser.add_argument("--quiet", action="store_true", help="no progress display")
     parser.add_argument("--port", type=int, default=0, help="the photo server's port (default: a free one)")
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["DATAKIT_DEMO_BASE_URL"] = f"{server.base_url}/files/"
         cli_args = ["run", str(RECIPE), "--executor", args.executor]
         if args.output:
-            cli_args += ["--output", str(args.output)]
+            cli_args += ["--output", args.output]
         if args.restart:
             cli_args.append("--restart")
         if args.quiet:
