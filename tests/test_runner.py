@@ -70,9 +70,9 @@ def recipe_file(tmp_path: Path, stages: dict, partition_size: int = 3, **source)
     return path
 
 
-def test_folder_build_accounts_for_every_item(tmp_path, ray_local):
+def test_folder_build_accounts_for_every_item(tmp_path):
     recipe = load_recipe(recipe_file(tmp_path, {"download": {}}))
-    result = runner.run(recipe, quiet=True)
+    result = runner.run(recipe, quiet=True, executor="local")
     images = pq.read_table(tmp_path / "out" / "images.parquet")
     assert images.schema.equals(schema.IMAGES_SCHEMA)
     rows = {r["locator"]: r for r in images.to_pylist()}
@@ -117,28 +117,28 @@ def test_stage_error_reason_for_an_item_that_raises(tmp_path, ray_local, test_st
     assert sum(1 for r in rows.values() if r["status"] == "kept") == 8
 
 
-def test_second_run_skips_finished_work_and_changed_recipe_is_refused(tmp_path, ray_local):
+def test_second_run_skips_finished_work_and_changed_recipe_is_refused(tmp_path):
     path = recipe_file(tmp_path, {"download": {}})
-    runner.run(load_recipe(path), quiet=True)
+    runner.run(load_recipe(path), quiet=True, executor="local")
     work = WorkDir(tmp_path / "out")
     parts = sorted(work.stage_dir("download").glob("part-*.parquet"))
     mtimes = [p.stat().st_mtime_ns for p in parts]
     first = (tmp_path / "out" / "images.parquet").read_bytes()
-    runner.run(load_recipe(path), quiet=True)
+    runner.run(load_recipe(path), quiet=True, executor="local")
     assert [p.stat().st_mtime_ns for p in parts] == mtimes
     assert (tmp_path / "out" / "images.parquet").read_bytes() == first
     changed = yaml.safe_load(path.read_text())
     changed["stages"]["download"]["min_side"] = 200
     path.write_text(yaml.safe_dump(changed))
     with pytest.raises(runner.BuildMismatch, match="different recipe"):
-        runner.run(load_recipe(path), quiet=True)
+        runner.run(load_recipe(path), quiet=True, executor="local")
     # --restart discards the old build
-    result = runner.run(load_recipe(path), quiet=True, restart=True)
+    result = runner.run(load_recipe(path), quiet=True, executor="local", restart=True)
     assert result.dropped_by_reason.get("image_too_small") == 8
 
 
-def test_manifest_opens_with_pyarrow_pandas_duckdb_and_datasets(tmp_path, ray_local):
-    runner.run(load_recipe(recipe_file(tmp_path, {"download": {}})), quiet=True)
+def test_manifest_opens_with_pyarrow_pandas_duckdb_and_datasets(tmp_path):
+    runner.run(load_recipe(recipe_file(tmp_path, {"download": {}})), quiet=True, executor="local")
     path = tmp_path / "out" / "images.parquet"
     assert pq.read_table(path).num_rows == 10
 
@@ -158,10 +158,10 @@ def test_manifest_opens_with_pyarrow_pandas_duckdb_and_datasets(tmp_path, ray_lo
     assert ds.num_rows == 10 and "image_id" in ds.column_names
 
 
-def test_status_command(tmp_path, ray_local, capsys):
+def test_status_command(tmp_path, capsys):
     from datakit.cli import main
 
-    runner.run(load_recipe(recipe_file(tmp_path, {"download": {}})), quiet=True)
+    runner.run(load_recipe(recipe_file(tmp_path, {"download": {}})), quiet=True, executor="local")
     assert main(["status", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "download" in out and "4/4" in out and "10 rows" in out
