@@ -9,8 +9,8 @@ import pytest
 from datakit import schema
 from datakit.engine.steps import decide
 from datakit.stages.attributes import AttributesSettings, AttributesStage, first_name
-from datakit.decode import load_rgb
-from datakit.faces.base import FaceBackend
+from portrait.decode import load_rgb
+from portrait.faces.base import FaceBackend
 
 # The true gender of the 30 fixture identities (public figures), to check the name list's answers.
 FIXTURE_GENDERS = {
@@ -211,12 +211,12 @@ def png_bytes(value: int, size=(200, 160)) -> bytes:
 
 
 def test_insightface_genderage_model_through_load_backend(tmp_path):
-    """The real insightface loading and inference code (datakit.faces.load_backend) on a pack of
+    """The real insightface loading and inference code (portrait.faces.load_backend) on a pack of
     small ONNX files exported from torch (tests/onnx_models.py): its genderage model answers
     "male" for a bright crop, "female" for a dark one, and age 30."""
     from onnx_models import write_pack
 
-    from datakit.faces import FaceSettings
+    from portrait.faces import FaceSettings
 
     pack = write_pack(tmp_path / "buffalo_l", landmarks68=False)
     faces = FaceSettings(backend="insightface", model_dir=str(pack))
@@ -239,7 +239,7 @@ def test_insightface_genderage_model_through_load_backend(tmp_path):
 
 
 def test_dlib_backend_has_no_age_model():
-    from datakit.faces import FaceSettings
+    from portrait.faces import FaceSettings
 
     faces = FaceSettings(backend="dlib")
     assert make_stage(context={"faces": faces}).backend is None  # auto: names only, no age

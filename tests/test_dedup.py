@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from datakit import schema
-from datakit.decode import load_rgb
+from portrait.decode import load_rgb
 from datakit.engine.local_executor import run_stages
 from datakit.stages.dedup import DedupSettings, DedupStage, near_hash_pairs
 from datakit.stages.phash import PhashStage, phash_pair

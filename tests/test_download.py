@@ -20,7 +20,7 @@ from PIL import Image
 
 from datakit import schema
 from datakit.engine.steps import decide
-from datakit.decode import DecodeError, check_image, decode_image
+from portrait.decode import DecodeError, check_image, decode_image
 from devtools.photoserver import png_declaring
 from datakit.stages.download import ADDS, DownloadStage, Settings
 from devtools.photoserver import PhotoServer, sample_jpeg

@@ -24,9 +24,9 @@ from datakit.engine import manifests
 from datakit.engine.local_executor import run_stages
 from datakit.stages.shard import plan as shard
 from datakit.stages.shard.encode import ShardEncodeStage
-from datakit.stages.shard.write import tar_info
 from datakit.sources import ITEM_SCHEMA
 from datakit.store import WorkDir, atomic_write_table
+from portrait import shardio
 
 IDENTITY_SIZES = [5, 7, 12, 6, 9, 5, 30, 8]  # the 30 is larger than the bounds some tests set
 
@@ -193,6 +193,24 @@ def test_sample_contents_are_in_stored_image_coordinates(built):
         assert meta["gender"] == row["gender"] and meta["caption"] == row["caption"]
 
 
+def test_short_side_resize_keeps_the_short_side_at_the_training_resolution(tmp_path):
+    """resize: short_side stores images whose shortest side is image_size (the trainer's square
+    crop then needs no upsampling); smaller ones are stored as they are, never enlarged."""
+    rows = make_rows()
+    build(tmp_path / "out", rows, min_shards=2, image_size=300, resize="short_side")
+    by_id = {r["image_id"]: r for r in rows}
+    samples = read_back(tmp_path / "out")
+    assert samples
+    for key, s in samples.items():
+        row = by_id[key]
+        size = Image.open(io.BytesIO(s["jpg"])).size
+        if min(row["width"], row["height"]) >= 300:
+            assert min(size) == 300, (size, row["width"], row["height"])  # long_side would give 300 on the long side
+        else:
+            assert size == (row["width"], row["height"])
+    assert any(max(Image.open(io.BytesIO(s["jpg"])).size) > 300 for s in samples.values())
+
+
 def test_tar_members_have_fixed_metadata_and_safe_names(built):
     out, _, _ = built
     for path in (out / "shards").glob("*.tar"):
@@ -245,7 +263,7 @@ def test_unsafe_key_is_dropped_not_written(tmp_path):
     assert row["status"] == "dropped" and row["reason"] == "stage_error" and "member" in row["detail"]
     assert not list(tmp_path.rglob("escape*"))
     with pytest.raises(ValueError, match="leave"):
-        tar_info("../x.jpg", 1)
+        shardio.member_header("../x.jpg", 1)
 
 
 def test_plan_packs_identities_in_order_within_bounds():

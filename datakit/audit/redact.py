@@ -39,7 +39,6 @@ from __future__ import annotations
 import fcntl
 import getpass
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -61,6 +60,7 @@ from datakit.audit.sheets import normalize
 from datakit.engine.manifests import identities_table, write_table
 from datakit.engine.settle import clear_columns, redact_rows
 from datakit.store import TMP_PREFIX, atomic_write_table, file_sha256
+from portrait import shardio
 
 BIOMETRIC_COLUMNS = ("embedding", "landmarks5", "landmarks68")
 REDACT_STAGE = "redact"
@@ -254,22 +254,23 @@ def _member_hashes(folder: OutputFolder) -> dict[str, dict[str, str]]:
 
 
 def rewrite_tar(path: Path, shard: str, keys: set[str], expected: dict[str, str]) -> dict | None:
+    """The shard without the samples ``keys``, written by the shard stage's writer
+    (portrait.shardio), so the members carried over keep their bytes and headers."""
     tmp = path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}-{path.name}"
     kept = 0
     try:
-        with tarfile.open(path, "r:") as src, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as dst:
-            for info in src:
-                if info.name.split(".", 1)[0] in keys:
+        with shardio.TarWriter(tmp) as dst:
+            for member in shardio.read_members(path):
+                if member.key in keys:
                     continue
-                if not info.isfile():
-                    raise AuditError(f"{shard}: member {info.name!r} is not a plain file; run `datakit verify`")
-                data = src.extractfile(info).read()
-                if expected and hashlib.sha256(data).hexdigest() != expected.get(info.name):
+                if member.data is None:
+                    raise AuditError(f"{shard}: member {member.name!r} is not a plain file; run `datakit verify`")
+                if expected and hashlib.sha256(member.data).hexdigest() != expected.get(member.name):
                     raise AuditError(
-                        f"{shard}: member {info.name} does not match shard_members.parquet; the shard is damaged "
+                        f"{shard}: member {member.name} does not match shard_members.parquet; the shard is damaged "
                         f"or the manifests are stale. Run `datakit verify {path.parent.parent}` and fix that first."
                     )
-                dst.addfile(same_header(info), io.BytesIO(data))
+                dst.write(member.name, member.data)
                 kept += 1
         if kept == 0:
             tmp.unlink()
@@ -280,18 +281,10 @@ def rewrite_tar(path: Path, shard: str, keys: set[str], expected: dict[str, str]
         digest, size = file_sha256(tmp)
         os.replace(tmp, path)
         return {"bytes": size, "sha256": digest}
-    except tarfile.TarError as e:
+    except (tarfile.TarError, EOFError) as e:
         raise AuditError(f"{shard}: cannot be read as a tar ({e}); run `datakit verify`") from e
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def same_header(src: tarfile.TarInfo) -> tarfile.TarInfo:
-    """A fresh header with the source member's fields, so the rewritten tar keeps their form."""
-    info = tarfile.TarInfo(src.name)
-    for attr in ("size", "mtime", "mode", "uid", "gid", "uname", "gname", "type"):
-        setattr(info, attr, getattr(src, attr))
-    return info
 
 
 # ---------------------------------------------------------------- manifests

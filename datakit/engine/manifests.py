@@ -12,7 +12,6 @@ import json
 import time
 from collections import Counter, defaultdict
 
-import numpy as np
 import pyarrow as pa
 
 from datakit import __version__, schema
@@ -49,26 +48,7 @@ def identities_table(images: pa.Table, only: set[str] | None = None) -> pa.Table
     for r in images.select(cols).to_pylist():
         if r["status"] == schema.KEPT and r["identity_id"] and r["shard"] and (only is None or r["identity_id"] in only):
             per[r["identity_id"]].append(r)
-    return pa.Table.from_pylist([{"identity_id": i, **identity_row(per[i])} for i in sorted(per)], schema=schema.IDENTITIES_SCHEMA)
-
-
-def identity_row(items: list[dict]) -> dict:
-    """The figures of schema.IDENTITY_COLUMNS for one identity's kept images."""
-    genders = Counter(r["gender"] for r in items if r["gender"] in ("female", "male"))
-    top = genders.most_common(2)
-    ages = [float(r["age"]) for r in items if r["age"] is not None]
-    return {
-        "names": sorted({r["label"] for r in items if r["label"]}),
-        "sources": sorted({r["source"] for r in items if r["source"]}),
-        "images": len(items),
-        "gender": top[0][0] if top and (len(top) == 1 or top[0][1] > top[1][1]) else None,
-        "female": genders.get("female", 0),
-        "male": genders.get("male", 0),
-        "age_mean": float(np.mean(ages)) if ages else None,
-        "age_min": min(ages) if ages else None,
-        "age_max": max(ages) if ages else None,
-        "shards": sorted({r["shard"] for r in items if r["shard"]}),
-    }
+    return pa.Table.from_pylist([{"identity_id": i, **schema.identity_row(per[i])} for i in sorted(per)], schema=schema.IDENTITIES_SCHEMA)
 
 
 def write_table(output: Location, name: str, table: pa.Table) -> None:

@@ -21,8 +21,8 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 
-from datakit.decode import load_rgb
-from datakit.faces.base import Face, FaceBackend
+from portrait.decode import load_rgb
+from portrait.faces.base import Face, FaceBackend
 from datakit.stage import Drop, Output, Stage, StageSettings, map_rows
 
 NAMES_PACKAGE = "gender-guesser"
@@ -129,7 +129,7 @@ class AttributesStage(Stage):
         # context["face_backend"]: a backend object built by the caller (one process, tests)
         backend = self.context.get("face_backend")
         if backend is None and face_settings is not None:
-            from datakit.faces import load_backend
+            from portrait.faces import load_backend
 
             backend = load_backend(face_settings, self.context.get("recipe_dir"))
         if backend is not None and backend.has_age_gender_model:

@@ -20,7 +20,7 @@ from typing import Literal
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from datakit.decode import load_rgb
+from portrait.decode import load_rgb
 from datakit.stage import Output, Stage, StageSettings, column
 from datakit.store import file_sha256
 

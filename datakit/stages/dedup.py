@@ -40,16 +40,16 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 from pydantic import Field
 
+from portrait.faces import default_thresholds
 from datakit.stage import Output, Stage, StageSettings, column
 
 log = logging.getLogger(__name__)
 
 HASH_BITS = 64
 
-# L2 distance between L2-normalised embeddings under which two faces are the same picture.
-# dlib: measured on the fixtures (flipped + JPEG q70 copies <= 0.19; other photos of the same
-# person >= 0.17, so the phash does the separating). ArcFace-style models: cosine >= ~0.87.
-DEFAULT_MAX_EMBEDDING_DISTANCE = {"dlib": 0.3, "arcface": 0.5, "insightface": 0.5}
+# L2 distance between L2-normalised embeddings under which two faces are the same picture,
+# per embedding model (set and explained beside each face backend in portrait/faces/).
+DEFAULT_MAX_EMBEDDING_DISTANCE = default_thresholds("dedup")
 
 READ_COLUMNS = ("source", "sha256", "width", "height", "embedding", "embedding_model", "phash", "phash_mirror")
 

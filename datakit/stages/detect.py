@@ -15,8 +15,8 @@ import json
 import numpy as np
 from pydantic import Field
 
-from datakit.decode import DecodeError, load_rgb
-from datakit.faces import geometry
+from portrait.decode import DecodeError, load_rgb
+from portrait.faces import geometry
 from datakit.stage import Drop, StageSettings
 from datakit.stages.face_model import FaceModelStage, floats
 
@@ -49,7 +49,7 @@ class DetectStage(FaceModelStage):
             return e.reason, e.detail
         height, width = pixels.shape[:2]
         faces = self.backend.detect(pixels)
-        faces.sort(key=lambda f: geometry.clipped_area(f.box, height, width), reverse=True)
+        faces = geometry.subject_first(faces, height, width)
         out["face_backend"] = self.backend.name
         out["face_count"] = len(faces)
         if not faces:

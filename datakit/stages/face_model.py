@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from datakit.faces import FaceSettings, load_backend, model_provenance
-from datakit.faces.base import Face
+from portrait.faces import FaceSettings, load_backend, model_provenance
+from portrait.faces.base import Face
 from datakit.stage import Drop, Output, Stage, map_rows
 
 

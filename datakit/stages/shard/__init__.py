@@ -1,13 +1,11 @@
 """The shard stage: WebDataset tars under OUTPUT/shards/, grouped by identity, in three steps.
 
-A sample (key K = the image_id, stable across runs):
-
-    K.jpg            the image, longest side at most ``image_size``, JPEG at ``jpeg_quality``
-    K.face.jpg       the aligned face crop the embed stage made (the refiner's input)
-    K.json           image_id, identity_id, label, source, locator, box and landmarks (in the
-                     stored K.jpg's pixels), age, gender, caption, width and height of K.jpg
-    K.embedding.npy  float32 [D] identity embedding
-    K.landmarks.npy  float32 [68, 2] (or [5, 2]) landmarks in K.jpg's pixels
+A sample (key K = the image_id, stable across runs) is defined by ``portrait.sample``, which the
+trainer reads with: K.jpg (the image, longest side at most ``image_size``, JPEG at
+``jpeg_quality``), K.face.jpg (the embed stage's aligned crop), K.json (identity, source,
+locator, box and landmarks in K.jpg's pixels, age, gender, caption, sizes), K.embedding.npy and
+K.landmarks.npy. This stage decides what goes in (the row's values, scaled to the stored image);
+``portrait.sample.encode`` makes and checks the bytes.
 
 1. *Encode* (``encode.py``, a partition step): each kept image's sample is encoded once into the
    work folder, so its exact size is known; a sample that cannot be encoded (no face crop, bytes
@@ -27,11 +25,10 @@ The engine then writes ``shards.parquet``, ``shard_members.parquet`` (every memb
 sha256, for verification) and ``identities.parquet`` from what the plan step returns.
 """
 
-import tarfile
+from portrait import sample, shardio
 
 SHARDS_DIR = "shards"
 ENCODE_STEP = "shard_encode"
-BLOCK = tarfile.BLOCKSIZE  # 512
-RECORD = tarfile.RECORDSIZE  # 10240: tarfile pads the archive to a multiple of this
+RECORD = shardio.RECORD
 # member suffix -> column of the encoded sample in the work folder, in the order members are written
-MEMBERS = (("jpg", "jpg"), ("face.jpg", "face_jpg"), ("json", "json"), ("embedding.npy", "embedding_npy"), ("landmarks.npy", "landmarks_npy"))
+MEMBERS = tuple((suffix, suffix.replace(".", "_")) for suffix in sample.MEMBERS)

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import io
-import json
-import re
 
 import numpy as np
 import pyarrow as pa
 
-from datakit.decode import load_rgb
 from datakit.stage import Output, Stage
-from datakit.stages.shard import BLOCK, ENCODE_STEP, MEMBERS
+from datakit.stages.shard import ENCODE_STEP, MEMBERS
+from portrait import sample, shardio
+from portrait.decode import load_rgb
+from portrait.ids import check_key
 
-SAFE_KEY = re.compile(r"^[0-9A-Za-z_-]{1,128}$")
 READS = (
     "source", "label", "locator", "identity_id", "face_box", "landmarks5", "landmarks68", "embedding",
     "age", "gender", "caption", "width", "height", "image_bytes", "face_crop",
@@ -32,39 +31,42 @@ class ShardEncodeStage(Stage):
         s = self.settings
         out = Output({c: [None] * rows.num_rows for c in self.adds})
         for i, row in enumerate(rows.to_pylist()):
-            sample = encode_sample(row, s.image_size, s.jpeg_quality)
-            if sample.get("error"):
-                out.drops[i] = ("stage_error", sample["error"])
+            encoded = encode_sample(row, s.image_size, s.jpeg_quality, s.resize)
+            if encoded.get("error"):
+                out.drops[i] = ("stage_error", encoded["error"])
                 continue
             for _, col in MEMBERS:
-                out.values[col][i] = sample.get(col)
-            out.values["tar_bytes"][i] = tar_bytes(sample)
+                out.values[col][i] = encoded.get(col)
+            out.values["tar_bytes"][i] = tar_bytes(encoded)
         return out
 
 
-def tar_bytes(sample: dict) -> int:
-    """Bytes a sample takes in a tar: a header block per member plus its content in blocks."""
-    return sum(BLOCK + -(-len(sample[col]) // BLOCK) * BLOCK for _, col in MEMBERS if sample.get(col) is not None)
+def tar_bytes(encoded: dict) -> int:
+    """Bytes a sample takes in a tar (shardio.member_tar_bytes summed over its members)."""
+    return sum(int(shardio.member_tar_bytes(len(encoded[col]))) for _, col in MEMBERS if encoded.get(col) is not None)
 
 
-def encode_sample(row: dict, image_size: int, quality: int) -> dict:
+def stored_scale(width: int, height: int, image_size: int, resize: str = "long_side") -> float:
+    """The factor an image is stored at: its long (or short) side brought down to image_size; never up."""
+    side = max(width, height) if resize == "long_side" else min(width, height)
+    return min(1.0, image_size / side)
+
+
+def encode_sample(row: dict, image_size: int, quality: int, resize: str = "long_side") -> dict:
     key = row["image_id"]
     out = {"key": key, "identity_id": row["identity_id"], "error": None}
     try:
-        if not SAFE_KEY.match(key or ""):
-            raise ValueError(f"key {key!r} is not a plain word of [0-9A-Za-z_-]; it cannot name tar members")
+        check_key(key)
         if not row.get("face_crop"):
             raise ValueError("no aligned face crop in the work folder")
         if not row.get("image_bytes"):
             raise ValueError("no image bytes in the work folder")
         image = load_rgb(row["image_bytes"])
         w, h = image.size
-        scale = min(1.0, image_size / max(w, h))
+        scale = stored_scale(w, h, image_size, resize)
         if scale < 1.0:
             image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), resample=3)  # 3 = bicubic
         sx, sy = image.width / w, image.height / h
-        out["jpg"] = jpeg_bytes(image, quality)
-        out["face_jpg"] = bytes(row["face_crop"])
         box = _scaled(row.get("face_box"), sx, sy)
         lm5, lm68 = _scaled(row.get("landmarks5"), sx, sy), _scaled(row.get("landmarks68"), sx, sy)
         meta = {
@@ -84,12 +86,8 @@ def encode_sample(row: dict, image_size: int, quality: int) -> dict:
             "source_width": w,
             "source_height": h,
         }
-        out["json"] = json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
-        if row.get("embedding") is not None:
-            out["embedding_npy"] = npy_bytes(np.asarray(row["embedding"], dtype=np.float32))
-        landmarks = lm68 if lm68 is not None else lm5
-        if landmarks is not None:
-            out["landmarks_npy"] = npy_bytes(np.asarray(landmarks, dtype=np.float32).reshape(-1, 2))
+        members = sample.encode(key, jpeg_bytes(image, quality), bytes(row["face_crop"]), meta, row.get("embedding"))
+        out.update({column: members[suffix] for suffix, column in MEMBERS})
     except Exception as e:  # one bad sample never stops the shards; it is dropped with the reason
         out = {"key": key, "identity_id": row["identity_id"], "error": f"shard: {type(e).__name__}: {e}"}
     return out
@@ -111,11 +109,3 @@ def jpeg_bytes(image, quality: int) -> bytes:
     # Fixed encoder settings (no EXIF, no ICC, baseline, 4:2:0) so bytes depend on pixels only.
     image.save(buf, format="JPEG", quality=quality, optimize=False, progressive=False, subsampling="4:2:0")
     return buf.getvalue()
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
-
-

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import pyarrow as pa
 from pydantic import Field
 
 from datakit import schema
 from datakit.stage import Output, Stage, StageSettings, sequential_map
-from datakit.stages.shard import BLOCK, RECORD, SHARDS_DIR
+from datakit.stages.shard import RECORD, SHARDS_DIR
 from datakit.stages.shard.write import remove_stale, write_shard
 from datakit.store import location
+from portrait import shardio
 
 
 class Settings(StageSettings):
-    image_size: int = Field(default=1024, ge=16, description="longest side of the stored image")
+    image_size: int = Field(default=1024, ge=16, description="the stored image's side named by resize, at most")
+    resize: Literal["long_side", "short_side"] = Field(
+        default="long_side",
+        description="long_side: the longest side is at most image_size; short_side: the shortest side is "
+        "(set image_size to the training resolution so the trainer's square crops need no upsampling)",
+    )
     jpeg_quality: int = Field(default=90, ge=1, le=100)
     max_samples: int = Field(default=1000, ge=1, description="samples per shard at most")
     max_bytes: int = Field(default=256 * 2**20, ge=RECORD, description="tar size per shard at most")
@@ -60,11 +68,6 @@ def check_identities(rows: pa.Table) -> None:
         raise ValueError(f"shard: {missing} kept rows have no identity_id; run the cluster stage before shard")
 
 
-def tar_size(sample_bytes: int) -> int:
-    """Size of a tar holding members that take ``sample_bytes`` (headers + padded content)."""
-    return -(-(sample_bytes + 2 * BLOCK) // RECORD) * RECORD
-
-
 def plan_shards(samples: pa.Table, max_samples: int, max_bytes: int, min_shards: int) -> list[tuple[str, list[str]]]:
     """[(shard file name, keys in order)]: identities sorted, never split, bounds kept."""
     by_identity: dict[str, list[tuple[str, int]]] = {}
@@ -95,7 +98,7 @@ def next_fit(counts: list[int], sizes: list[int], max_samples: int, max_bytes: i
     groups: list[list[int]] = []
     n = b = 0
     for i, (c, size) in enumerate(zip(counts, sizes)):
-        if groups and groups[-1] and (n + c > max_samples or tar_size(b + size) > max_bytes):
+        if groups and groups[-1] and (n + c > max_samples or shardio.tar_size(b + size) > max_bytes):
             groups.append([])
             n = b = 0
         if not groups:

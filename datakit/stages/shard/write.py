@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
-import io
 import re
-import tarfile
 import tempfile
 import uuid
 from pathlib import Path
@@ -14,6 +11,7 @@ import pyarrow as pa
 
 from datakit.stages.shard import ENCODE_STEP, MEMBERS, SHARDS_DIR
 from datakit.store import TMP_PREFIX, Location, WorkDir, file_sha256, is_local, publish_file, read_table
+from portrait import shardio
 
 
 def write_shard(output: Location, name: str, keys: list[str], parts: list[int]) -> dict:
@@ -43,31 +41,14 @@ def write_shard(output: Location, name: str, keys: list[str], parts: list[int]) 
 
 
 def _write_tar(tmp: Path, name: str, keys: list[str], row_of: dict, columns: dict) -> list[dict]:
-    members = []
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+    with shardio.TarWriter(tmp) as tar:
         for key in keys:
             i = row_of[key]
-            for suffix, col in MEMBERS:
-                data = columns[col][i].as_py()
-                if data is None:
-                    continue
-                member = f"{key}.{suffix}"
-                tar.addfile(tar_info(member, len(data)), io.BytesIO(data))
-                members.append({"shard": f"{SHARDS_DIR}/{name}", "key": key, "member": member, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
-    return members
-
-
-def tar_info(member: str, size: int) -> tarfile.TarInfo:
-    if "/" in member or "\\" in member or member.startswith(".") or ".." in member:
-        raise ValueError(f"tar member name {member!r} could leave the shard's folder")
-    info = tarfile.TarInfo(member)
-    info.size = size
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    info.type = tarfile.REGTYPE
-    return info
+            tar.write_sample(key, {suffix: columns[col][i].as_py() for suffix, col in MEMBERS})
+    return [
+        {"shard": f"{SHARDS_DIR}/{name}", "key": shardio.split_name(w.name)[0], "member": w.name, "bytes": w.bytes, "sha256": w.sha256}
+        for w in tar.written
+    ]
 
 
 def remove_stale(folder: Location, keep: set[str]) -> None:

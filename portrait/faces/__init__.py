@@ -1,4 +1,6 @@
-"""Face models for the detect, filter, embed and attributes stages.
+"""The face toolkit both halves use: datakit's detect, filter, embed and attributes stages, and
+the trainer's inference and validation (``portrait.faces.reader``), so that a photo gets the same
+box, landmarks, aligned crop and embedding at inference as it got in the build.
 
 A recipe's top-level ``faces:`` section picks the backend and is validated by ``FaceSettings``;
 ``load_backend`` builds the backend once per worker (each stage's ``setup``)::
@@ -17,16 +19,16 @@ A recipe's top-level ``faces:`` section picks the backend and is validated by ``
 
 from __future__ import annotations
 
+import hashlib
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from datakit.faces.base import Face, FaceBackend
-from datakit.store import file_sha256
+from portrait.faces.base import Face, FaceBackend
 
-__all__ = ["Face", "FaceBackend", "FaceSettings", "load_backend", "model_provenance"]
+__all__ = ["Face", "FaceBackend", "FaceSettings", "default_thresholds", "load_backend", "model_provenance"]
 
 
 class FaceSettings(BaseModel):
@@ -66,7 +68,7 @@ class FaceSettings(BaseModel):
         if self.backend == "insightface" and not self.model_dir:
             raise ValueError(
                 "the insightface backend needs model_dir: a folder with an insightface model pack "
-                "(buffalo_l or antelopev2); see datakit/faces/insightface_backend.py for how to obtain one"
+                "(buffalo_l or antelopev2); see portrait/faces/insightface_backend.py for how to obtain one"
             )
         return self
 
@@ -94,10 +96,10 @@ def load_backend(settings: FaceSettings | dict | None, base_dir: str | Path | No
     (the recipe's folder)."""
     settings, model_dir = _resolve(settings, base_dir)
     if settings.backend == "dlib":
-        from datakit.faces.dlib_backend import DlibBackend
+        from portrait.faces.dlib_backend import DlibBackend
 
         return DlibBackend(settings, model_dir)
-    from datakit.faces.insightface_backend import InsightFaceBackend
+    from portrait.faces.insightface_backend import InsightFaceBackend
 
     return InsightFaceBackend(settings, model_dir)
 
@@ -106,9 +108,9 @@ def model_provenance(settings: FaceSettings | dict | None, base_dir: str | Path 
     """Backend, embedding model and sha256 of every weight file it would load (for build.json)."""
     settings, model_dir = _resolve(settings, base_dir)
     if settings.backend == "dlib":
-        from datakit.faces import dlib_backend as module
+        from portrait.faces import dlib_backend as module
     else:
-        from datakit.faces import insightface_backend as module
+        from portrait.faces import insightface_backend as module
     files = module.model_files(settings, model_dir)
     return {
         "backend": settings.backend,
@@ -119,4 +121,15 @@ def model_provenance(settings: FaceSettings | dict | None, base_dir: str | Path 
 
 @lru_cache(maxsize=64)
 def _sha256(path: str) -> str:
-    return file_sha256(Path(path))[0]
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def default_thresholds(kind: str) -> dict[str, float]:
+    """Identity-distance thresholds of every backend's embedding models, for ``kind`` "dedup"
+    (the same picture) or "cluster" (the same person): {pattern in the embedding_model name:
+    L2 distance between L2-normalised embeddings}. Each backend module states and explains its
+    own (``THRESHOLDS``), beside the model that makes the embedding."""
+    from portrait.faces import dlib_backend, insightface_backend
+
+    return {pattern: values[kind] for module in (dlib_backend, insightface_backend) for pattern, values in module.THRESHOLDS.items()}
