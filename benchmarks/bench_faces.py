@@ -8,7 +8,7 @@ detect + landmarks + filter + embed twice, in one run:
   the 128-d ResNet, a 256 px crop as JPEG); it decodes once and checks only area and dominance,
   so it does a little less work than the stages (which decode in detect and again in embed, and
   measure sharpness);
-- ray: this project's stage classes (datakit.detect / filter / embed) in Ray Data
+- ray: this project's stage classes (datakit.stages.detect / filter / embed) in Ray Data
   ``map_batches`` actor pools with fractional ``num_cpus`` (whole-CPU pools can deadlock a 2-CPU
   machine), each actor loading its models once. ``--mode fused`` (default): one pool of
   ``--workers`` actors, each running the three stages on its batches; ``--mode stages``: a pool

@@ -4,7 +4,7 @@ Real photos (the shared face fixtures), every file of the output contract: ``ima
 conforming to ``datakit.schema``, the per-stage work folder (``_work/<stage>/part-*.parquet``
 with the bulk image bytes and face crops, stats, ``_SUCCESS``), and the WebDataset tars,
 ``shards.parquet``, ``shard_members.parquet`` and ``identities.parquet`` written by the real
-shard stage (``datakit.shard.ShardStage``, run without Ray), plus ``build.json``.
+shard stage's steps (``datakit.stages.shard``, run in process without Ray), plus ``build.json``.
 
 The face values (boxes, scores, embeddings, ages) are made up but consistent, so the fixture needs
 no face model; the decisions cover every kind an auditor meets: kept images of 8 identities (one
