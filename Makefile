@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m datakit.demo
+	$(PY) -m examples.demo
 
 # The report tests render the page in Debian's headless chromium; installed here when missing.
 chromium:
@@ -55,7 +55,7 @@ bench-objstore: $(STAMP)
 	$(PY) benchmarks/bench_objstore.py
 
 rehearsal: $(STAMP)
-	$(PY) -m datakit.rehearsal
+	$(PY) -m devtools.rehearsal
 
 # make train                      the tiny config on the demo shards, on CPU (run make demo first)
 # make train CONFIG=sdxl-80gb MODEL=DIR [GPUS=8]        one node through accelerate launch

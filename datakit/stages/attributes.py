@@ -21,10 +21,9 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 
-from datakit import schema
 from portrait.decode import load_rgb
 from portrait.faces.base import Face, FaceBackend
-from datakit.stage import Stage, StageSettings, drop, live_mask
+from datakit.stage import Drop, Output, Stage, StageSettings, map_rows
 
 NAMES_PACKAGE = "gender-guesser"
 NAME_GENDERS = {"female": "female", "male": "male"}
@@ -104,6 +103,13 @@ class AttributesStage(Stage):
     kind = "partition"
     uses_model = True  # the face backend's age/gender model, when configured
     Settings = AttributesSettings
+    adds = ("age", "age_source", "gender", "gender_source")
+
+    def __init__(self, settings, context):
+        super().__init__(settings, context)
+        # the image only when a face model will look at it
+        wants_model = settings.use_model is not False and (context.get("faces") is not None or "face_backend" in context)
+        self.reads = ("label", "face_box", "face_score", "landmarks5") + (("image_bytes",) if wants_model else ())
 
     @classmethod
     def provenance(cls, settings, context) -> dict:
@@ -137,37 +143,25 @@ class AttributesStage(Stage):
             )
         return None
 
-    def process(self, table: pa.Table) -> pa.Table:
+    def process(self, rows: pa.Table) -> Output:
         if not hasattr(self, "names"):
             self.setup()
-        rows = table.to_pylist()
-        out = [self._attributes(row) if live else self._passthrough(row) for row, live in zip(rows, live_mask(table))]
-        columns = ["image_id", "status", "drop_stage", "reason", "detail", "age", "age_source", "gender", "gender_source"]
-        types = {c: schema.IMAGE_COLUMNS[c][0] for c in columns}
-        return pa.table({c: pa.array([r[c] for r in out], type=types[c]) for c in columns})
+        return map_rows(rows, self.adds, self._attributes)
 
-    def _passthrough(self, row: dict) -> dict:
-        out = {c: row.get(c) for c in ("image_id", "status", "drop_stage", "reason", "detail")}
-        for c in ("age", "age_source", "gender", "gender_source"):
-            out[c] = row.get(c)
-        return out
-
-    def _attributes(self, row: dict) -> dict:
-        out = self._passthrough(row)
-        out.update(age=None, age_source=None, gender=None, gender_source=None)
+    def _attributes(self, row: dict, out: dict) -> Drop | None:
         if self.names is not None:
             gender = self.names.gender(row.get("label"))
             if gender is not None:
                 out.update(gender=gender, gender_source=f"names:{NAMES_PACKAGE}")
         if self.backend is None:
-            return out
+            return None
         try:
             rgb = np.asarray(load_rgb(row["image_bytes"]))
             age, gender = self.backend.age_gender(rgb, face_from_row(row))
         except Exception as e:  # one bad row must not stop the partition
-            return drop(out, self.name, "stage_error", f"age/gender model: {type(e).__name__}: {e}")
+            return "stage_error", f"age/gender model: {type(e).__name__}: {e}"
         if age is not None:
             out.update(age=float(age), age_source=self.source)
-        if out["gender"] is None and gender in ("female", "male"):
+        if out.get("gender") is None and gender in ("female", "male"):
             out.update(gender=gender, gender_source=self.source)
-        return out
+        return None

@@ -17,8 +17,8 @@ from pydantic import Field
 
 from portrait.decode import DecodeError, load_rgb
 from portrait.faces import geometry
-from datakit.faces.stageio import FaceModelStage, floats
-from datakit.stage import StageSettings, drop
+from datakit.stage import Drop, StageSettings
+from datakit.stages.face_model import FaceModelStage, floats
 
 COLUMNS = (
     "face_backend",
@@ -42,29 +42,27 @@ class DetectStage(FaceModelStage):
     Settings = Settings
     COLUMNS = COLUMNS
 
-    def process_row(self, row: dict, blob: bytes) -> None:
+    def process_row(self, row: dict, out: dict) -> Drop | None:
         try:
-            pixels = np.array(load_rgb(blob), dtype=np.uint8)
+            pixels = np.array(load_rgb(row["image_bytes"]), dtype=np.uint8)
         except DecodeError as e:  # download decodes first; this guards work folders made otherwise
-            drop(row, self.name, e.reason, e.detail)
-            return
+            return e.reason, e.detail
         height, width = pixels.shape[:2]
         faces = self.backend.detect(pixels)
         faces = geometry.subject_first(faces, height, width)
-        row["face_backend"] = self.backend.name
-        row["face_count"] = len(faces)
+        out["face_backend"] = self.backend.name
+        out["face_count"] = len(faces)
         if not faces:
-            drop(row, self.name, "no_face", f"{self.backend.name} found no face in the {width}x{height} image")
-            return
+            return "no_face", f"{self.backend.name} found no face in the {width}x{height} image"
         image_area = float(width * height)
         subject, others = faces[0], faces[1:]
-        row["face_box"] = floats(subject.box)
-        row["face_score"] = float(subject.score)
-        row["face_area_fraction"] = geometry.clipped_area(subject.box, height, width) / image_area
-        row["landmarks5"] = floats(subject.landmarks5)
-        row["landmarks68"] = None if subject.landmarks68 is None else floats(subject.landmarks68)
-        row["sharpness"] = geometry.sharpness(pixels, subject.box, self.settings.sharpness_size)
-        row["other_faces"] = json.dumps(
+        out["face_box"] = floats(subject.box)
+        out["face_score"] = float(subject.score)
+        out["face_area_fraction"] = geometry.clipped_area(subject.box, height, width) / image_area
+        out["landmarks5"] = floats(subject.landmarks5)
+        out["landmarks68"] = None if subject.landmarks68 is None else floats(subject.landmarks68)
+        out["sharpness"] = geometry.sharpness(pixels, subject.box, self.settings.sharpness_size)
+        out["other_faces"] = json.dumps(
             [
                 {
                     "box": [round(v, 2) for v in floats(f.box)],
@@ -74,3 +72,4 @@ class DetectStage(FaceModelStage):
                 for f in others
             ]
         )
+        return None
