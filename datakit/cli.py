@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from datakit import registry
@@ -30,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("[red]interrupted[/red]: run the same command again to resume")
         return 130
+    except BrokenPipeError:
+        # The reader went away (`datakit explain ... | head`): stop quietly, as Unix tools do.
+        # stdout goes to /dev/null so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the pipe
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,9 +76,10 @@ def cmd_check(args) -> int:
     try:
         recipe = load_recipe(args.recipe)
     except RecipeError as e:
-        console.print(f"[red]recipe error[/red]\n{e}", highlight=False)
+        console.print(f"[red]recipe error[/red]\n{escape(str(e))}", highlight=False)
         return 2
-    console.print(f"{args.recipe}: ok ({len(recipe.sources)} sources; stages: {', '.join(recipe.stage_names())})")
+    console.print(f"{args.recipe}: ok ({len(recipe.sources)} sources; stages: {', '.join(recipe.stage_names())})",
+                  markup=False, highlight=False)
     return 0
 
 
@@ -83,34 +91,35 @@ def cmd_run(args) -> int:
     try:
         recipe = load_recipe(args.recipe, output=args.output)
     except RecipeError as e:
-        console.print(f"[red]recipe error[/red]\n{e}", highlight=False)
+        console.print(f"[red]recipe error[/red]\n{escape(str(e))}", highlight=False)
         return 2
-    console.print(f"building [bold]{recipe.name}[/bold] into {recipe.output}")
+    console.print(f"building [bold]{escape(recipe.name)}[/bold] into {escape(str(recipe.output))}", highlight=False)
     try:
         result = build.run(recipe, address=args.address, restart=args.restart, quiet=args.quiet,
                            verbose=args.verbose, executor=args.executor)
     except (build.BuildMismatch, RecipeError) as e:
-        console.print(f"[red]error[/red]: {e}", highlight=False)
+        console.print(f"[red]error[/red]: {escape(str(e))}", highlight=False)
         return 2
     except Stalled as e:
-        console.print(f"[red]stalled[/red]: {e}", highlight=False)
+        console.print(f"[red]stalled[/red]: {escape(str(e))}", highlight=False)
         return EXIT_STALLED
     print_summary(result)
     return 0
 
 
 def print_summary(result) -> None:
-    table = Table(title=f"build summary: {result.output}")
+    table = Table(title=f"build summary: {escape(str(result.output))}")
     for col in ("stage", "items in", "kept", "dropped", "dropped by reason", "worker s"):
         table.add_column(col, justify="left" if col in ("stage", "dropped by reason") else "right")
     for name, s in result.stages.items():
         dropped = sum(s["dropped"].values())
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(s["dropped"].items(), key=lambda kv: -kv[1]))
-        table.add_row(name, str(s["items_in"]), str(s["kept"]), str(dropped), reasons or "-", f"{s['seconds']:.1f}")
+        table.add_row(escape(name), str(s["items_in"]), str(s["kept"]), str(dropped), reasons or "-", f"{s['seconds']:.1f}")
     console.print(table)
     console.print(
         f"{result.items} items: {result.kept} kept, {result.items - result.kept} dropped "
-        f"in {result.wall_seconds:.1f} s. Manifest: {result.output / 'images.parquet'}"
+        f"in {result.wall_seconds:.1f} s. Manifest: {result.output / 'images.parquet'}",
+        markup=False, highlight=False,
     )
 
 
@@ -120,11 +129,11 @@ def cmd_status(args) -> int:
     work = WorkDir(args.output)
     recipe_file = work.root / "recipe.json"
     if not recipe_file.exists():
-        console.print(f"[red]{args.output}[/red]: no build here (no _work/recipe.json)")
+        console.print(f"[red]{escape(str(args.output))}[/red]: no build here (no _work/recipe.json)", highlight=False)
         return 1
     recorded = json.loads(recipe_file.read_text())
     names = [cls.name for n in registry.STAGES if n in recorded["recipe"]["stages"] for cls in registry.step_classes(n)]
-    table = Table(title=f"{args.output}: {recorded['recipe']['name']} (recipe {recorded['hash'][:12]})")
+    table = Table(title=escape(f"{args.output}: {recorded['recipe']['name']} (recipe {recorded['hash'][:12]})"))
     for col in ("stage", "state", "partitions done", "items in", "kept", "dropped"):
         table.add_column(col)
     if work.is_done(ITEMS):

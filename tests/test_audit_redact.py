@@ -112,6 +112,8 @@ def test_redact_identity_removes_every_byte(audit_output, capsys):
         assert r["redacted_at"].endswith("Z")
         assert (r["locator"], r["sha256"], r["caption"], r["drop_stage"], r["reason"]) == (b["locator"], b["sha256"], b["caption"], b["drop_stage"], b["reason"])
         assert r["embedding"] is None and r["landmarks5"] is None  # the biometric template goes too
+        assert r["phash"] is None and r["phash_mirror"] is None  # a perceptual hash would find the photo again
+    assert all(before_rows[i]["phash"] for i in kept)
     others = [i for i in rows if i not in tiger]
     assert all(rows[i] == before_rows[i] for i in others)
     ident = before_rows[next(iter(kept))]["identity_id"]

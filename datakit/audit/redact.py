@@ -62,7 +62,9 @@ from datakit.engine.settle import clear_columns, redact_rows
 from datakit.store import TMP_PREFIX, atomic_write_table, file_sha256
 from portrait import shardio
 
-BIOMETRIC_COLUMNS = ("embedding", "landmarks5", "landmarks68")
+# What a redacted row must not keep: the biometric templates, and the perceptual hashes that
+# would still find the photo (or its mirror image) anywhere it is published.
+CLEARED_COLUMNS = ("embedding", "landmarks5", "landmarks68", "phash", "phash_mirror")
 REDACT_STAGE = "redact"
 
 
@@ -321,7 +323,7 @@ def update_shard_manifests(folder: OutputFolder, p: Plan, rewritten: dict[str, d
 def update_images(folder: OutputFolder, p: Plan, reason: str, stamp: str) -> pa.Table:
     table = redact_rows(folder.read(IMAGES), set(p.redact), p.also_drop, reason, stamp, REDACT_STAGE)
     mask = pa.array([image in set(p.redact) for image in table["image_id"].to_pylist()])
-    table = clear_columns(table, mask, BIOMETRIC_COLUMNS)
+    table = clear_columns(table, mask, CLEARED_COLUMNS)
     write_table(folder.root, IMAGES, table)
     return table
 
@@ -358,7 +360,7 @@ def scrub_work(folder: OutputFolder, p: Plan, reason: str, stamp: str) -> int:
             continue
         table = pq.read_table(path)
         bulky = [f.name for f in table.schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)]
-        table = clear_columns(table, mask, [*bulky, *BIOMETRIC_COLUMNS])
+        table = clear_columns(table, mask, [*bulky, *CLEARED_COLUMNS])
         if is_last:  # what images.parquet is made from carries the redaction too
             table = redact_rows(table, set(p.redact), p.also_drop, reason, stamp, REDACT_STAGE)
         atomic_write_table(path, table)
