@@ -138,8 +138,8 @@ def read_url_table(source: UrlSource, recipe_path: Path | None = None) -> pa.Tab
         elif fmt == "parquet":
             table = pq.read_table(source.path)
         else:
-            table = pajson.read_json(source.path)
-    except (pa.ArrowInvalid, OSError, csv.Error, UnicodeDecodeError) as e:
+            table = _read_jsonl(source.path)
+    except (ValueError, OSError, csv.Error) as e:  # pyarrow's ArrowInvalid and UnicodeDecodeError are ValueErrors
         raise RecipeError(f"{where}: cannot read {source.path} as {fmt}: {e}") from e
     for key, col in (("url_column", source.url_column), ("name_column", source.name_column)):
         if col is not None and col not in table.column_names:
@@ -157,6 +157,9 @@ def _read_delimited(path: Path, delimiter: str) -> pa.Table:
         header = next(reader, None)
         if not header:
             raise csv.Error("the file is empty (no header row)")
+        twice = sorted({name for name in header if header.count(name) > 1})
+        if twice:  # one would silently win over the other
+            raise csv.Error(f"column {twice[0]!r} appears more than once in the header; give each column its own name")
         columns: list[list[str | None]] = [[] for _ in header]
         for line_no, cells in enumerate(reader, start=2):
             if not cells:
@@ -167,6 +170,22 @@ def _read_delimited(path: Path, delimiter: str) -> pa.Table:
             for col, cell in zip(columns, cells):
                 col.append(cell)
     return pa.table({name: pa.array(col, pa.string()) for name, col in zip(header, columns)})
+
+
+def _read_jsonl(path: Path) -> pa.Table:
+    try:
+        return pajson.read_json(path)
+    except pa.ArrowInvalid as e:
+        # pyarrow counts rows from 0 (and within a block): name the file's line, counted from 1.
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as bad:
+                    raise ValueError(f"line {line_no} is not valid JSON ({bad.msg})") from e
+        raise
 
 
 def _url_rows(source: UrlSource, recipe_path: Path | None) -> Iterator[dict]:

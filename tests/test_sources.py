@@ -127,3 +127,21 @@ def test_empty_url_cell_still_becomes_an_item(tmp_path):
     path.write_text("url,name\n,Nobody\n")
     rows = items(UrlSource(name="s", kind="urls", path=path, name_column="name"))
     assert len(rows) == 1 and rows[0]["locator"] == ""
+
+
+def test_two_columns_of_one_name_are_refused_naming_file_and_column(tmp_path):
+    path = tmp_path / "l.csv"
+    path.write_text("url,name,url\nhttp://example.org/a.jpg,A,http://example.org/b.jpg\n")
+    with pytest.raises(RecipeError) as info:
+        items(UrlSource(name="s", kind="urls", path=path))
+    msg = str(info.value)
+    assert "l.csv" in msg and "'url'" in msg and "more than once" in msg
+
+
+def test_broken_jsonl_names_the_line_counted_from_one(tmp_path):
+    path = tmp_path / "l.jsonl"
+    path.write_text('{"url": "http://example.org/a.jpg"}\n{"url": "http://example.org/b.jpg"}\n{"url": oops}\n')
+    with pytest.raises(RecipeError) as info:
+        items(UrlSource(name="s", kind="urls", path=path))
+    msg = str(info.value)
+    assert "l.jsonl" in msg and "line 3" in msg and "row 2" not in msg
