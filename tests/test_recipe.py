@@ -200,3 +200,22 @@ def test_optional_settings_left_at_their_defaults_stay_out_of_the_hash(tmp_path)
     assert set(canonical["ray"]) == {"partition_size"}
     logged = load_recipe(write(tmp_path, base() | {"redactions": ["list.csv"]})).canonical()
     assert logged["redactions"] == [str((tmp_path / "list.csv").resolve())]
+
+
+def test_cli_prints_user_text_as_written_never_as_markup(tmp_path, capsys):
+    """A name, path or mistyped key holding [/x] or [photos] is shown as is (Rich markup once
+    crashed on [/x] and swallowed [photos])."""
+    from datakit.cli import main
+
+    folder = tmp_path / "[photos]"
+    folder.mkdir()
+    r = base()
+    r["name"] = "set [/x] one"
+    r["stages"]["download"]["re[/x]tries"] = 1
+    path = write(folder, r)
+    assert main(["check", str(path)]) == 2
+    assert "re[/x]tries" in capsys.readouterr().out
+    del r["stages"]["download"]["re[/x]tries"]
+    path = write(folder, r)
+    assert main(["check", str(path)]) == 0
+    assert f"{path}: ok" in capsys.readouterr().out

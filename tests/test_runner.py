@@ -168,6 +168,25 @@ def test_status_command(tmp_path, capsys):
     assert main(["status", str(tmp_path / "nothing")]) == 1
 
 
+def test_run_prints_user_text_as_written_never_as_markup(tmp_path, capsys):
+    """A recipe name with [/x] once crashed `run` (Rich markup); `sources[photos]` lost its name."""
+    from datakit.cli import main
+
+    path = recipe_file(tmp_path / "[photos]", {"download": {}})
+    recipe = yaml.safe_load(path.read_text())
+    recipe["name"] = "set [/x] one"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["run", str(path), "--executor", "local", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "building set [/x] one into" in out and str(tmp_path / "[photos]" / "out") in out
+    listing = tmp_path / "list.csv"
+    listing.write_text("link\nhttp://example.org/a.jpg\n")
+    recipe["sources"] = [{"name": "photos", "kind": "urls", "path": str(listing)}]
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["run", str(path), "--executor", "local", "--quiet", "--restart"]) == 2
+    assert "sources[photos].url_column" in capsys.readouterr().out
+
+
 def url_list(tmp_path: Path, server, n: int) -> Path:
     photos = sorted(p.relative_to(PHOTOS).as_posix() for p in PHOTOS.rglob("*.jpg"))
     lines = ["url,name"]
