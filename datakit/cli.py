@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a reader that went away shows here, in the handler below, not at exit
+        return code
     except KeyboardInterrupt:
         console.print("[red]interrupted[/red]: run the same command again to resume")
         return 130

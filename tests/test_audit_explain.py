@@ -89,3 +89,17 @@ def test_redacted_item(audit_output, capsys):
     assert "final: redacted 1970-01-01T00:00:00Z: takedown #7" in text
     assert "removed from the shard" in text
     assert "embedding:" not in text and "image_bytes" not in text  # cleared from the work folder
+
+
+def test_a_reader_that_goes_away_ends_explain_quietly(audit_template):
+    """`datakit explain ... | head` once ended in a BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    item = audit_template.items[0]
+    proc = subprocess.Popen([sys.executable, "-m", "datakit", "explain", str(audit_template.output), item.image_id],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # like `head` exiting before datakit writes
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, stderr
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
