@@ -13,7 +13,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urljoin
+from urllib.parse import quote, urljoin
 
 import pyarrow as pa
 import pyarrow.json as pajson
@@ -119,14 +119,30 @@ def _folder_rows(source: FolderSource) -> Iterator[dict]:
                 continue
             found.append((Path(dirpath) / name).relative_to(root).as_posix())
     for rel in sorted(found):
-        parts = rel.split("/")
+        locator = _readable(rel)
+        parts = locator.split("/")
         yield {
             "source_kind": "folder",
-            "locator": rel,
+            "locator": locator,
             "label": parts[0] if len(parts) > 1 else None,
             "extra": None,
-            "fetch_uri": str(root / rel),
+            "fetch_uri": _file_uri(root / rel),
         }
+
+
+def _readable(name: str) -> str:
+    """A file name as text: a byte that is not UTF-8 (os.walk keeps it as a lone surrogate,
+    which parquet and hashing refuse) is written ``\\xff``, so the name stays readable."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def _file_uri(path: Path) -> str:
+    """The path to read: as is when it is UTF-8, else a ``file://`` URI with the bytes
+    percent-encoded (download's ``_local_path`` turns it back into those bytes)."""
+    text = str(path)
+    if _readable(text) == text:
+        return text
+    return "file://" + quote(os.fsencode(text))
 
 
 def read_url_table(source: UrlSource, recipe_path: Path | None = None) -> pa.Table:

@@ -352,3 +352,19 @@ def test_a_rebuild_does_not_fetch_what_was_redacted(tmp_path, ray_local):
         assert sum(r["status"] == schema.KEPT for r in rows.values()) == 5
         build = json.loads((folder / "build.json").read_text())
         assert build["counts"]["dropped_by_reason"] == {"redacted": 1}
+
+
+def test_a_file_name_that_is_not_utf8_is_built_like_any_other(tmp_path):
+    """`bad\\xff.jpg` once aborted the whole build (UnicodeEncodeError hashing its id)."""
+    root = make_folder(tmp_path)
+    photo = sorted((PHOTOS / "Kofi_Annan").iterdir())[0].read_bytes()
+    with open(os.fsencode(root / "Kofi_Annan") + b"/bad\xff.jpg", "wb") as f:
+        f.write(photo)
+    recipe = load_recipe(recipe_file(tmp_path, {"download": {}}, name="photos", kind="folder", root=str(root)))
+    result = runner.run(recipe, quiet=True, executor="local")
+    rows = {r["locator"]: r for r in pq.read_table(tmp_path / "out" / "images.parquet").to_pylist()}
+    assert result.items == len(rows) == 11
+    odd = rows["Kofi_Annan/bad\\xff.jpg"]  # readable: the byte written as \xff
+    assert odd["status"] == "kept" and odd["label"] == "Kofi_Annan"
+    assert odd["sha256"] == hashlib.sha256(photo).hexdigest()  # the real file was read
+    assert odd["image_id"] == schema.image_id("photos", "Kofi_Annan/bad\\xff.jpg")  # the id rule holds for the row

@@ -41,6 +41,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from urllib.parse import unquote_to_bytes
 
 import aiohttp
 import pyarrow as pa
@@ -366,15 +367,23 @@ class _Partition:
             outcome.body = None
 
 
+def _local_path(uri: str) -> str:
+    """A folder item's path: sources write a name that is not UTF-8 as a file:// URI."""
+    if uri.startswith("file://"):
+        return os.fsdecode(unquote_to_bytes(uri[len("file://"):]))
+    return uri
+
+
 def _read_capped(path: str, max_bytes: int) -> Outcome:
+    local = _local_path(path)  # messages name the item as its row does
     try:
-        info = os.stat(path)
+        info = os.stat(local)
         if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
             return Outcome("file_missing", f"{path} is not a regular file")
         size = info.st_size
         if size > max_bytes:
             return Outcome("too_large", f"file {path} has {size} bytes, over max_bytes {max_bytes}")
-        with open(path, "rb") as f:
+        with open(local, "rb") as f:
             data = f.read(max_bytes + 1)
     except OSError as e:
         return Outcome("file_missing", f"cannot read {path}: {e.strerror or e}")
