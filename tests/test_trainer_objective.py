@@ -280,3 +280,24 @@ def test_make_train_passes_nodes_rank_and_address():
     assert "--config_file trainer/accelerate/multi_node.yaml" in command
     assert "--num_machines 4 --machine_rank 2 --main_process_ip 10.0.0.7" in command
     assert "$(( 8 * 4 ))" in command and "--num_machines 1" not in command
+
+
+def test_vae_override_loads_a_local_vae_folder_or_names_the_problem(tmp_path_factory, shards, trainer):
+    """model.vae (an fp16-fix VAE's folder in a real run) replaces the base's VAE."""
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    folder = tmp_path_factory.mktemp("vae") / "fp16-fix"
+    shutil.copytree(trainer.base_dir / "vae", folder)
+    other = AutoencoderKL.from_pretrained(folder)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(0.5)
+    other.register_to_config(force_upcast=False)
+    other.save_pretrained(folder)
+    t = make_trainer(tmp_path_factory, shards, f"model.vae={folder}")
+    assert t.base.vae.config.force_upcast is False
+    torch.testing.assert_close(t.base.vae.encoder.conv_in.weight, trainer.base.vae.encoder.conv_in.weight * 0.5)
+    with pytest.raises(FileNotFoundError, match="model.vae"):
+        make_trainer(tmp_path_factory, shards, f"model.vae={folder.parent / 'missing'}")

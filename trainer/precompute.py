@@ -17,7 +17,8 @@ Streamed (one shard at a time, ``--batch-size`` samples per forward pass) and re
 file is written under a temporary name and renamed when complete; a rerun skips shards whose file
 is there with the same fingerprint (base model, VAE, image encoder, resolution, CLIP layer).
 Training (``trainer.train``) uses a shard's file when present and matching, and the encoders
-otherwise; a batch with any uncached example uses the encoders for the whole batch.
+otherwise; a batch with any uncached example uses the encoders for the whole batch. Several GPUs:
+``accelerate launch --num_processes 8 -m trainer.precompute ...``: process R takes shards R, R+8, ...
 
 Sizes at 1024 px (SDXL, bf16 text and CLIP features): ~0.5 MB latents + ~0.3 MB text + ~0.65 MB
 CLIP per sample, ~1.5 MB (about 6x the JPEG). Local shard folders only.
@@ -79,7 +80,7 @@ class Cache:
 
     def __init__(self, files: dict[str, Path]):
         self.files = files  # shard file name -> cache file
-        self._handles: dict[str, object] = {}
+        self._handles: dict[str, tuple] = {}  # shard -> (open file, its key set), per process
 
     @classmethod
     def find(cls, urls: list[str], resolution: int, expected: str) -> "Cache | None":
@@ -98,9 +99,10 @@ class Cache:
     def __getstate__(self):
         return {"files": self.files, "_handles": {}}
 
-    def _handle(self, shard: str):
+    def _handle(self, shard: str) -> tuple:
         if shard not in self._handles:
-            self._handles[shard] = safe_open(self.files[shard], framework="pt")
+            handle = safe_open(self.files[shard], framework="pt")
+            self._handles[shard] = (handle, set(handle.keys()))
         return self._handles[shard]
 
     def example(self, target, references) -> dict | None:
@@ -108,8 +110,7 @@ class Cache:
         when a sample is not cached."""
         if target.shard not in self.files:
             return None
-        handle = self._handle(target.shard)
-        keys = set(handle.keys())
+        handle, keys = self._handle(target.shard)
         wanted = [f"{target.key}.{f}" for f in FIELDS[:4]] + [f"{r.key}.clip_hidden" for r in references]
         if not all(k in keys for k in wanted) or any(r.shard != target.shard for r in references):
             return None
@@ -209,10 +210,11 @@ def main(argv=None) -> dict:
         trainer.setup()  # the frozen encoders exactly as training builds them
         expected = fingerprint(cfg)
         counts: dict[str, int] = {}
-        for index, url in enumerate(urls):
+        mine = urls[trainer.rank :: trainer.world]  # launched on several GPUs: disjoint shares, no collectives
+        for index, url in enumerate(mine):
             outcome = precompute_shard(trainer, url, expected, args.batch_size)
             counts[outcome] = counts.get(outcome, 0) + 1
-            log.info("%d/%d %s: %s", index + 1, len(urls), Path(url).name, outcome)
+            log.info("%d/%d %s: %s", index + 1, len(mine), Path(url).name, outcome)
     log.info("precompute: %s", counts)
     return counts
 
