@@ -52,11 +52,12 @@ def input_table(paths: list[Path], labels: list[str | None] | None = None, blobs
     return pa.Table.from_pylist(rows)
 
 
-def run_stages(table: pa.Table, faces: dict | None = None, stages=("detect", "filter", "embed"), settings=None) -> pa.Table:
+def run_stages(table: pa.Table, faces: dict | None = None, stages=("detect", "filter", "embed"), settings=None,
+               recipe_dir=None) -> pa.Table:
     """The table after the named stages, each built and set up as a runner worker would."""
     from datakit import registry
 
-    context = {"faces": faces, "recipe_dir": None}
+    context = {"faces": faces, "recipe_dir": None if recipe_dir is None else str(recipe_dir)}
     for name in stages:
         cls = registry.stage_class(name)
         stage = cls(cls.Settings.model_validate((settings or {}).get(name, {})), context)

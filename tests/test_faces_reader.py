@@ -77,16 +77,7 @@ def test_insightface_inference_faces_equal_the_manifest(tmp_path):
     pack = write_pack(recipe_dir / "models" / "buffalo_l")
     faces = {"backend": "insightface", "model_dir": "models/buffalo_l"}  # relative to the recipe, as in a build
     paths = fixture_photos(12, every=11)
-    table = input_table(paths)
-    from datakit import registry
-    from datakit.store import overlay
-
-    context = {"faces": faces, "recipe_dir": str(recipe_dir)}
-    for name in ("detect", "embed"):
-        cls = registry.stage_class(name)
-        stage = cls(cls.Settings(), context)
-        stage.setup()
-        table = overlay(table, stage.process(table), where=name)
+    table = run_stages(input_table(paths), faces=faces, stages=("detect", "embed"), recipe_dir=recipe_dir)
     rows = table.drop_columns(["image_bytes"]).to_pylist()
     config = recipe_dir / "recipe.yaml"
     config.write_text(yaml.safe_dump({"faces": faces}))
