@@ -99,7 +99,8 @@ def knn_faiss(x: np.ndarray, k: int, exact: bool, cell_size: int = 1024, probe: 
     is_self[~is_self.any(axis=1), -1] = True
     keep = np.argsort(is_self, axis=1, kind="stable")[:, : idx.shape[1] - 1]
     idx, sims = np.take_along_axis(idx, keep, axis=1), np.take_along_axis(sims, keep, axis=1)
-    dist = np.where(idx >= 0, _to_distance(sims), np.inf).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # a missing neighbour's similarity is -FLT_MAX
+        dist = np.where(idx >= 0, _to_distance(sims), np.inf).astype(np.float32)
     out_idx = np.full((n, k), -1, dtype=np.int64)
     out_dist = np.full((n, k), np.inf, dtype=np.float32)
     out_idx[:, : idx.shape[1]], out_dist[:, : idx.shape[1]] = idx, dist
