@@ -51,8 +51,8 @@ def majority_truth(identity: list, truth: np.ndarray) -> dict:
 
 
 def run_label_guided(identities: int, seed: int) -> dict:
-    from datakit import cluster
-    from datakit.testing.synthetic_faces import synthetic_corpus
+    from datakit.stages import cluster
+    from devtools.synthetic_faces import synthetic_corpus
 
     t0 = time.perf_counter()
     data = synthetic_corpus(identities, seed=seed, noise=0.10, negatives=0.02)
@@ -143,7 +143,7 @@ def baseline_knn_ivf(x: np.ndarray, k: int, cell_size: int = 1024, probe: int = 
 
 
 def unsupervised_corpus(identities: int, seed: int):
-    from datakit.testing.synthetic_faces import synthetic_corpus
+    from devtools.synthetic_faces import synthetic_corpus
 
     data = synthetic_corpus(identities, seed=seed, noise=0.0, negatives=0.0)
     return data.embeddings, data.identity
@@ -154,7 +154,7 @@ def sample_rows(n: int, seed: int) -> np.ndarray:
 
 
 def run_unsupervised(identities: int, seed: int, impl: str, sample_out: str) -> dict:
-    from datakit import cluster
+    from datakit.stages import cluster
 
     emb, truth = unsupervised_corpus(identities, seed)
     n = emb.shape[0]

@@ -83,7 +83,7 @@ class _Dlib:
 
 def compute_embeddings(files: list[Path], whole_image_fallback: bool = True) -> np.ndarray:
     """(n, 128) embeddings; a row of NaN where no face was found (only without the fallback)."""
-    from datakit.decode import load_rgb
+    from portrait.decode import load_rgb
 
     model = _Dlib()
     out = np.full((len(files), 128), np.nan, dtype=np.float32)

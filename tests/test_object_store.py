@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from datakit import runner, schema
+from datakit import schema
+from datakit.engine import build as runner
 from datakit.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parent.parent
@@ -211,14 +212,14 @@ def test_redact_refuses_an_object_store_build_with_a_clear_message(s3, builds):
 
 @pytest.mark.timeout(600)
 def test_a_two_node_cluster_builds_into_s3(s3, builds):
-    """`datakit run --address` on a real two-node Ray cluster (datakit.rehearsal's), output on S3:
+    """`datakit run --address` on a real two-node Ray cluster (devtools.rehearsal's), output on S3:
     workers on both nodes write partitions to the bucket; the result equals the local build."""
-    from datakit import rehearsal
+    from devtools.rehearsal.cluster import ray_cluster
 
     local, url, result, tmp = builds
     target = f"s3://{BUCKET}/builds/two-node"
     recipe = write_recipe(tmp, target, s3)
-    with rehearsal.ray_cluster() as cluster:
+    with ray_cluster() as cluster:
         proc = subprocess.run([sys.executable, "-m", "datakit", "run", str(recipe), "--address", cluster.address, "--quiet"],
                               cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=500)  # fmt: skip
         worker_logs = " ".join(p.read_text(errors="replace") for p in cluster.worker.temp_dir.rglob("worker-*.out"))
@@ -252,3 +253,21 @@ def test_remote_work_folder_reads_many_partitions_in_order():
     assert table.column("width").to_pylist() == [p for p in range(parts) for _ in range(3)]
     assert [s["part"] for s in work.read_stats("download")] == list(range(parts))
     assert work.done_parts("download") == set(range(parts))
+
+
+def test_face_settings_are_found_beside_shards_on_object_storage(s3, monkeypatch):
+    """The trainer's shards may be an s3:// URL: the build.json beside them gives the face settings."""
+    import fsspec
+
+    from portrait.faces.reader import build_file_for, read_config
+
+    monkeypatch.setitem(fsspec.config.conf, "s3", {**s3, "use_listings_cache": False})
+    fs = fs_of(s3)
+    recipe = {"faces": {"backend": "dlib", "detect_max_side": 480}, "stages": {"embed": {"crop_size": 200}}}
+    fs.pipe(f"{BUCKET}/faces/build.json", json.dumps({"recipe": recipe}).encode())
+    fs.pipe(f"{BUCKET}/faces/shards/shard-00000.tar", b"tar")
+    for shards in (f"s3://{BUCKET}/faces/shards", f"s3://{BUCKET}/faces/shards/*.tar"):
+        assert build_file_for(shards) == f"s3://{BUCKET}/faces/build.json"
+    settings, crop, _ = read_config(build_file_for(f"s3://{BUCKET}/faces/shards"))
+    assert settings.detect_max_side == 480 and crop.size == 200
+    assert build_file_for(f"s3://{BUCKET}/elsewhere/shards") is None

@@ -1,9 +1,10 @@
 """Training examples streamed from the WebDataset shards that datakit's shard stage writes.
 
 A shard ``shard-NNNNN.tar`` holds samples grouped by identity (an identity never spans two
-shards). Sample ``K`` has ``K.jpg`` (the image), ``K.face.jpg`` (aligned face crop), ``K.json``
-(identity_id, caption, box, ...), ``K.embedding.npy`` (float32 [D]) and ``K.landmarks.npy``
-(float32 [68, 2] or [5, 2]), coordinates in the stored image's pixels.
+shards). The sample is defined once, in ``portrait.sample``, for the shard stage that writes it,
+``datakit verify`` and this reader: ``K.jpg`` (the image), ``K.face.jpg`` (aligned face crop),
+``K.json`` (identity_id, caption, box, ...), ``K.embedding.npy`` (float32 [D]) and
+``K.landmarks.npy`` (float32 [68, 2] or [5, 2]), coordinates in the stored image's pixels.
 
 Per process and loader worker, top to bottom:
 
@@ -14,8 +15,9 @@ Per process and loader worker, top to bottom:
    be split disjointly: that is detected up front, warned about, and the ranks or workers that
    would get nothing resample from the shared list instead of hanging.
 2. samples (``webdataset.tarfile_to_samples``): an unreadable tar is counted and skipped.
-3. parse: JSON and .npy members are checked (pickle refused); a corrupt sample is counted and
-   skipped with a warning naming its key and shard.
+3. parse (``portrait.sample.parse``): members, JSON fields and .npy arrays are checked (pickle
+   refused); a sample that fails is counted and skipped with a warning naming its key, its shard
+   and what is wrong (``datakit verify`` reports the same samples as ``invalid_sample``).
 4. identity groups: consecutive samples of one identity in one read of a shard. Held-out identities (a
    stable hash of identity_id under ``holdout_fraction``) are reserved for validation; groups
    smaller than 1 + k are counted and skipped.
@@ -59,11 +61,12 @@ from PIL import Image
 from webdataset.gopen import gopen_schemes
 
 from trainer.conditioning import face_pixels, time_ids
-from trainer.landmarks import box_of, render_landmarks, square_crop, to_crop
+from portrait.landmarks import render_landmarks, square_crop, to_crop
+from portrait.sample import SampleError
+from portrait.sample import parse as parse_members
 
 log = logging.getLogger("trainer.data")
 
-MEMBERS = ("jpg", "face.jpg", "json", "embedding.npy", "landmarks.npy")
 MAX_PIXELS = 4096 * 4096  # stored images are at most 1024 on the long side; anything larger is wrong
 
 
@@ -211,46 +214,24 @@ def is_heldout(identity_id: str, fraction: float) -> bool:
 # ---------------------------------------------------------------- parsing
 
 
-def _load_npy(data: bytes, what: str) -> np.ndarray:
-    try:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
-    except Exception as exn:  # ValueError for pickled objects, others for garbage
-        raise CorruptSample(f"{what} is not a readable .npy array ({exn})") from None
-    if not np.issubdtype(array.dtype, np.floating) or not np.all(np.isfinite(array)):
-        raise CorruptSample(f"{what} must hold finite floats, has {array.dtype}")
-    return array.astype(np.float32)
-
-
 def parse_sample(sample: dict) -> Record:
+    """A WebDataset sample (``__key__``, ``__url__`` and one entry per member) as a Record."""
     key = sample.get("__key__", "?")
     shard = Path(str(sample.get("__url__", "?"))).name
+    members = {name: data for name, data in sample.items() if not name.startswith("__")}
     try:
-        missing = [m for m in MEMBERS if m not in sample]
-        if missing:
-            raise CorruptSample(f"missing member(s) {', '.join(missing)}")
-        try:
-            meta = json.loads(sample["json"])
-        except (ValueError, UnicodeDecodeError) as exn:
-            raise CorruptSample(f"{key}.json is not valid JSON ({exn})") from None
-        if not isinstance(meta, dict) or not meta.get("identity_id"):
-            raise CorruptSample(f"{key}.json has no identity_id")
-        embedding = _load_npy(sample["embedding.npy"], f"{key}.embedding.npy")
-        if embedding.ndim != 1 or embedding.size < 2:
-            raise CorruptSample(f"{key}.embedding.npy must be a vector, has shape {embedding.shape}")
-        landmarks = _load_npy(sample["landmarks.npy"], f"{key}.landmarks.npy")
-        if landmarks.shape not in ((68, 2), (5, 2)):
-            raise CorruptSample(f"{key}.landmarks.npy must be 68x2 or 5x2, has shape {landmarks.shape}")
-    except CorruptSample as exn:
+        parsed = parse_members(key, members)
+    except SampleError as exn:
         raise CorruptSample(f"sample {key} in {shard}: {exn}") from None
     return Record(
         key=key,
         shard=shard,
-        identity_id=str(meta["identity_id"]),
-        meta=meta,
-        image=sample["jpg"],
-        face=sample["face.jpg"],
-        embedding=embedding,
-        landmarks=landmarks,
+        identity_id=parsed.identity_id,
+        meta=parsed.meta,
+        image=parsed.image,
+        face=parsed.face,
+        embedding=parsed.embedding,
+        landmarks=parsed.landmarks,
     )
 
 
@@ -344,15 +325,21 @@ def decode_image(data: bytes, what: str) -> Image.Image:
         raise CorruptSample(f"{what} does not decode ({exn})") from None
 
 
-def decode_example(spec: ExampleSpec, resolution: int, clip_size: int) -> dict:
-    """Decoded arrays of one example (see the module docstring)."""
-    target = spec.target
-    where = f"sample {target.key} in {target.shard}"
-    image = decode_image(target.image, f"{where}: {target.key}.jpg")
-    box = target.meta.get("box") or box_of(target.landmarks)
+def target_crop(target: Record, resolution: int) -> tuple[Image.Image, tuple[int, int, int], np.ndarray]:
+    """The decoded image, its square crop around the face (left, top, side) and the crop resized
+    to the training resolution (uint8 CHW): the VAE's input, here and in the precompute pass."""
+    image = decode_image(target.image, f"sample {target.key} in {target.shard}: {target.key}.jpg")
+    box = target.meta["box"]
     left, top, side = square_crop(image.width, image.height, box)
     crop = image.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
-    pixels = np.asarray(crop, dtype=np.uint8).transpose(2, 0, 1).copy()
+    return image, (left, top, side), np.asarray(crop, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+def decode_example(spec: ExampleSpec, resolution: int, clip_size: int, cache=None) -> dict:
+    """Decoded arrays of one example (see the module docstring); with a precompute ``cache``
+    (trainer/precompute.py) also the cached latents and features under ``cached``."""
+    target = spec.target
+    image, (left, top, side), pixels = target_crop(target, resolution)
     landmarks = to_crop(target.landmarks, left, top, side, resolution)
     condition = np.asarray(render_landmarks(landmarks, resolution), dtype=np.uint8).transpose(2, 0, 1).copy()
     faces = []
@@ -360,7 +347,7 @@ def decode_example(spec: ExampleSpec, resolution: int, clip_size: int) -> dict:
         face = decode_image(ref.face, f"sample {ref.key} in {ref.shard}: {ref.key}.face.jpg")
         faces.append(face_pixels(face, clip_size))
     scale = resolution / side
-    return {
+    example = {
         "pixels": pixels,
         "landmark_image": condition,
         "landmarks": landmarks,
@@ -374,7 +361,12 @@ def decode_example(spec: ExampleSpec, resolution: int, clip_size: int) -> dict:
         "identity_id": target.identity_id,
         "key": target.key,
         "reference_keys": [r.key for r in spec.references],
+        # the face crop is smaller than the training resolution: scaled up, never silently (counted)
+        "upsampled": side < resolution,
     }
+    if cache is not None and (cached := cache.example(target, spec.references)) is not None:
+        example["cached"] = cached
+    return example
 
 
 def collate(examples: list[dict]) -> dict:
@@ -384,10 +376,12 @@ def collate(examples: list[dict]) -> dict:
     }
     for name in ("caption", "identity_id", "key", "landmarks", "reference_keys"):
         batch[name + "s" if not name.endswith("s") else name] = [e[name] for e in examples]
+    if all("cached" in e for e in examples):
+        batch["cached"] = {k: torch.stack([e["cached"][k] for e in examples]) for k in examples[0]["cached"]}
     return batch
 
 
-def _skip_then_decode(batches, skip: int, stats: Stats, resolution: int, clip_size: int, worker: int, workers: int):
+def _skip_then_decode(batches, skip: int, stats: Stats, resolution: int, clip_size: int, worker: int, workers: int, cache=None):
     position = skip  # this worker's batch number in the epoch; the loader's index is position * workers + worker
     for index, specs in enumerate(batches):
         if index < skip:
@@ -397,9 +391,12 @@ def _skip_then_decode(batches, skip: int, stats: Stats, resolution: int, clip_si
         examples = []
         for spec in specs:
             try:
-                examples.append(decode_example(spec, resolution, clip_size))
+                examples.append(decode_example(spec, resolution, clip_size, cache))
             except CorruptSample as exn:
                 stats.count("undecodable_image", str(exn), key=f"{spec.target.shard}/{spec.target.key}")
+                continue
+            if examples[-1]["upsampled"]:
+                stats.count("upsampled_target")
         if not examples:
             continue
         while len(examples) < len(specs):
@@ -460,8 +457,10 @@ class IdentityStream(torch.utils.data.IterableDataset):
         examples_per_identity: int = 1,
         shuffle_buffer: int = 64,
         holdout_fraction: float = 0.0,
+        cache=None,
     ):
         super().__init__()
+        self.cache = cache  # trainer.precompute.Cache or None
         self.urls = list_shards(shards)
         self.resolution = resolution
         self.clip_size = clip_size
@@ -534,6 +533,7 @@ class IdentityStream(torch.utils.data.IterableDataset):
                 clip_size=self.clip_size,
                 worker=worker,
                 workers=self.workers,
+                cache=self.cache,
             ),
         ).with_epoch(self.batches_per_worker - skip)
         yield from pipeline
@@ -611,7 +611,6 @@ def fixed_examples(
         except CorruptSample as exn:
             stats.count("undecodable_image", str(exn), key=group[0].identity_id)
             continue
-        example["reference_boxes"] = [r.meta.get("box") or box_of(r.landmarks) for r in records]
         examples.append(example)
     return examples
 

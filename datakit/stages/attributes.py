@@ -1,0 +1,167 @@
+"""Attributes stage: gender and age of the subject, and where each value came from.
+
+Gender comes from the first name in the label when the source gives names, looked up offline in
+the name list of the ``gender-guesser`` package (``gender_source = "names:gender-guesser"``).
+gender-guesser answers female, mostly_female, male, mostly_male, andy (androgynous) or unknown.
+"mostly_*" means the name is borne mainly by one gender in its data; we take it as that gender
+(``accept_mostly: false`` turns that off). "andy" and "unknown" fall back to the face model.
+
+Age always comes from the face model, and gender too when the name did not settle it, if the
+recipe's face backend has an age/gender model (insightface's genderage); ``gender_source`` /
+``age_source`` are then ``model:<name>``. With ``use_model: auto`` a backend without such a model
+(dlib) simply gives no age; ``use_model: true`` makes that a configuration error. Anything unknown
+stays null: no guess is better than a wrong one.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+
+from portrait.decode import load_rgb
+from portrait.faces.base import Face, FaceBackend
+from datakit.stage import Drop, Output, Stage, StageSettings, map_rows
+
+NAMES_PACKAGE = "gender-guesser"
+NAME_GENDERS = {"female": "female", "male": "male"}
+MOSTLY_GENDERS = {"mostly_female": "female", "mostly_male": "male"}
+
+# A label's first name: the text before the first underscore or space ("Angelina_Jolie",
+# "Angelina Jolie"); gender-guesser knows hyphenated names itself ("Jean-Claude").
+_SEPARATORS = re.compile(r"[_\s]+")
+
+
+class AttributesSettings(StageSettings):
+    gender_from_names: bool = True
+    accept_mostly: bool = True  # count gender-guesser's mostly_female / mostly_male
+    use_model: Literal["auto"] | bool = "auto"
+
+
+def first_name(label: str | None) -> str | None:
+    if not label:
+        return None
+    for token in _SEPARATORS.split(label.strip()):
+        token = token.strip(".,;'\"()")
+        if token and any(ch.isalpha() for ch in token):
+            return token
+    return None
+
+
+class NameGenders:
+    """gender-guesser's offline name list, case-insensitive."""
+
+    def __init__(self, accept_mostly: bool):
+        import gender_guesser.detector
+
+        self._detector = gender_guesser.detector.Detector(case_sensitive=False)
+        self._answers = dict(NAME_GENDERS)
+        if accept_mostly:
+            self._answers.update(MOSTLY_GENDERS)
+
+    def gender(self, label: str | None) -> str | None:
+        name = first_name(label)
+        if name is None:
+            return None
+        answer = self._detector.get_gender(name)
+        if answer not in self._answers and "-" in name:
+            # "Mary-Kate" is not in the list but "Mary" is
+            answer = self._detector.get_gender(name.split("-")[0])
+        return self._answers.get(answer)
+
+
+def model_source(backend: FaceBackend) -> str:
+    model = getattr(backend, "age_gender_model", "") or ""
+    return f"model:{backend.name}/{model}" if model else f"model:{backend.name}"
+
+
+def face_from_row(row: dict) -> Face:
+    box = row.get("face_box")
+    points = row.get("landmarks5")
+    if box is None or len(box) != 4:
+        raise ValueError(f"face_box is {box!r}, expected 4 numbers (did the detect stage run?)")
+    if points is None or len(points) != 10:
+        raise ValueError(f"landmarks5 is {points!r}, expected 10 numbers")
+    score = row.get("face_score")
+    return Face(
+        box=tuple(float(v) for v in box),
+        score=float(score) if score is not None else 0.0,
+        landmarks5=np.asarray(points, dtype=np.float32).reshape(5, 2),
+    )
+
+
+def names_provenance() -> dict:
+    from importlib import metadata
+
+    return {"package": NAMES_PACKAGE, "version": metadata.version(NAMES_PACKAGE)}
+
+
+class AttributesStage(Stage):
+    name = "attributes"
+    kind = "partition"
+    uses_model = True  # the face backend's age/gender model, when configured
+    Settings = AttributesSettings
+    adds = ("age", "age_source", "gender", "gender_source")
+
+    def __init__(self, settings, context):
+        super().__init__(settings, context)
+        # the image only when a face model will look at it
+        wants_model = settings.use_model is not False and (context.get("faces") is not None or "face_backend" in context)
+        self.reads = ("label", "face_box", "face_score", "landmarks5") + (("image_bytes",) if wants_model else ())
+
+    @classmethod
+    def provenance(cls, settings, context) -> dict:
+        # the face model itself is recorded by the face stages
+        return {"gender_from_names": names_provenance()} if settings.gender_from_names else {}
+
+    def setup(self) -> None:
+        self.names = NameGenders(self.settings.accept_mostly) if self.settings.gender_from_names else None
+        self.backend = self._load_model_backend()
+        self.source = model_source(self.backend) if self.backend is not None else None
+
+    def _load_model_backend(self) -> FaceBackend | None:
+        wanted = self.settings.use_model
+        if wanted is False:
+            return None
+        face_settings = self.context.get("faces")
+        # context["face_backend"]: a backend object built by the caller (one process, tests)
+        backend = self.context.get("face_backend")
+        if backend is None and face_settings is not None:
+            from portrait.faces import load_backend
+
+            backend = load_backend(face_settings, self.context.get("recipe_dir"))
+        if backend is not None and backend.has_age_gender_model:
+            return backend
+        if wanted is True:
+            have = "no faces: section in the recipe" if backend is None else f"face backend {backend.name!r}"
+            raise ValueError(
+                f"attributes.use_model is true but there is no age/gender model ({have}); "
+                "configure faces.backend: insightface with a model folder holding the genderage "
+                "model, or set attributes.use_model to auto or false"
+            )
+        return None
+
+    def process(self, rows: pa.Table) -> Output:
+        if not hasattr(self, "names"):
+            self.setup()
+        return map_rows(rows, self.adds, self._attributes)
+
+    def _attributes(self, row: dict, out: dict) -> Drop | None:
+        if self.names is not None:
+            gender = self.names.gender(row.get("label"))
+            if gender is not None:
+                out.update(gender=gender, gender_source=f"names:{NAMES_PACKAGE}")
+        if self.backend is None:
+            return None
+        try:
+            rgb = np.asarray(load_rgb(row["image_bytes"]))
+            age, gender = self.backend.age_gender(rgb, face_from_row(row))
+        except Exception as e:  # one bad row must not stop the partition
+            return "stage_error", f"age/gender model: {type(e).__name__}: {e}"
+        if age is not None:
+            out.update(age=float(age), age_source=self.source)
+        if out.get("gender") is None and gender in ("female", "male"):
+            out.update(gender=gender, gender_source=self.source)
+        return None

@@ -1,0 +1,49 @@
+"""embed: the identity embedding of each kept image's subject, and its aligned face crop.
+
+The backend aligns the subject's face from the landmarks the detect stage recorded (the trainer's
+inference does the same through ``portrait.faces.reader``), computes
+the L2-normalised embedding (dlib: 128-d ResNet; insightface: 512-d ArcFace) and returns an
+aligned crop of ``crop_size`` pixels with ``crop_padding`` margin. The crop is the face refiner's
+input: it goes into the bulk column ``face_crop`` as JPEG (quality ``jpeg_quality``) and on to
+the shards, never into images.parquet.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pydantic import Field
+
+from datakit.stage import Drop, StageSettings
+from datakit.stages.face_model import FaceModelStage, face_from_row, floats
+from portrait.decode import load_rgb
+from portrait.faces.reader import CropSettings, embed_face
+
+CROP = CropSettings()
+
+COLUMNS = ("embedding", "embedding_model", "face_crop")
+NEEDS = ("face_backend", "face_box", "face_score", "landmarks5", "landmarks68")
+
+
+class Settings(StageSettings):
+    crop_size: int = Field(default=CROP.size, ge=64, le=1024)
+    crop_padding: float = Field(default=CROP.padding, ge=0.0, le=1.0)
+    jpeg_quality: int = Field(default=CROP.jpeg_quality, ge=50, le=100)
+
+
+class EmbedStage(FaceModelStage):
+    name = "embed"
+    Settings = Settings
+    NEEDS = NEEDS
+    COLUMNS = COLUMNS
+
+    def process_row(self, row: dict, out: dict) -> Drop | None:
+        if row["face_backend"] != self.backend.name:
+            raise ValueError(
+                f"row {row['image_id']}: its face was detected by {row['face_backend']!r} but the "
+                f"embed stage runs {self.backend.name!r}; one build uses one face backend"
+            )
+        pixels = np.array(load_rgb(row["image_bytes"]), dtype=np.uint8)
+        s = self.settings
+        vector, out["face_crop"] = embed_face(self.backend, pixels, face_from_row(row), CropSettings(s.crop_size, s.crop_padding, s.jpeg_quality))
+        out["embedding"] = floats(vector)
+        out["embedding_model"] = self.backend.embedding_model

@@ -1,0 +1,78 @@
+"""What the face stages share: the face backend of a worker and the per-row loop.
+
+A face stage reads the image bytes and the columns it ``NEEDS`` and adds its ``COLUMNS``; the
+engine hands it the live rows only and settles the rest.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from portrait.faces import FaceSettings, load_backend, model_provenance
+from portrait.faces.base import Face
+from datakit.stage import Drop, Output, Stage, map_rows
+
+
+def face_settings(context: dict) -> FaceSettings:
+    value = context.get("faces")
+    return value if isinstance(value, FaceSettings) else FaceSettings.model_validate(value or {})
+
+
+def backend_from_context(context: dict, num_cpus: float | None = None):
+    """The backend for one worker. Unless the recipe sets ``faces.threads``, onnxruntime gets as
+    many threads as the worker's CPU share (at least one): its default, every core, would make
+    the workers of a pool fight over the same cores."""
+    settings = face_settings(context)
+    if settings.threads is None and num_cpus is not None:
+        settings = settings.model_copy(update={"threads": max(1, int(num_cpus))})
+    return load_backend(settings, base_dir=context.get("recipe_dir"))
+
+
+def floats(values) -> list[float]:
+    return [float(v) for v in np.asarray(values, dtype=np.float64).reshape(-1)]
+
+
+def face_from_row(row: dict) -> Face:
+    """The subject's face as the detect stage recorded it."""
+    if row.get("face_box") is None or row.get("landmarks5") is None:
+        raise ValueError(
+            f"row {row['image_id']}: no face box or landmarks; the detect stage must run before this one"
+        )
+    lm68 = row.get("landmarks68")
+    return Face(
+        box=tuple(row["face_box"]),
+        score=row.get("face_score") or 0.0,
+        landmarks5=np.asarray(row["landmarks5"], dtype=np.float64).reshape(5, 2),
+        landmarks68=None if lm68 is None else np.asarray(lm68, dtype=np.float64).reshape(68, 2),
+    )
+
+
+class FaceModelStage(Stage):
+    """A partition stage that runs the face backend on each row's image.
+
+    Subclasses name the columns they read besides the image (``NEEDS``) and add (``COLUMNS``)
+    and implement ``process_row(row, out)``: it fills ``out`` and returns a drop or None.
+    """
+
+    uses_model = True
+    NEEDS: tuple[str, ...] = ()
+    COLUMNS: tuple[str, ...] = ()
+
+    def __init__(self, settings, context):
+        super().__init__(settings, context)
+        self.reads = ("image_bytes", *self.NEEDS)
+        self.adds = self.COLUMNS
+
+    @classmethod
+    def provenance(cls, settings, context) -> dict:
+        return model_provenance(face_settings(context), context.get("recipe_dir"))
+
+    def setup(self) -> None:
+        self.backend = backend_from_context(self.context, self.settings.num_cpus)
+
+    def process(self, rows: pa.Table) -> Output:
+        return map_rows(rows, self.adds, self.process_row)
+
+    def process_row(self, row: dict, out: dict) -> Drop | None:
+        raise NotImplementedError

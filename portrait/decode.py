@@ -1,0 +1,144 @@
+"""Decode image bytes safely: the one place that turns bytes into RGB pixels, for every stage
+and for the trainer's inference (so a photo has the same pixels there as in the build).
+
+Checks, in order: the header's pixel count against a limit before any pixel is decoded
+(decompression bombs), a full decode (truncated files fail here, not later), EXIF orientation,
+then conversion of CMYK, palette, grayscale and alpha images to RGB (alpha over white).
+
+``decode_image`` returns the RGB pixels. ``check_image`` runs the same checks and returns only
+what they learn (format, mode, size after orientation), for about half the cost: a JPEG is
+decoded at 1/8 scale. libjpeg still reads and entropy-decodes every byte of the file at that
+scale (only the inverse DCT is smaller), so truncated or corrupt files fail exactly as in a full
+decode; orientation and RGB conversion run on the small image, so they fail alike too. The
+download stage uses it because it keeps the original bytes and throws the pixels away;
+``tests/test_download.py`` checks that both give the same verdict on every fixture file.
+
+Both are thread-safe: they change no global state (no warnings filters), so the download stage
+decodes in several threads at once.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass
+
+from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 64_000_000
+EXIF_ORIENTATION = 0x0112
+SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations that turn the image by 90 degrees
+
+
+class DecodeError(Exception):
+    """The bytes are not a usable image. ``reason`` is a code from datakit.schema.REASONS."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class Decoded:
+    image: Image.Image  # RGB, EXIF orientation applied
+    format: str
+    mode: str  # mode before conversion
+    width: int
+    height: int
+
+
+@dataclass
+class ImageInfo:
+    """What check_image learns: the same fields as Decoded, without the pixels."""
+
+    format: str
+    mode: str  # mode before conversion
+    width: int  # after EXIF orientation
+    height: int
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+    """Decode ``data`` fully; raise DecodeError (too_many_pixels | undecodable) with plain-words
+    detail that holds no addresses or timings (the same bytes give the same text)."""
+    img, fmt, mode, _ = _open_and_load(data, max_pixels, reduced=False)
+    rgb = _orient_and_convert(img)
+    return Decoded(image=rgb, format=fmt, mode=mode, width=rgb.width, height=rgb.height)
+
+
+def check_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
+    """decode_image's verdict and fields, cheaper (see the module docstring); no pixels."""
+    img, fmt, mode, (width, height) = _open_and_load(data, max_pixels, reduced=True)
+    orientation = _orientation(img)
+    _orient_and_convert(img).close()
+    if orientation in SWAPS_SIDES:
+        width, height = height, width
+    return ImageInfo(format=fmt, mode=mode, width=width, height=height)
+
+
+def _open_and_load(data: bytes, max_pixels: int, reduced: bool) -> tuple[Image.Image, str, str, tuple[int, int]]:
+    """Open, check the declared size, decode. Returns the image, format, mode and the size the
+    header declares (the image itself is smaller when ``reduced`` applied to a JPEG)."""
+    if not data:
+        raise DecodeError("undecodable", "empty body")
+    try:
+        img = Image.open(io.BytesIO(data))
+        fmt = img.format or "unknown"
+        w, h = img.size
+        if w * h > max_pixels:
+            raise DecodeError("too_many_pixels", f"{fmt} header declares {w}x{h} = {w * h} pixels, "
+                                                 f"over max_pixels {max_pixels}")
+        mode = img.mode
+        if reduced and isinstance(img, JpegImagePlugin.JpegImageFile):
+            img.draft(mode, (1, 1))  # smallest scale libjpeg offers (1/8); same mode
+        img.load()
+    except DecodeError:
+        raise
+    except Image.DecompressionBombError as e:  # Pillow's own hard limit, hit inside Image.open
+        declared = re.search(r"\((\d+) pixels\)", str(e))
+        count = f"{declared.group(1)} pixels" if declared else "more pixels than Pillow allows"
+        raise DecodeError("too_many_pixels", f"header declares {count}, over max_pixels {max_pixels}") from e
+    except UnidentifiedImageError as e:
+        raise DecodeError("undecodable", f"not an image format Pillow knows (starts with {data[:16]!r})") from e
+    except Exception as e:  # Pillow raises many types for bad bytes; all mean the same here
+        raise DecodeError("undecodable", f"{type(e).__name__}: {e}") from e
+    return img, fmt, mode, (w, h)
+
+
+def _orientation(img: Image.Image) -> int | None:
+    try:
+        return img.getexif().get(EXIF_ORIENTATION)
+    except Exception as e:
+        raise DecodeError("undecodable", f"EXIF cannot be read: {type(e).__name__}: {e}") from e
+
+
+def _orient_and_convert(img: Image.Image) -> Image.Image:
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception as e:
+        raise DecodeError("undecodable", f"EXIF orientation failed: {type(e).__name__}: {e}") from e
+    try:
+        return to_rgb(img)
+    except Exception as e:  # an exotic mode Pillow cannot convert
+        raise DecodeError("undecodable", f"cannot convert mode {img.mode} to RGB: {type(e).__name__}: {e}") from e
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "RGBa"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit grayscale: scale to 8 bits rather than clip
+        img = img.point(lambda v: v / 256).convert("L")
+    return img.convert("RGB")
+
+
+def load_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The RGB image of bytes that the download stage already accepted."""
+    return decode_image(data, max_pixels).image
