@@ -10,7 +10,10 @@ Everything here works on rows of unit vectors, where squared Euclidean distance 
   size. faiss replaced a hand-written k-means-cell search that probed the cells nearest to a
   row's own cell centre (faiss probes those nearest to the row itself); `make bench-cluster`
   keeps the old search as its baseline and measures both side by side on the 960k synthetic
-  set (time, CPU, memory, recall@10 against exact search on a 50k sample). ``knn_exact``
+  set (time, CPU, memory, recall@10 against exact search on a 50k sample). Measured there
+  (953k rows, 1024-row cells, 8 probes, under load): recall@10 0.84 against 0.56, kNN graph in
+  231 against 421 CPU seconds, and unsupervised clustering pairwise F 1.00 against 0.97 (the
+  old search's missed neighbours left 53k faces unclustered). ``knn_exact``
   (numpy, blocked) stays as the oracle and for the many tiny searches within one name.
 - ``agglomerate``: average-linkage agglomeration restricted to the edges of a graph. The
   linkage of two clusters A and B is the root mean squared distance over all pairs (a, b),
