@@ -16,6 +16,13 @@ detect + landmarks + filter + embed twice, in one run:
 
 Prints images/s of each, the ratio (goal: >= 1.8x on 2 cores), and each step's share of the
 time. ``ray.init`` is timed apart; actor start-up and model loading count in the Ray time.
+
+Then the per-image CPU cost of the models (``--skip-models`` to leave it out, ``--models-only``
+for it alone): dlib's HOG detector and ResNet on the dev photos, beside the paper-scale models
+(SCRFD-10G, ArcFace R50 and R100) exported with random weights by devtools/face_model_zoo.py and
+run on onnxruntime, one image and a batch at a time, on one thread (a core's cost). Their
+parameter counts and multiply-accumulates are printed beside the published figures. The costs
+are written to bench-out/model_costs.json, where the rehearsal's 960k projection reads them.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import sys
 import time
 from collections import defaultdict
@@ -34,6 +42,7 @@ import pyarrow as pa
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 DEV = REPO.parent / "shared" / "fixtures" / "faces" / "dev"
+MODEL_COSTS = REPO / "bench-out" / "model_costs.json"
 SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 CPU = "cpu seconds"  # process CPU time, to see how much of a core each run really got
 
@@ -203,6 +212,80 @@ def ray_pipeline(items: list[bytes], workers: int, batch_size: int, mode: str) -
     return {"wall": time.perf_counter() - t_start, "kept": kept, "seconds": dict(seconds)}
 
 
+# ---------------------------------------------------------------- per-model costs
+
+
+def dlib_costs(items: list[bytes], limit: int = 40) -> list[dict]:
+    """CPU ms per image of dlib's HOG detector (on the 640 px detection copy) and per face of
+    its ResNet (150 px aligned chip), on the first ``limit`` distinct photos."""
+    import cv2
+    import dlib
+    from PIL import Image, ImageOps
+
+    from portrait.faces.dlib_backend import packaged_model_dir
+
+    models = packaged_model_dir()
+    detector = dlib.get_frontal_face_detector()
+    sp5 = dlib.shape_predictor(str(models / "shape_predictor_5_face_landmarks.dat"))
+    resnet = dlib.face_recognition_model_v1(str(models / "dlib_face_recognition_resnet_model_v1.dat"))
+    det_cpu = emb_cpu = 0.0
+    images = faces = 0
+    for data in list(dict.fromkeys(items))[:limit]:
+        img = np.array(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+        scale = 640 / max(img.shape[:2])
+        small = cv2.resize(img, None, fx=scale, fy=scale) if scale < 1 else img
+        c0 = time.process_time()
+        rects = detector(small, 0)
+        det_cpu += time.process_time() - c0
+        images += 1
+        if rects:
+            chip = dlib.get_face_chip(small, sp5(small, rects[0]), size=150, padding=0.25)
+            c0 = time.process_time()
+            resnet.compute_face_descriptor(chip)
+            emb_cpu += time.process_time() - c0
+            faces += 1
+    return [
+        {"label": "dlib HOG detector", "per": "image", "input": "640 px", "runs": [{"batch": 1, "cpu_ms": 1000 * det_cpu / max(images, 1)}]},
+        {"label": "dlib ResNet (128-d)", "per": "face", "input": "150 px", "runs": [{"batch": 1, "cpu_ms": 1000 * emb_cpu / max(faces, 1)}]},
+    ]
+
+
+def model_costs(items: list[bytes]) -> dict:
+    from devtools import face_model_zoo as zoo
+
+    folder = REPO / "bench-out" / "model_zoo"
+    out = {"load": os.getloadavg(), "dlib": dlib_costs(items), "paper": []}
+    for name, batches in (("scrfd_10g_kps", (1, 8)), ("arcface_r50", (1, 16)), ("arcface_r100", (1, 16))):
+        out["paper"].append(zoo.measure(name, folder, batches=batches))
+    out["load_after"] = os.getloadavg()
+    MODEL_COSTS.parent.mkdir(parents=True, exist_ok=True)
+    MODEL_COSTS.write_text(json.dumps(out, indent=1))
+    return out
+
+
+def report_model_costs(costs: dict) -> None:
+    print("\nper-model CPU cost, one thread (onnxruntime for the paper-scale models, random weights; dlib as used here)")
+    print(f"{'model':22s} {'input':>9s} {'params M':>9s} {'GMACs':>7s} {'published':>22s} {'ms/unit, batch 1':>17s} {'batched':>16s}")
+    for m in costs["dlib"] + costs["paper"]:
+        runs = m["runs"]
+        size = f"{m['input'][0]}x{m['input'][1]}" if isinstance(m["input"], list | tuple) else m["input"]
+        params = f"{m['params_m']:.2f}" if "params_m" in m else "-"
+        gmacs = f"{m['gmacs']:.2f}" if "gmacs" in m else "-"
+        published = "-"
+        if "published_gmacs" in m:
+            hw = m["published_input"]
+            published = (f"{m['gmacs_at_published_input']:.2f}/{m['published_gmacs']:g} G@{hw[1]}x{hw[0]}"
+                         + (f" {m['published_params_m']:g}M" if m["published_params_m"] else ""))
+        batched = f"{runs[-1]['cpu_ms']:.0f} (batch {runs[-1]['batch']})" if len(runs) > 1 else "-"
+        print(f"{m['label']:22s} {size:>9s} {params:>9s} {gmacs:>7s} {published:>22s} "
+              f"{runs[0]['cpu_ms']:>9.0f} /{m['per']:<6s} {batched:>16s}")
+    print("  (published: ours/published GMACs at the published input size, and params; sources: "
+          "insightface's SCRFD README (arXiv:2105.04714) and arcface_torch README)")
+    print(f"  load average {costs['load'][0]:.1f} before, {costs['load_after'][0]:.1f} after, on {os.cpu_count()} CPUs: "
+          "CPU ms count this process's own time, so load inflates them little; written to "
+          f"{MODEL_COSTS.relative_to(REPO)}")
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -229,8 +312,12 @@ def main() -> None:
     parser.add_argument("--mode", choices=("fused", "stages"), default="fused",
                         help="fused: one actor pool runs the three stages; stages: a pool per stage")
     parser.add_argument("--skip-plain", action="store_true")
+    parser.add_argument("--skip-models", action="store_true", help="leave out the per-model costs")
+    parser.add_argument("--models-only", action="store_true", help="only the per-model costs")
     args = parser.parse_args()
     items = load_items(args.items)
+    if args.models_only:
+        return report_model_costs(model_costs(items))
     print(f"{len(items)} items: the {len(dev_files())} dev photos of {DEV}, repeated")
 
     import ray
@@ -245,11 +332,12 @@ def main() -> None:
     ray_run = ray_pipeline(items, args.workers, args.batch_size, args.mode)
     ray.shutdown()
     ray_ips = report(f"ray ({args.mode})", ray_run, len(items))
-    if args.skip_plain:
-        return
-    plain_ips = report("plain", plain_loop(items), len(items))
-    print(f"{'ratio':13s}: {ray_ips / plain_ips:.2f}x the plain loop (goal >= 1.8x on 2 cores)")
-    print(f"{'':15s}(CPU/wall well under 2 for ray, or under 1 for plain: other work shared the cores)")
+    if not args.skip_plain:
+        plain_ips = report("plain", plain_loop(items), len(items))
+        print(f"{'ratio':13s}: {ray_ips / plain_ips:.2f}x the plain loop (goal >= 1.8x on 2 cores)")
+        print(f"{'':15s}(CPU/wall well under 2 for ray, or under 1 for plain: other work shared the cores)")
+    if not args.skip_models:
+        report_model_costs(model_costs(items))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,20 @@
-"""Nearest-neighbour graphs and graph clustering of L2-normalised embeddings (numpy only).
+"""Nearest-neighbour graphs and graph clustering of L2-normalised embeddings.
 
 Everything here works on rows of unit vectors, where squared Euclidean distance is
 ``2 - 2 * dot``. Three pieces:
 
-- ``knn``: the k nearest neighbours of every row. Exact in blocks (memory ``block x n``, never
-  the full ``n x n`` matrix) up to ``exact_max`` rows; above that an inverted-file search:
-  k-means cells of ~``cell_size`` rows, and every row searches its own cell plus the cells
-  nearest to it (``probe`` cells), so the cost grows like ``n x probe x cell_size``, linear in
-  n for a fixed cell size (plus k-means, which costs ``n^2 / cell_size`` dot products: small).
+- ``knn``: the k nearest neighbours of every row, from faiss (faiss-cpu here, its GPU build on
+  clusters). Exact (a flat inner-product index) up to ``exact_max`` rows; above that an
+  inverted file: k-means cells of ~``cell_size`` rows, each row searching the ``probe`` cells
+  nearest to it, so the cost grows like ``n x probe x cell_size``, linear in n for a fixed cell
+  size. faiss replaced a hand-written k-means-cell search that probed the cells nearest to a
+  row's own cell centre (faiss probes those nearest to the row itself); `make bench-cluster`
+  keeps the old search as its baseline and measures both side by side on the 960k synthetic
+  set (time, CPU, memory, recall@10 against exact search on a 50k sample). Measured there
+  (953k rows, 1024-row cells, 8 probes, under load): recall@10 0.84 against 0.56, kNN graph in
+  231 against 421 CPU seconds, and unsupervised clustering pairwise F 1.00 against 0.97 (the
+  old search's missed neighbours left 53k faces unclustered). ``knn_exact``
+  (numpy, blocked) stays as the oracle and for the many tiny searches within one name.
 - ``agglomerate``: average-linkage agglomeration restricted to the edges of a graph. The
   linkage of two clusters A and B is the root mean squared distance over all pairs (a, b),
   which for unit vectors is ``sqrt(2 - 2 * mean(A) . mean(B))``: it needs only each cluster's
@@ -69,61 +76,45 @@ def _to_distance(sims: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(0.0, 2.0 - 2.0 * sims)).astype(np.float32)
 
 
-def kmeans(x: np.ndarray, cells: int, iterations: int = 10, seed: int = 0, sample: int = 64) -> np.ndarray:
-    """Unit-norm cell centres from spherical k-means on at most ``sample x cells`` rows."""
-    rng = np.random.default_rng(seed)
-    n = x.shape[0]
-    train = x[np.sort(rng.choice(n, size=min(n, sample * cells), replace=False))]
-    centres = train[np.sort(rng.choice(train.shape[0], size=cells, replace=False))].copy()
-    for _ in range(iterations):
-        assign = nearest_centre(train, centres)
-        sums = group_sums(train, assign, cells)
-        empty = np.bincount(assign, minlength=cells) == 0
-        sums[empty] = centres[empty]  # an empty cell keeps its old centre
-        centres = (sums / np.linalg.norm(sums, axis=1, keepdims=True)).astype(np.float32)
-    return centres
+def knn_faiss(x: np.ndarray, k: int, exact: bool, cell_size: int = 1024, probe: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(neighbours (n, k) int64, distances (n, k) float32), self excluded, from faiss.
 
+    ``exact``: a flat inner-product index (every pair). Otherwise an inverted file
+    (``IndexIVFFlat``): k-means cells of ~``cell_size`` rows, each row searches the ``probe``
+    cells nearest to it. Missing neighbours are -1 and inf; equal distances are ordered by index.
+    """
+    import faiss
 
-def nearest_centre(x: np.ndarray, centres: np.ndarray, block: int = 16384) -> np.ndarray:
-    out = np.empty(x.shape[0], dtype=np.int64)
-    for start in range(0, x.shape[0], block):
-        out[start : start + block] = np.argmax(x[start : start + block] @ centres.T, axis=1)
-    return out
-
-
-def knn_ivf(x: np.ndarray, k: int, cell_size: int = 1024, probe: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Approximate kNN: each cell's rows search that cell and the ``probe - 1`` cells nearest to it."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    n = x.shape[0]
-    cells = max(1, n // cell_size)
-    centres = kmeans(x, cells, seed=seed)
-    assign = nearest_centre(x, centres)
-    order = np.argsort(assign, kind="stable")
-    bounds = np.searchsorted(assign[order], np.arange(cells + 1))
-    members = [order[bounds[c] : bounds[c + 1]] for c in range(cells)]
-    near_cells, _ = _topk_rows(centres @ centres.T, min(probe, cells))
-    idx = np.full((n, k), -1, dtype=np.int64)
-    dist = np.full((n, k), np.inf, dtype=np.float32)
-    for c in range(cells):
-        queries = members[c]
-        if queries.size == 0:
-            continue
-        cand = np.concatenate([members[j] for j in near_cells[c]])
-        sims = x[queries] @ x[cand].T
-        sims[cand[None, :] == queries[:, None]] = -np.inf
-        kk = min(k, cand.size - 1)
-        nb, vals = _topk_rows(sims, kk)
-        idx[queries, :kk] = cand[nb]
-        dist[queries, :kk] = _to_distance(vals)
-    # equal distances from different cells: order by (distance, index) for a fixed result
-    order = np.lexsort((idx, dist), axis=1)
-    return np.take_along_axis(idx, order, axis=1), np.take_along_axis(dist, order, axis=1)
+    n, d = x.shape
+    cells = n // cell_size
+    if exact or cells < 2:
+        index = faiss.IndexFlatIP(d)
+    else:
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, cells, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = seed  # k-means on a fixed sample (256 rows per cell): the same cells every run
+        index.train(x)
+        index.nprobe = probe
+    index.add(x)
+    sims, idx = index.search(x, min(k + 1, n))
+    # drop each row itself (it is usually first, but an identical twin may come before it); a row
+    # whose self was not returned drops its farthest neighbour instead
+    is_self = idx == np.arange(n)[:, None]
+    is_self[~is_self.any(axis=1), -1] = True
+    keep = np.argsort(is_self, axis=1, kind="stable")[:, : idx.shape[1] - 1]
+    idx, sims = np.take_along_axis(idx, keep, axis=1), np.take_along_axis(sims, keep, axis=1)
+    with np.errstate(over="ignore", invalid="ignore"):  # a missing neighbour's similarity is -FLT_MAX
+        dist = np.where(idx >= 0, _to_distance(sims), np.inf).astype(np.float32)
+    out_idx = np.full((n, k), -1, dtype=np.int64)
+    out_dist = np.full((n, k), np.inf, dtype=np.float32)
+    out_idx[:, : idx.shape[1]], out_dist[:, : idx.shape[1]] = idx, dist
+    order = np.lexsort((np.where(out_idx < 0, n, out_idx), out_dist), axis=1)
+    return np.take_along_axis(out_idx, order, axis=1), np.take_along_axis(out_dist, order, axis=1)
 
 
-def knn(x: np.ndarray, k: int, exact_max: int = 50_000, **ivf) -> tuple[np.ndarray, np.ndarray]:
-    if x.shape[0] <= exact_max:
-        return knn_exact(x, k)
-    return knn_ivf(x, k, **ivf)
+def knn(x: np.ndarray, k: int, exact_max: int = 50_000, cell_size: int = 1024, probe: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """kNN of every row with faiss: exact up to ``exact_max`` rows, an inverted file above."""
+    return knn_faiss(x, k, exact=x.shape[0] <= exact_max, cell_size=cell_size, probe=probe)
 
 
 def knn_edges(idx: np.ndarray, dist: np.ndarray, max_distance: float) -> tuple[np.ndarray, np.ndarray]:

@@ -46,12 +46,29 @@ def test_knn_exact_matches_brute_force():
     assert (idx != np.arange(len(x))[:, None]).all()
 
 
-def test_knn_ivf_finds_most_true_neighbours():
+def test_knn_faiss_exact_matches_numpy_and_skips_only_itself():
+    x = synthetic_corpus(40, seed=3, noise=0, negatives=0).embeddings
+    x = np.concatenate([x, x[:3]])  # three identical twins: each is the other's nearest, never its own
+    idx, dist = graph.knn_faiss(x, 7, exact=True)
+    want_idx, want_dist = graph.knn_exact(x, 7)
+    assert np.allclose(dist, want_dist, atol=1e-3)
+    assert (idx != np.arange(len(x))[:, None]).all()
+    n = len(x) - 3
+    assert list(idx[:3, 0]) == [n, n + 1, n + 2] and list(idx[n:, 0]) == [0, 1, 2]
+    assert np.mean(idx == want_idx) > 0.98  # only near-ties may swap
+
+
+def test_knn_faiss_ivf_finds_most_true_neighbours_the_same_way_twice():
     x = synthetic_corpus(200, seed=4, noise=0, negatives=0).embeddings
     exact, _ = graph.knn_exact(x, 10)
-    approx, _ = graph.knn_ivf(x, 10, cell_size=256, probe=4)
+    approx, dist = graph.knn_faiss(x, 10, exact=False, cell_size=256, probe=4)
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, approx)])
     assert recall > 0.9, recall
+    assert (np.diff(dist, axis=1) >= 0).all()
+    again, _ = graph.knn_faiss(x, 10, exact=False, cell_size=256, probe=4)
+    assert (again == approx).all()
+    # graph.knn picks the inverted file only above exact_max rows
+    assert (graph.knn(x, 10, exact_max=len(x))[0] == graph.knn_faiss(x, 10, exact=True)[0]).all()
 
 
 def test_agglomerate_honours_threshold_and_cannot_link():

@@ -14,6 +14,7 @@ import pytest
 
 from datakit import store
 from devtools.rehearsal.__main__ import rehearse
+from devtools.rehearsal import costs as costs_mod
 from devtools.rehearsal.compare import compare_builds
 from devtools.rehearsal.servers import ALL_STAGES
 
@@ -65,3 +66,24 @@ def test_the_flaky_file_system_fails_one_write_while_its_flag_exists(tmp_path):
     assert not flag.exists() and not (tmp_path / "out" / "part.parquet").exists()
     store.atomic_write_table(out / "part.parquet", pa.table({"a": [1]}))  # the next write goes through
     assert pq.read_table(tmp_path / "out" / "part.parquet").column("a").to_pylist() == [1]
+
+
+
+def test_projection_prices_the_paper_models_and_cites_its_gpu_figures():
+    costs = {
+        "download": {"s_per_item": 0.002, "survival": 1.0},
+        "detect": {"s_per_item": 0.030, "survival": 1.0},
+        "embed": {"s_per_item": 0.090, "survival": 0.5},
+        "cluster": {"s_per_item": 0.0001, "survival": 0.5},
+    }
+    paper = {"detect": {"label": "SCRFD-10G", "cpu_ms": 49.0, "dlib_ms": 20.0},
+             "embed": {"label": "ArcFace R100", "cpu_ms": 103.0, "dlib_ms": 76.0}}
+    images = 3_600_000
+    text = "\n".join(costs_mod.projection(costs, images=images, nodes=1, cpus=10, efficiency=1.0, paper=paper))
+    for _, source in costs_mod.GPU_MS.values():
+        assert source in text
+    assert f"i.e. {49.0 / costs_mod.GPU_MS['detect'][0]:.0f}x one core" in text
+    # CPU only: (download 2 + detect 30 - 20 + 49 + half of (embed 90 - 76 + 103)) ms a image on 10 CPUs,
+    # plus cluster as one task
+    cpu_h = ((2 + 30 - 20 + 49 + 0.5 * (90 - 76 + 103)) / 1000 * images / 10 + 0.5 * 0.0001 * images) / 3600
+    assert f"CPU only : {cpu_h:6.2f} h" in text

@@ -49,7 +49,7 @@ from devtools.rehearsal.servers import ALL_STAGES, FixedPortServer, photo_folder
 from devtools.rehearsal.cluster import ray_cluster
 from devtools.rehearsal.driver import run_clean, run_with_faults
 from devtools.rehearsal.compare import compare_builds, verify
-from devtools.rehearsal.costs import projection, stage_costs
+from devtools.rehearsal.costs import paper_model_costs, projection, stage_costs
 
 
 # ---------------------------------------------------------------- the rehearsal
@@ -163,7 +163,7 @@ def report(small: dict, large: dict, face: dict) -> bool:
             print(f"  {name:<11} {1000 * c['s_per_item']:8.2f} ms/item  ({c['items_in']} items in, "
                   f"{100 * c['survival']:.0f}% of the input)")
     print()
-    for line in projection(costs):
+    for line in projection(costs, paper=paper_model_costs()):
         print(line)
     return ok
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import tempfile
+from pathlib import Path
+
 from datakit import registry
 
-import json
-from pathlib import Path
+REPO = Path(__file__).resolve().parents[2]
 
 
 
@@ -35,19 +38,49 @@ def stage_costs(output: Path) -> dict[str, dict]:
     return out
 
 
+# The paper's models on GPUs. Nothing here has a GPU, so the GPU case rests on published figures,
+# per image (detector) and per face (recognition), named with their sources in the output.
+GPU_MS = {
+    "detect": (4.9, "SCRFD-10GF: 4.9 ms per VGA image on a GPU, batch 1 (insightface detection/scrfd/README.md; "
+                    "arXiv:2105.04714)"),
+    "embed": (1000 * 16 / (3 * 5200), "ArcFace r100: ~5,200 training samples/s on 16 GPUs (insightface "
+              "recognition/arcface_torch/README.md, WF42M-PFC-0.2 r100(256*16)); a training step costs ~3 forward "
+              "passes, so ~975 faces/s forward per GPU"),
+}
+PAPER_MODELS = {"detect": ("scrfd_10g_kps", "dlib HOG detector"), "embed": ("arcface_r100", "dlib ResNet (128-d)")}
+
+
+def paper_model_costs(path: Path = REPO / "bench-out" / "model_costs.json") -> dict[str, dict]:
+    """CPU ms per unit (batch 1, one thread) of the paper's models and of the dlib models they
+    replace, per face stage: from `make bench-faces` (its model section), else measured now."""
+    if path.exists():
+        measured = json.loads(path.read_text())
+    else:
+        from devtools import face_model_zoo as zoo
+
+        with tempfile.TemporaryDirectory() as tmp:
+            measured = {"dlib": [], "paper": [zoo.measure(n, Path(tmp), batches=(1,), min_seconds=1.0)
+                                              for n, _ in PAPER_MODELS.values()]}
+    by_name = {m.get("name", m["label"]): m for m in measured["paper"] + measured["dlib"]}
+    return {stage: {"label": by_name[paper]["label"], "cpu_ms": by_name[paper]["runs"][0]["cpu_ms"],
+                    "dlib_ms": by_name[dlib]["runs"][0]["cpu_ms"] if dlib in by_name else None}
+            for stage, (paper, dlib) in PAPER_MODELS.items()}
+
+
 def projection(costs: dict[str, dict], measured_cpus: int = 2, images: int = 960_000, nodes: int = 8,
-               cpus: int = 32, gpus_per_node: int = 1, gpu_speedup: float = 50.0,
-               efficiency: float = 0.7) -> list[str]:
+               cpus: int = 32, gpus_per_node: int = 1, efficiency: float = 0.7,
+               paper: dict[str, dict] | None = None) -> list[str]:
     """Wall time for ``images`` on ``nodes`` x ``cpus`` from measured per-item costs.
 
     Partition stages (seconds = worker time) and the fanned-out global stages (seconds = wall
     on ``measured_cpus``, so x that many core-seconds) spread over every CPU at ``efficiency``.
-    ``cluster`` is one task: its time is scaled linearly and added serially. With GPUs, the
-    face stages run on the GPUs while the CPU stages use the CPUs (pipelined: the slower side
-    sets the pace)."""
+    ``cluster`` is one task: its time is scaled linearly and added serially. The paper's models
+    (``paper``, from `paper_model_costs`) replace dlib's in detect and embed: the stage keeps its
+    measured cost minus dlib's model and adds the paper model's measured CPU cost. With GPUs the
+    paper's models run at the published GPU figures (``GPU_MS``) while everything else stays on
+    the CPUs (pipelined: the slower side sets the pace)."""
     lines = [f"projection to {images:,} images on {nodes} nodes x {cpus} CPUs, {efficiency:.0%} of ideal "
-             f"parallelism assumed; GPU case: {gpus_per_node} GPU per node, each running detect+embed "
-             f"{gpu_speedup:g}x faster than one CPU core (an ASSUMPTION, not measured here: no GPU)"]
+             "parallelism assumed"]
     face = other = serial = 0.0
     rows = []
     for name, c in costs.items():
@@ -66,15 +99,37 @@ def projection(costs: dict[str, dict], measured_cpus: int = 2, images: int = 960
     for name, core_s, how in rows:
         lines.append(f"  {name:<11} {core_s / 3600:9.1f} core-hours  {100 * core_s / whole:5.1f}%  {how}")
     cpu_wall = (face + other) / slots + serial
-    gpu_wall = max(other / slots, face / gpu_speedup / max(gpus, 1e-9)) + serial
-    lines.append(f"  CPU only : {cpu_wall / 3600:6.2f} h wall ({(face + other) / 3600:.0f} core-hours, of which "
+    lines.append(f"  dlib models, CPU only: {cpu_wall / 3600:6.2f} h wall ({(face + other) / 3600:.0f} core-hours, of which "
                  f"cluster {serial / 3600:.2f} h runs as one task)")
-    lines.append(f"  with GPUs: {gpu_wall / 3600:6.2f} h wall (face stages {face / gpu_speedup / max(gpus, 1e-9) / 3600:.2f} h "
-                 f"on GPUs, the rest {other / slots / 3600:.2f} h on CPUs)")
     for target_h in (1.0, 4.0):
         budget = target_h * 3600 - serial
         need = (face + other) / budget / (cpus * efficiency) if budget > 0 else float("inf")
         lines.append(f"  machines of {cpus} CPUs (no GPU) to finish in {target_h:g} h: {need:.1f}")
     drivers = ", ".join(f"{name} {100 * core_s / whole:.0f}%" for name, core_s, _ in rows[:3])
     lines.append(f"  cost drivers (share of core time): {drivers}")
+    if paper:
+        lines += paper_projection(costs, paper, images, face, other, serial, slots, gpus, gpus_per_node)
+    return lines
+
+
+def paper_projection(costs, paper, images, face, other, serial, slots, gpus, gpus_per_node) -> list[str]:
+    """The same build with the paper's models (SCRFD-10G, ArcFace R100), on CPUs and on GPUs."""
+    lines = ["  the paper's models (measured here on one CPU thread, random weights, exact architectures):"]
+    model_cpu = model_gpu = 0.0  # core-seconds on CPUs / GPU-seconds of the paper's models
+    rest = 0.0  # what the face stages do besides their dlib model (decode, alignment, crops)
+    for stage in FACE_STAGES:
+        if stage not in costs:
+            continue
+        p, units = paper[stage], costs[stage]["survival"] * images
+        gpu_ms, source = GPU_MS[stage]
+        model_cpu += units * p["cpu_ms"] / 1000
+        model_gpu += units * gpu_ms / 1000
+        rest += max(0.0, costs[stage]["s_per_item"] * units - units * (p["dlib_ms"] or 0.0) / 1000)
+        lines.append(f"    {stage:<6} {p['label']}: {p['cpu_ms']:.0f} ms CPU (dlib's model {p['dlib_ms'] or 0:.0f} ms); "
+                     f"GPU {gpu_ms:.2f} ms, i.e. {p['cpu_ms'] / gpu_ms:.0f}x one core; source: {source}")
+    cpu_wall = (rest + model_cpu + other) / slots + serial
+    gpu_wall = max((rest + other) / slots, model_gpu / max(gpus, 1e-9)) + serial
+    lines.append(f"    CPU only : {cpu_wall / 3600:6.2f} h wall ({(rest + model_cpu + other) / 3600:.0f} core-hours)")
+    lines.append(f"    with GPUs: {gpu_wall / 3600:6.2f} h wall ({gpus_per_node} GPU per node: the models "
+                 f"{model_gpu / max(gpus, 1e-9) / 3600:.2f} h on GPUs, the rest {(rest + other) / slots / 3600:.2f} h on CPUs)")
     return lines
