@@ -63,6 +63,14 @@ DEFAULT_THRESHOLDS: dict[str, float] = {
     "insightface": 1.15,  # the insightface backend's models are ArcFace-family recognisers
     "arcface": 1.15,
 }
+# pattern -> attach distance: a labelled photo outside its name's dominant group stays with its
+# own name's identity when that identity is its nearest and its centre lies within this distance
+# (see "Thresholds" above for how the values were chosen)
+DEFAULT_ATTACH_THRESHOLDS: dict[str, float] = {
+    "dlib": ATTACH_DLIB,
+    "insightface": 1.25,
+    "arcface": 1.25,
+}
 
 INPUT_COLUMNS = [
     "image_id", "source", "label", "status", "drop_stage", "reason", "detail",
@@ -76,6 +84,11 @@ class Settings(StageSettings):
     thresholds: dict[str, float] = Field(
         default_factory=lambda: dict(DEFAULT_THRESHOLDS),
         description="embedding-model name pattern -> linkage threshold (first match wins)",
+    )
+    attach_thresholds: dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_ATTACH_THRESHOLDS),
+        description="embedding-model name pattern -> the looser distance at which a labelled photo "
+        "stays with its own name's identity when that is its nearest (never below the linkage threshold)",
     )
     reassign_outliers: bool = True
     review_group_ratio: float = Field(
@@ -94,6 +107,10 @@ def threshold_for(model: str, thresholds: dict[str, float]) -> float:
         f"cluster: no linkage threshold for embedding model {model!r}; add a pattern that matches it "
         f"under cluster.thresholds (known patterns: {', '.join(thresholds)})"
     )
+
+
+def _attach_for(model: str, attach: dict[str, float]) -> float | None:
+    return next((v for p, v in attach.items() if p.lower() in (model or "").lower()), None)
 
 
 def family_of(model: str, thresholds: dict[str, float]) -> str:
@@ -119,6 +136,7 @@ class Decisions:
 @dataclass
 class Params:
     threshold: float
+    attach: float | None = None  # None: the same as threshold (no looser attach)
     min_images: int = 5
     neighbors: int = 10
     reassign_outliers: bool = True
@@ -312,9 +330,14 @@ def _place_outliers(emb, lab_rows, name_of, names, own_identity, outlier_pos, id
             top = np.argmax(dots, axis=1)
             best[s : s + 4096] = top
             best_link[s : s + 4096] = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * dots[np.arange(top.size), top]))
+    attach = max(p.threshold, p.attach if p.attach is not None else p.threshold)
     for r, g, ident, link in zip(rows, name_of[outlier_pos], best, best_link):
         label = names[g].split("\0", 1)[1]
-        if link < p.threshold:
+        if ident == own_identity[g] and link < attach:
+            # its own name's identity is its nearest: a correctly labelled photo off the core
+            # (a re-encoded copy, an unusual pose); kept at the looser attach distance
+            identity_index[r] = ident
+        elif link < p.threshold:
             identity_index[r] = ident
             if ident != own_identity[g]:
                 detail[r] = f"face does not match the dominant faces of {label!r}; reassigned to the identity it matches (linkage {link:.3f})"
@@ -423,6 +446,7 @@ class ClusterStage(Stage):
             rows = spaces[model]
             p = Params(
                 threshold=threshold_for(model, s.thresholds), family=family_of(model, s.thresholds),
+                attach=_attach_for(model, s.attach_thresholds),
                 min_images=s.min_images, neighbors=s.neighbors, reassign_outliers=s.reassign_outliers,
                 review_group_ratio=s.review_group_ratio, exact_knn_max=s.exact_knn_max,
                 ivf_cell_size=s.ivf_cell_size, ivf_probe=s.ivf_probe,

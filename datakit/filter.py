@@ -16,11 +16,12 @@ skipped for a subject the source pointed at (a subject hint such as IMDb-Face's 
 
 Defaults were set on the 293 dev photos of the face fixtures: every dev subject covers >= 12% of
 its image (RetinaFace convention) and its box is >= 52 px on the shorter side. Sharpness is
-measured on the aligned face at 112 px (see datakit/detect.py). Dev subjects: 1st percentile 42,
-the tight 112 px aligned crops at least 40, only two LFW frames of Laura Bush under 30 (9 and 10,
-visibly soft); the same photos blurred with a Gaussian of sigma = 3/128 of the face box's side
-score median 24, 95th percentile 27, 99th 37: the default of 30 drops 97% of those and keeps
-every aligned crop with a margin of a quarter. Raise it for cleaner crops.
+measured on the inner face of the aligned crop at 112 px (datakit/faces/geometry.py). Dev
+subjects: 1st percentile 42, the tight 112 px aligned crops at least 33, only two LFW frames of
+Laura Bush under 25 (9 and 10, visibly soft); the same photos blurred with a Gaussian of
+sigma = 3/128 of the face box's side score median 11, 95th percentile 21, 99th 29: the default
+of 25 drops 97% of those and keeps every aligned crop with a margin of 30%. Raise it for
+cleaner crops.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class Settings(StageSettings):
     min_area_fraction: float = Field(default=0.10, ge=0.0, le=1.0)
     dominance_ratio: float = Field(default=2.0, ge=1.0)
     min_face_px: float = Field(default=40.0, ge=0.0)
-    min_sharpness: float = Field(default=30.0, ge=0.0)
+    min_sharpness: float = Field(default=25.0, ge=0.0)
 
 
 class FilterStage(Stage):

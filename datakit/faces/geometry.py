@@ -109,13 +109,16 @@ def similarity_matrix(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 
 
 def aligned_sharpness(rgb: np.ndarray, landmarks5, size: int = 112) -> float:
-    """Variance of the Laplacian of the aligned face (ArcFace's template, no margin) at
-    ``size`` x ``size`` grey pixels. Only the face itself is measured: a large blurred face
-    cannot borrow the sharpness of a small sharp picture pasted inside its box, and every
-    photo, whatever its resolution, is judged at the same scale."""
+    """Variance of the Laplacian over the inner face (the central 60%: eyes, nose, mouth) of the
+    aligned face (ArcFace's template, no margin) at ``size`` x ``size`` grey pixels.
+
+    Only the face itself is measured: a large blurred face cannot borrow the sharpness of a
+    small sharp picture pasted inside its box (nor of hair or a collar at the crop's corners),
+    and every photo, whatever its resolution, is judged at the same scale."""
     crop = similarity_crop(rgb, np.asarray(landmarks5, dtype=np.float64).reshape(5, 2), size, 0.0)
-    grey = cv2.cvtColor(crop, cv2.COLOR_RGB2GRAY)
-    return float(cv2.Laplacian(grey, cv2.CV_64F).var())
+    laplacian = cv2.Laplacian(cv2.cvtColor(crop, cv2.COLOR_RGB2GRAY), cv2.CV_64F)
+    inner = slice(round(0.2 * size), round(0.8 * size))
+    return float(laplacian[inner, inner].var())
 
 
 def sharpness(rgb: np.ndarray, box, size: int = 128) -> float:
