@@ -67,7 +67,7 @@ DEFAULT_THRESHOLDS: dict[str, float] = {
 # own name's identity when that identity is its nearest and its centre lies within this distance
 # (see "Thresholds" above for how the values were chosen)
 DEFAULT_ATTACH_THRESHOLDS: dict[str, float] = {
-    "dlib": ATTACH_DLIB,
+    "dlib": 0.5,
     "insightface": 1.25,
     "arcface": 1.25,
 }
