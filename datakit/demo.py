@@ -1,8 +1,8 @@
 """``make demo``: build pipelines/demo.yaml offline.
 
 Serves ``data/demo/web`` on a free port of 127.0.0.1 for the URL-list source, points the
-recipe's ``${DATAKIT_DEMO_BASE_URL}`` at it, runs the build, and stops the server whatever
-happens. Usage: ``python -m datakit.demo [--output DIR] [--restart]``.
+recipe's ``${DATAKIT_DEMO_BASE_URL}`` at it, runs the build, stops the server whatever
+happens, and prints Table 6 and the figures (Figs. 11-13, 16) of the demo corpus. Usage: ``python -m datakit.demo [--output DIR] [--restart]``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,19 @@ def main(argv: list[str] | None = None) -> int:
             cli_args.append("--restart")
         if args.quiet:
             cli_args.append("--quiet")
-        return cli_main(cli_args)
+        code = cli_main(cli_args)
+    if code == 0:
+        print_figures(args.output or REPO / "manifests" / "demo")
+    return code
+
+
+def print_figures(output: Path) -> None:
+    """Table 6 and the paper's figures of the corpus just built (Fig. 13 ages, Fig. 16 genders)."""
+    from datakit.audit.cli import print_stats
+    from datakit.audit.folder import OutputFolder
+    from datakit.audit.stats import compute
+
+    print_stats(compute(OutputFolder(str(output))))
 
 
 if __name__ == "__main__":
