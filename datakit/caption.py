@@ -10,10 +10,16 @@ only what the manifest already knows: "a close-up portrait photo of a woman in h
 Florence-2 load through the same classes, Florence-2 wants its task token as ``prompt``).
 Images go through in batches on the recipe's device and dtype; decoding is greedy so the same
 weights give the same captions. caption_source is "vlm:<model folder name>".
+
+A model's caption is checked before it is used: an empty one, or one that names the person (a
+word of the row's label, e.g. "Powell" for Colin_Powell: prompts must not teach the generator
+names) is replaced by the template caption, and caption_source says why:
+"template:fallback:vlm_empty" or "template:fallback:vlm_names_person".
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -193,11 +199,26 @@ class CaptionStage(Stage):
                 out["detail"][i] = f"decoding for the caption model: {type(e).__name__}: {e}"
         rows = list(images)
         size = self.settings.batch_size
+        labels = column(table, "label")
+        genders, ages, areas = column(table, "gender"), column(table, "age"), column(table, "face_area_fraction")
         for start in range(0, len(rows), size):
             batch = rows[start : start + size]
             for i, text in zip(batch, self.captioner.caption([images[i] for i in batch])):
-                out["caption"][i] = text
-                out["caption_source"][i] = f"vlm:{self.captioner.name}"
+                problem = caption_problem(text, labels[i])
+                if problem is None:
+                    out["caption"][i], out["caption_source"][i] = text, f"vlm:{self.captioner.name}"
+                else:
+                    out["caption"][i] = template_caption(genders[i], ages[i], areas[i], self.settings.closeup_area_fraction)
+                    out["caption_source"][i] = f"{TEMPLATE}:fallback:{problem}"
+
+
+def caption_problem(text: str | None, label: str | None) -> str | None:
+    """Why a model's caption cannot be used, or None: empty, or it names the person."""
+    if not text or not any(ch.isalpha() for ch in text):
+        return "vlm_empty"
+    words = {w.casefold() for w in re.findall(r"[^\W\d_]+", text)}
+    name_words = {w.casefold() for w in re.findall(r"[^\W\d_]+", label or "") if len(w) >= 3}
+    return "vlm_names_person" if words & name_words else None
 
 
 def column(table: pa.Table, name: str) -> list:

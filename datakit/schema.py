@@ -107,7 +107,7 @@ IMAGE_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
     "gender": (pa.string(), "female | male | null"),
     "gender_source": (pa.string(), "source:<source>/<file> | names:<package> | model:<name> | null"),
     "caption": (pa.string(), "caption used as the prompt"),
-    "caption_source": (pa.string(), "template | vlm:<model>"),
+    "caption_source": (pa.string(), "template | vlm:<model> | template:fallback:<why the model's caption was refused>"),
     # identities and shards
     "identity_id": (pa.string(), "identity the image belongs to (kept images)"),
     "identity_distance": (pa.float32(), "embedding distance to its identity's centre"),

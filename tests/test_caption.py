@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 
 from datakit import schema
-from datakit.caption import CaptionSettings, CaptionStage, template_caption
+from datakit.caption import CaptionSettings, CaptionStage, template_caption, caption_problem
 
 TINY_VOCAB = [
     "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]",
@@ -159,3 +159,24 @@ def test_vlm_needs_a_model_path():
         CaptionSettings(mode="vlm")
     with pytest.raises(ValueError):
         CaptionSettings(mode="vlm", model_path="x", dtype="float8")
+
+
+def test_caption_problem_catches_names_and_empty_captions():
+    assert caption_problem("a man in a grey suit, smiling", "Colin_Powell") is None
+    assert caption_problem("Colin Powell in a grey suit", "Colin_Powell") == "vlm_names_person"
+    assert caption_problem("a portrait of powell at a desk", "Colin Powell") == "vlm_names_person"
+    assert caption_problem("  ", "Colin_Powell") == "vlm_empty" and caption_problem("", None) == "vlm_empty"
+    assert caption_problem("a woman with red hair", None) is None
+
+
+def test_a_vlm_caption_that_names_the_person_falls_back_to_the_template(tiny_blip, demo_dir):
+    settings = CaptionSettings(mode="vlm", model_path=str(tiny_blip), device="cpu", max_new_tokens=6)
+    data = demo_photos(demo_dir, 2)
+    plain = CaptionStage(settings, {}).process(rows(2, image_bytes=data)).to_pylist()
+    said = next(w for w in plain[0]["caption"].split() if len(w) >= 3)  # a word the model writes for photo 0
+    table = rows(2, image_bytes=data, label=[f"{said.title()}_Smith", "Zed_Quux"], gender=["male", None],
+                 age=[42.0, None], face_area_fraction=[0.5, 0.2])  # fmt: skip
+    out = CaptionStage(settings, {}).process(table).to_pylist()
+    assert out[0]["caption_source"] == "template:fallback:vlm_names_person"
+    assert out[0]["caption"] == "a close-up portrait photo of a man in his forties"
+    assert (out[1]["caption"], out[1]["caption_source"]) == (plain[1]["caption"], "vlm:tiny-blip")
