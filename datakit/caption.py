@@ -6,8 +6,11 @@ only what the manifest already knows: "a close-up portrait photo of a woman in h
 "template".
 
 ``mode: vlm`` runs an image-captioning model from a local folder with transformers
-(``AutoModelForImageTextToText`` + ``AutoProcessor``: BLIP is what the tests run; BLIP-2 and
-Florence-2 load through the same classes, Florence-2 wants its task token as ``prompt``).
+(``AutoModelForImageTextToText`` + ``AutoProcessor``: the tests run tiny random BLIP and
+Florence-2 models built from their configs; BLIP-2 loads the same way. Florence-2 gets the task
+token ``<MORE_DETAILED_CAPTION>`` unless the recipe's ``prompt`` says otherwise). Chat-style
+Qwen2.5-VL does not run on this stack yet: transformers 5.23's Qwen2.5-VL processor needs the
+torchvision video processor, and torchvision cannot be installed here.
 Images go through in batches on the recipe's device and dtype; decoding is greedy so the same
 weights give the same captions. caption_source is "vlm:<model folder name>".
 
@@ -85,6 +88,9 @@ def template_caption(gender: str | None, age: float | None, area_fraction: float
 
 # ---------------------------------------------------------------- vlm
 
+# model_type -> the prompt used when the recipe gives none
+DEFAULT_PROMPTS = {"florence2": "<MORE_DETAILED_CAPTION>"}
+
 
 def model_folder(model_path: str, base_dir: str | None) -> Path:
     """caption.model_path; a relative path is taken from the recipe's folder."""
@@ -125,13 +131,16 @@ class VlmCaptioner:
         self.model.eval()
         self.name = path.name
         self.settings = settings
+        # Florence-2 is steered by a task token; its most detailed caption describes hair,
+        # clothing, expression, light and setting (never a name: it has none to give)
+        self.prompt = settings.prompt or DEFAULT_PROMPTS.get(self.model.config.model_type)
 
     def caption(self, images: list) -> list[str]:
         import torch
 
         kwargs = {"images": images, "return_tensors": "pt"}
-        if self.settings.prompt:
-            kwargs["text"] = [self.settings.prompt] * len(images)
+        if self.prompt:
+            kwargs["text"] = [self.prompt] * len(images)
         inputs = self.processor(**kwargs).to(self.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
