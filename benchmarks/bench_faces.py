@@ -59,7 +59,7 @@ def plain_loop(items: list[bytes]) -> dict:
     import dlib
     from PIL import Image, ImageOps
 
-    from datakit.faces.dlib_backend import packaged_model_dir
+    from portrait.faces.dlib_backend import packaged_model_dir
 
     models = packaged_model_dir()
     t_start = time.perf_counter()

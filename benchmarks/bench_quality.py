@@ -41,7 +41,7 @@ def build_inputs(root: Path, step: int, seed: int) -> tuple[list[str], list[str]
     """Writes ROOT/<filed name>/<file>; returns (relative paths, filed names, truths)."""
     import dlib
 
-    from datakit.decode import load_rgb
+    from portrait.decode import load_rgb
 
     detector = dlib.get_frontal_face_detector()
     dev = sorted(p for p in (FACES / "dev").glob("*/*") if p.is_file())[::step]
@@ -107,7 +107,7 @@ def run_baseline(root: Path, rel: list[str], filed: list[str]) -> tuple[dict, fl
     import dlib
     from PIL import Image
 
-    from datakit.faces.dlib_backend import packaged_model_dir
+    from portrait.faces.dlib_backend import packaged_model_dir
 
     t = time.perf_counter()
     models = packaged_model_dir()

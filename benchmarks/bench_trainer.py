@@ -39,7 +39,7 @@ def shards_for(args) -> tuple[str, str]:
     demo = Path(args.shards)
     if list(demo.glob("*.tar")):
         return str(demo), f"{demo} (demo shards)"
-    from trainer.testing import synthetic_samples, write_shards
+    from devtools.shards import synthetic_samples, write_shards
 
     folder = Path(tempfile.mkdtemp(prefix="bench-shards-"))
     write_shards(folder, synthetic_samples(16, 10, seed=0, size=160), identities_per_shard=4)

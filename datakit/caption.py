@@ -31,7 +31,7 @@ from pydantic import Field, model_validator
 
 from datakit import schema
 from datakit.store import file_sha256
-from datakit.decode import load_rgb
+from portrait.decode import load_rgb
 from datakit.stage import Stage, StageSettings, live_mask
 
 TEMPLATE = "template"

@@ -22,20 +22,10 @@ its edges; cost grows near-linearly in the number of faces and no all-pairs matr
 Identities with fewer than ``min_images`` images are dropped as ``identity_too_small``; an
 unlabeled face that joined nobody is ``unclustered``.
 
-Thresholds (linkage, Euclidean on L2-normalised embeddings), per embedding model family:
-- dlib (dlib_face_recognition_resnet_model_v1): 0.39. Measured on the 293 dev photos of
-  ../shared/fixtures/faces (30 people, real dlib embeddings): the linkage between two random
-  halves of one person's photos is at most 0.363 (99th percentile 0.357), and between two
-  different people at least 0.411 (Angelina_Jolie / Jennifer_Lopez; the look-alikes Koizumi / Roh 0.413).
-  Unsupervised clustering of the dev photos gives pairwise F 0.99 at 0.38, 0.997 at 0.39 and
-  0.40, and 0.946 at 0.42 (two people merge); 0.39 sits in that band on the side of splitting,
-  since merging two people is the worse error for training. ``tests/test_cluster.py``
-  re-measures the two bounds and checks the default still lies between them.
-- ArcFace (the insightface backend's recognisers, e.g. buffalo_l/w600k_r50): 1.15, i.e. a mean cosine
-  similarity of 0.34 between the two sets. Not measured here (no ArcFace weights can be
-  fetched on these machines): chosen from ArcFace's published verification operating points
-  (same-person cosine mostly above 0.4, different people mostly below 0.2 on LFW-like data)
-  and to be re-measured with ``linkage_bounds`` on real ArcFace embeddings before a full run.
+Thresholds (linkage, Euclidean on L2-normalised embeddings) are per embedding model family and
+live beside the backend that makes the embedding, with how each was set: dlib's 0.39 in
+portrait/faces/dlib_backend.py (measured on the dev photos), ArcFace's 1.15 in
+portrait/faces/insightface_backend.py (from published operating points, not measured here).
 
 Attach distances (``cluster.attach_thresholds``), label-guided mode only: a labelled photo
 outside its name's dominant group (a re-encoded copy, an odd pose or light: same person, just
@@ -54,7 +44,8 @@ How the thresholds are chosen (the procedure; re-run it for a new embedding mode
 3. Attach distance: the linkage of one photo to the other photos of its person, over the photos
    and their variants, measured 0.307 median, 0.39 at the 99th percentile, 0.479 at most; the
    nearest stranger to any person lies at 0.418. The attach distance is the largest value that
-   keeps a margin below that: dlib 0.415. With it, the dev photos + variants + 10% misfiled +
+   keeps a margin below that: dlib 0.415 (its value lives with the others in ``THRESHOLDS`` of
+   portrait/faces/dlib_backend.py). With it, the dev photos + variants + 10% misfiled +
    negatives keep 99.9% of correctly labelled photos (98.9-99.4% with the threshold alone),
    merge nobody and remove or move every misfiled photo (tests/test_cluster.py, make bench-quality).
 4. ArcFace: not measured here (no weights offline); attach equals the threshold until it is.
@@ -78,21 +69,13 @@ from pydantic import Field
 
 from datakit import graph, schema
 from datakit.stage import Stage, StageSettings
+from portrait.faces import default_thresholds
 
 # pattern found in the embedding model's name (case-insensitive) -> linkage threshold
-DEFAULT_THRESHOLDS: dict[str, float] = {
-    "dlib": 0.39,
-    "insightface": 1.15,  # the insightface backend's models are ArcFace-family recognisers
-    "arcface": 1.15,
-}
+DEFAULT_THRESHOLDS: dict[str, float] = default_thresholds("cluster")
 # pattern -> attach distance: a labelled photo outside its name's dominant group stays with its
-# own name's identity when that identity is its nearest and its centre lies within this distance
-# (see "Thresholds" above for how the values were chosen)
-DEFAULT_ATTACH_THRESHOLDS: dict[str, float] = {
-    "dlib": 0.415,
-    "insightface": 1.15,  # not measured yet: no looser attach until it is
-    "arcface": 1.15,
-}
+# own name's identity when that identity is its nearest and within this linkage (see above)
+DEFAULT_ATTACH_THRESHOLDS: dict[str, float] = default_thresholds("attach")
 
 INPUT_COLUMNS = [
     "image_id", "source", "label", "status", "drop_stage", "reason", "detail",

@@ -46,16 +46,16 @@ from tqdm import tqdm
 
 from datakit import schema
 from datakit.stage import Stage, StageSettings
+from portrait.faces import default_thresholds
 
 log = logging.getLogger(__name__)
 
 HASH_BITS = 64
 PHASH_INPUT = 32  # imagehash.phash's default: 32x32 grayscale, DCT, top-left 8x8
 
-# L2 distance between L2-normalised embeddings under which two faces are the same picture.
-# dlib: measured on the fixtures (flipped + JPEG q70 copies <= 0.19; other photos of the same
-# person >= 0.17, so the phash does the separating). ArcFace-style models: cosine >= ~0.87.
-DEFAULT_MAX_EMBEDDING_DISTANCE = {"dlib": 0.3, "arcface": 0.5, "insightface": 0.5}
+# L2 distance between L2-normalised embeddings under which two faces are the same picture,
+# per embedding model (set and explained beside each face backend in portrait/faces/).
+DEFAULT_MAX_EMBEDDING_DISTANCE = default_thresholds("dedup")
 
 READ_COLUMNS = [
     "image_id", "source", "status", "drop_stage", "reason", "detail", "duplicate_of",

@@ -1,6 +1,6 @@
 """detect: find every face, its box, score and landmarks; drop images without one.
 
-The subject is chosen by datakit/subject.py: by score and size (detections under the score
+The subject is chosen by portrait/faces/subject.py (the trainer's reader takes the same face): by score and size (detections under the score
 floor ``min_score`` never compete), or, when the source gives a box for the labelled person
 (IMDb-Face's ``rect``), the face matching that box (``hint_min_iou``). Its box (RetinaFace
 convention, may reach past the image's edge as RetinaFace's do), score, area fraction (the part
@@ -18,9 +18,8 @@ import json
 import numpy as np
 from pydantic import Field
 
-from datakit.decode import DecodeError, load_rgb
-from datakit import subject
-from datakit.faces import geometry
+from portrait.decode import DecodeError, load_rgb
+from portrait.faces import geometry, subject
 from datakit.faces.stageio import FaceModelStage, floats
 from datakit.stage import StageSettings, drop
 
@@ -38,12 +37,6 @@ COLUMNS = (
 )
 
 
-# The score floor per backend when the recipe gives none (see datakit/subject.py). dlib HOG on
-# the face fixtures: the real faces of the group negatives score 0.18 to 3.0, dev subjects
-# 0.27 at the 1st percentile (median 1.6); the spurious hits seen (hair, an arm) score 0.05 and
-# 0.12. insightface's detector already cuts at faces.min_score (0.5).
-DEFAULT_MIN_SCORE = {"dlib": 0.15, "insightface": 0.5}
-DEFAULT_FULL_SCORE = {"dlib": 1.0, "insightface": 0.8}
 
 
 class Settings(StageSettings):
@@ -80,8 +73,8 @@ class DetectStage(FaceModelStage):
         hint_box = subject.scaled_hint(row.get("subject_hint"), height, width)
         choice = subject.choose(
             faces, height, width,
-            min_score=s.min_score if s.min_score is not None else DEFAULT_MIN_SCORE.get(self.backend.name, 0.0),
-            full_score=s.full_score if s.full_score is not None else DEFAULT_FULL_SCORE.get(self.backend.name, 1.0),
+            min_score=s.min_score if s.min_score is not None else subject.DEFAULT_MIN_SCORE.get(self.backend.name, 0.0),
+            full_score=s.full_score if s.full_score is not None else subject.DEFAULT_FULL_SCORE.get(self.backend.name, 1.0),
             hint_box=hint_box, hint_min_iou=s.hint_min_iou,
         )  # fmt: skip
         image_area = float(width * height)

@@ -48,7 +48,7 @@ import yarl
 from pydantic import Field, field_validator
 
 from datakit import netguard, schema
-from datakit.decode import DEFAULT_MAX_PIXELS, DecodeError, check_image, decode_image
+from portrait.decode import DEFAULT_MAX_PIXELS, DecodeError, check_image, decode_image
 from datakit.stage import Stage, StageSettings, drop
 
 STAGE = "download"

@@ -1,6 +1,7 @@
 """embed: the identity embedding of each kept image's subject, and its aligned face crop.
 
-The backend aligns the subject's face from the landmarks the detect stage recorded, computes
+The backend aligns the subject's face from the landmarks the detect stage recorded (the trainer's
+inference does the same through ``portrait.faces.reader``), computes
 the L2-normalised embedding (dlib: 128-d ResNet; insightface: 512-d ArcFace) and returns an
 aligned crop of ``crop_size`` pixels with ``crop_padding`` margin. The crop is the face refiner's
 input: it goes into the bulk column ``face_crop`` as JPEG (quality ``jpeg_quality``) and on to
@@ -9,24 +10,24 @@ the shards, never into images.parquet.
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
-from PIL import Image
 from pydantic import Field
 
-from datakit.decode import load_rgb
+from portrait.decode import load_rgb
 from datakit.faces.stageio import FaceModelStage, face_from_row, floats
 from datakit.stage import StageSettings
+from portrait.faces.reader import CropSettings, embed_face
+
+CROP = CropSettings()
 
 COLUMNS = ("embedding", "embedding_model", "face_crop")
 NEEDS = ("face_backend", "face_box", "face_score", "landmarks5", "landmarks68")
 
 
 class Settings(StageSettings):
-    crop_size: int = Field(default=256, ge=64, le=1024)
-    crop_padding: float = Field(default=0.25, ge=0.0, le=1.0)
-    jpeg_quality: int = Field(default=95, ge=50, le=100)
+    crop_size: int = Field(default=CROP.size, ge=64, le=1024)
+    crop_padding: float = Field(default=CROP.padding, ge=0.0, le=1.0)
+    jpeg_quality: int = Field(default=CROP.jpeg_quality, ge=50, le=100)
 
 
 class EmbedStage(FaceModelStage):
@@ -44,13 +45,6 @@ class EmbedStage(FaceModelStage):
         face = face_from_row(row)
         pixels = np.array(load_rgb(blob), dtype=np.uint8)
         s = self.settings
-        vector, crop = self.backend.embed(pixels, face, crop_size=s.crop_size, crop_padding=s.crop_padding)
+        vector, row["face_crop"] = embed_face(self.backend, pixels, face, CropSettings(s.crop_size, s.crop_padding, s.jpeg_quality))
         row["embedding"] = floats(vector)
         row["embedding_model"] = self.backend.embedding_model
-        row["face_crop"] = jpeg(crop, s.jpeg_quality)
-
-
-def jpeg(rgb: np.ndarray, quality: int) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).save(out, format="JPEG", quality=quality)
-    return out.getvalue()

@@ -16,7 +16,7 @@ skipped for a subject the source pointed at (a subject hint such as IMDb-Face's 
 
 Defaults were set on the 293 dev photos of the face fixtures: every dev subject covers >= 12% of
 its image (RetinaFace convention) and its box is >= 52 px on the shorter side. Sharpness is
-measured on the inner face of the aligned crop at 112 px (datakit/faces/geometry.py). Dev
+measured on the inner face of the aligned crop at 112 px (portrait/faces/geometry.py). Dev
 subjects: 1st percentile 42, the tight 112 px aligned crops at least 33, only two LFW frames of
 Laura Bush under 25 (9 and 10, visibly soft); the same photos blurred with a Gaussian of
 sigma = 3/128 of the face box's side score median 11, 95th percentile 21, 99th 29: the default

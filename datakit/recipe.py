@@ -138,7 +138,7 @@ class Recipe(_Strict):
     # OUTPUT/redactions.jsonl, when there is one, counts without being listed.
     redactions: list[Path] = Field(default_factory=list)
     sources: list[Source] = Field(min_length=1)
-    faces: dict[str, Any] | None = None  # validated by datakit.faces.FaceSettings when used
+    faces: dict[str, Any] | None = None  # validated by portrait.faces.FaceSettings when used
     stages: dict[str, dict[str, Any] | None]
     ray: RaySettings = RaySettings()
 
@@ -174,7 +174,7 @@ class Recipe(_Strict):
         return registry.stage_class(name).Settings.model_validate(self.stages.get(name) or {})
 
     def face_settings(self):
-        from datakit.faces import FaceSettings  # imported late: only face recipes need it
+        from portrait.faces import FaceSettings  # imported late: only face recipes need it
 
         return FaceSettings.model_validate(self.faces or {})
 

@@ -9,9 +9,12 @@ in step.
 
 from __future__ import annotations
 
-import hashlib
+from collections import Counter
 
+import numpy as np
 import pyarrow as pa
+
+from portrait.ids import image_id  # noqa: F401  the id of the image_id column (one definition, shared with the trainer)
 
 SCHEMA_VERSION = 1
 
@@ -158,9 +161,25 @@ SHARD_MEMBER_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
 SHARD_MEMBERS_SCHEMA = pa.schema([pa.field(n, t) for n, (t, _) in SHARD_MEMBER_COLUMNS.items()])
 
 
-def image_id(source: str, locator: str) -> str:
-    """Stable id of an input item: the same source name and locator always give the same id."""
-    return hashlib.sha1(f"{source}\0{locator}".encode()).hexdigest()[:16]
+def identity_row(items: list[dict]) -> dict:
+    """The counted columns of an identities.parquet row (IDENTITY_COLUMNS) from the kept images
+    of one identity: dicts with label, source, gender, age and shard (the tar's path as in
+    images.parquet). The shard stage and redact both count identities with this."""
+    genders = Counter(r["gender"] for r in items if r["gender"] in ("female", "male"))
+    top = genders.most_common(2)
+    ages = [float(r["age"]) for r in items if r["age"] is not None]
+    return {
+        "names": sorted({r["label"] for r in items if r["label"]}),
+        "sources": sorted({r["source"] for r in items if r["source"]}),
+        "images": len(items),
+        "gender": top[0][0] if top and (len(top) == 1 or top[0][1] > top[1][1]) else None,
+        "female": genders.get("female", 0),
+        "male": genders.get("male", 0),
+        "age_mean": float(np.mean(ages)) if ages else None,
+        "age_min": min(ages) if ages else None,
+        "age_max": max(ages) if ages else None,
+        "shards": sorted({r["shard"] for r in items if r["shard"]}),
+    }
 
 
 def check_reason(code: str) -> str:

@@ -1,13 +1,11 @@
 """Shard stage: write the kept images as WebDataset tars under OUTPUT/shards/, grouped by identity.
 
-A sample (key K = the image_id, stable across runs):
-
-    K.jpg            the image, longest side at most ``image_size``, JPEG at ``jpeg_quality``
-    K.face.jpg       the aligned face crop the embed stage made (the refiner's input)
-    K.json           image_id, identity_id, label, source, locator, box and landmarks (in the
-                     stored K.jpg's pixels), age, gender, caption, width and height of K.jpg
-    K.embedding.npy  float32 [D] identity embedding
-    K.landmarks.npy  float32 [68, 2] (or [5, 2]) landmarks in K.jpg's pixels
+A sample (key K = the image_id, stable across runs) is defined by ``portrait.sample``, which the
+trainer reads with: K.jpg (the image, longest side at most ``image_size``, JPEG at
+``jpeg_quality``), K.face.jpg (the embed stage's aligned crop), K.json (identity, source,
+locator, box and landmarks in K.jpg's pixels, age, gender, caption, sizes), K.embedding.npy and
+K.landmarks.npy. This stage decides what goes in (the row's values, scaled to the stored image);
+``portrait.sample.encode`` makes and checks the bytes.
 
 Three steps. *Encode*: each partition's kept samples are encoded once (one Ray task per
 partition when Ray is running) into ``_work/shard/encoded/``, so their exact sizes are known.
@@ -16,9 +14,8 @@ partition when Ray is running) into ``_work/shard/encoded/``, so their exact siz
 shard of its own), with bounds lowered when that gives at least ``min_shards`` shards (one
 shard feeds one loader worker: ranks x workers need that many). *Write*: one task per shard
 reads its samples with a pyarrow filter and writes the tar under a temporary name, then renames
-it. Members carry fixed metadata (mtime 0, uid/gid 0, no user or group names, mode 0644), so
-the same input and recipe give byte-identical tars. Member names are ``KEY.ext`` with keys
-checked to be plain ``[0-9A-Za-z_-]`` words, so no member can leave the shard's folder.
+it through ``portrait.shardio`` (fixed member headers: the same input and recipe give
+byte-identical tars; keys are plain ``[0-9A-Za-z_-]`` words, so no member can leave the folder).
 
 Then ``OUTPUT/shards.parquet``, ``OUTPUT/shard_members.parquet`` (every member's size and
 sha256, for verification) and ``OUTPUT/identities.parquet`` are written atomically. The update
@@ -28,14 +25,10 @@ crop, bytes no longer decode) is dropped with ``stage_error`` and the reason in 
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import re
-import tarfile
 import tempfile
 import uuid
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -43,18 +36,18 @@ import pyarrow as pa
 from pydantic import Field
 
 from datakit import schema
-from datakit.decode import load_rgb
+from portrait import sample, shardio
+from portrait.decode import load_rgb
+from portrait.ids import check_key
 from datakit.stage import Stage, StageSettings
 from datakit.store import (
     TMP_PREFIX, Location, WorkDir, atomic_write_table, file_sha256, is_local, publish_file, read_table, remove_tree,
 )  # fmt: skip
 
 SHARDS_DIR = "shards"
-SAFE_KEY = re.compile(r"^[0-9A-Za-z_-]{1,128}$")
-BLOCK = tarfile.BLOCKSIZE  # 512
-RECORD = tarfile.RECORDSIZE  # 10240: tarfile pads the archive to a multiple of this
+RECORD = shardio.RECORD
 # member suffix -> column of the encoded table, in the order members are written
-MEMBERS = (("jpg", "jpg"), ("face.jpg", "face_jpg"), ("json", "json"), ("embedding.npy", "embedding_npy"), ("landmarks.npy", "landmarks_npy"))
+MEMBERS = tuple((suffix, suffix.replace(".", "_")) for suffix in sample.MEMBERS)
 META_COLUMNS = [
     "image_id", "source", "label", "locator", "status", "drop_stage", "reason", "detail", "identity_id",
     "face_box", "landmarks5", "landmarks68", "embedding", "age", "gender", "caption", "width", "height",
@@ -172,12 +165,11 @@ def encode_partition(output: Location, upstream: list[str], part: int, encoded_d
 
 
 def _tar_bytes(table: pa.Table) -> list[int]:
-    """Bytes each sample takes in a tar: a header block per member plus its content in blocks."""
+    """Bytes each sample takes in a tar (shardio.member_tar_bytes summed over its members)."""
     total = np.zeros(table.num_rows, dtype=np.int64)
     for _, col in MEMBERS:
         lengths = pa.compute.binary_length(table.column(col)).fill_null(-1).to_numpy().astype(np.int64)
-        blocks = -(-lengths // BLOCK)
-        total += np.where(lengths >= 0, BLOCK + blocks * BLOCK, 0)
+        total += np.where(lengths >= 0, shardio.member_tar_bytes(lengths), 0)
     return total.tolist()
 
 
@@ -185,8 +177,7 @@ def encode_sample(row: dict, image_size: int, quality: int) -> dict:
     key = row["image_id"]
     out = {"key": key, "identity_id": row["identity_id"], "error": None}
     try:
-        if not SAFE_KEY.match(key or ""):
-            raise ValueError(f"key {key!r} is not a plain word of [0-9A-Za-z_-]; it cannot name tar members")
+        check_key(key)
         if not row.get("face_crop"):
             raise ValueError("no aligned face crop in the work folder")
         if not row.get("image_bytes"):
@@ -197,8 +188,6 @@ def encode_sample(row: dict, image_size: int, quality: int) -> dict:
         if scale < 1.0:
             image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), resample=3)  # 3 = bicubic
         sx, sy = image.width / w, image.height / h
-        out["jpg"] = jpeg_bytes(image, quality)
-        out["face_jpg"] = bytes(row["face_crop"])
         box = _scaled(row.get("face_box"), sx, sy)
         lm5, lm68 = _scaled(row.get("landmarks5"), sx, sy), _scaled(row.get("landmarks68"), sx, sy)
         meta = {
@@ -218,12 +207,8 @@ def encode_sample(row: dict, image_size: int, quality: int) -> dict:
             "source_width": w,
             "source_height": h,
         }
-        out["json"] = json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
-        if row.get("embedding") is not None:
-            out["embedding_npy"] = npy_bytes(np.asarray(row["embedding"], dtype=np.float32))
-        landmarks = lm68 if lm68 is not None else lm5
-        if landmarks is not None:
-            out["landmarks_npy"] = npy_bytes(np.asarray(landmarks, dtype=np.float32).reshape(-1, 2))
+        members = sample.encode(key, jpeg_bytes(image, quality), bytes(row["face_crop"]), meta, row.get("embedding"))
+        out.update({column: members[suffix] for suffix, column in MEMBERS})
     except Exception as e:  # one bad sample never stops the shards; it is dropped with the reason
         out = {"key": key, "identity_id": row["identity_id"], "error": f"shard: {type(e).__name__}: {e}"}
     return out
@@ -247,18 +232,7 @@ def jpeg_bytes(image, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
-
-
 # ------------------------------------------------------------------ plan
-
-
-def tar_size(sample_bytes: int) -> int:
-    """Size of a tar holding members that take ``sample_bytes`` (headers + padded content)."""
-    return -(-(sample_bytes + 2 * BLOCK) // RECORD) * RECORD
 
 
 def plan_shards(samples: pa.Table, max_samples: int, max_bytes: int, min_shards: int) -> list[tuple[str, list[str]]]:
@@ -291,7 +265,7 @@ def next_fit(counts: list[int], sizes: list[int], max_samples: int, max_bytes: i
     groups: list[list[int]] = []
     n = b = 0
     for i, (c, size) in enumerate(zip(counts, sizes)):
-        if groups and groups[-1] and (n + c > max_samples or tar_size(b + size) > max_bytes):
+        if groups and groups[-1] and (n + c > max_samples or shardio.tar_size(b + size) > max_bytes):
             groups.append([])
             n = b = 0
         if not groups:
@@ -334,31 +308,14 @@ def write_shard(output: Location, name: str, keys: list[str], parts: list[int], 
 
 
 def _write_tar(tmp: Path, name: str, keys: list[str], row_of: dict, columns: dict) -> list[dict]:
-    members = []
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+    with shardio.TarWriter(tmp) as tar:
         for key in keys:
             i = row_of[key]
-            for suffix, col in MEMBERS:
-                data = columns[col][i].as_py()
-                if data is None:
-                    continue
-                member = f"{key}.{suffix}"
-                tar.addfile(tar_info(member, len(data)), io.BytesIO(data))
-                members.append({"shard": f"{SHARDS_DIR}/{name}", "key": key, "member": member, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
-    return members
-
-
-def tar_info(member: str, size: int) -> tarfile.TarInfo:
-    if "/" in member or "\\" in member or member.startswith(".") or ".." in member:
-        raise ValueError(f"tar member name {member!r} could leave the shard's folder")
-    info = tarfile.TarInfo(member)
-    info.size = size
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    info.type = tarfile.REGTYPE
-    return info
+            tar.write_sample(key, {suffix: columns[col][i].as_py() for suffix, col in MEMBERS})
+    return [
+        {"shard": f"{SHARDS_DIR}/{name}", "key": shardio.split_name(w.name)[0], "member": w.name, "bytes": w.bytes, "sha256": w.sha256}
+        for w in tar.written
+    ]
 
 
 def remove_stale(folder: Location, keep: set[str]) -> None:
@@ -389,29 +346,8 @@ def write_manifests(output: Location, meta: pa.Table, plan, written: list[dict],
 def identities_table(rows: dict[str, dict], shard_of: dict[str, str]) -> pa.Table:
     per: dict[str, list[dict]] = {}
     for image, shard in shard_of.items():
-        per.setdefault(rows[image]["identity_id"], []).append({**rows[image], "shard": shard})
-    out = []
-    for ident in sorted(per):
-        items = per[ident]
-        genders = Counter(r["gender"] for r in items if r["gender"] in ("female", "male"))
-        ages = [float(r["age"]) for r in items if r["age"] is not None]
-        top = genders.most_common(2)
-        majority = top[0][0] if top and (len(top) == 1 or top[0][1] > top[1][1]) else None
-        out.append(
-            {
-                "identity_id": ident,
-                "names": sorted({r["label"] for r in items if r["label"]}),
-                "sources": sorted({r["source"] for r in items if r["source"]}),
-                "images": len(items),
-                "gender": majority,
-                "female": genders.get("female", 0),
-                "male": genders.get("male", 0),
-                "age_mean": float(np.mean(ages)) if ages else None,
-                "age_min": min(ages) if ages else None,
-                "age_max": max(ages) if ages else None,
-                "shards": sorted({f"{SHARDS_DIR}/{r['shard']}" for r in items}),
-            }
-        )
+        per.setdefault(rows[image]["identity_id"], []).append({**rows[image], "shard": f"{SHARDS_DIR}/{shard}"})
+    out = [{"identity_id": ident, **schema.identity_row(per[ident])} for ident in sorted(per)]
     return pa.Table.from_pylist(out, schema=schema.IDENTITIES_SCHEMA)
 
 

@@ -83,7 +83,7 @@ class _Dlib:
 
 def compute_embeddings(files: list[Path], whole_image_fallback: bool = True) -> np.ndarray:
     """(n, 128) embeddings; a row of NaN where no face was found (only without the fallback)."""
-    from datakit.decode import load_rgb
+    from portrait.decode import load_rgb
 
     model = _Dlib()
     out = np.full((len(files), 128), np.nan, dtype=np.float32)
@@ -136,7 +136,7 @@ def negative_embeddings(cache_dir: Path | None = None) -> DevEmbeddings:
 def variant_embeddings(cache_dir: Path | None = None, step: int = 3) -> DevEmbeddings:
     """Every ``step``-th dev photo re-encoded the way the web serves it (datakit/testing/reencode.py:
     grayscale, CMYK, JPEG quality 40, EXIF-rotated, a 112 px face crop), embedded like the others."""
-    from datakit.decode import load_rgb
+    from portrait.decode import load_rgb
     from datakit.testing.reencode import VARIANTS, reencode
 
     files = dev_files()[::step]

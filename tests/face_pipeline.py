@@ -3,7 +3,7 @@
 The dev set through detect + embed takes ~25 s on one core; ``lru_cache`` keeps each result for
 every test module of the session. Input tables look like the download stage's output: one row
 per file, ``image_bytes``, and the file dropped as ``undecodable`` (or another decode reason)
-when ``datakit.decode`` refuses it, as download does.
+when ``portrait.decode`` refuses it, as download does.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from datakit.decode import DecodeError, decode_image
+from portrait.decode import DecodeError, decode_image
 from datakit.store import overlay
 
 REPO = Path(__file__).resolve().parent.parent

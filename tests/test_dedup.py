@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from datakit import schema
-from datakit.decode import load_rgb
+from portrait.decode import load_rgb
 from datakit.dedup import DedupSettings, DedupStage, near_hash_pairs, phash_pair
 from datakit.store import ITEMS, WorkDir
 

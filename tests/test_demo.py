@@ -178,3 +178,26 @@ def test_auditor_commands_on_the_demo_build(demo_build, tmp_path):
     assert datakit_cli("verify", str(copy)).returncode == 0
     for tar in (copy / "shards").glob("*.tar"):
         assert target["image_id"].encode() not in tar.read_bytes(), f"{tar.name} still holds the redacted key"
+
+
+def test_inference_reads_a_demo_photo_as_the_build_did(demo_build):
+    """The face settings recorded with the shards (build.json) give the trainer's reader the face
+    the shards hold: same box and landmarks as images.parquet, same K.face.jpg and embedding."""
+    import io
+    import tarfile
+
+    import numpy as np
+
+    from portrait.faces.reader import FaceReader, load_photo
+
+    out, _ = demo_build
+    reader = FaceReader.for_shards(out / "shards")
+    kept = [r for r in pq.read_table(out / "images.parquet").to_pylist() if r["status"] == schema.KEPT and r["source"] == "lfw_folder"]
+    for row in kept[:: max(1, len(kept) // 3)][:3]:
+        reading = reader.read(load_photo((DEMO / "folder" / row["locator"]).read_bytes()))
+        assert np.float32(reading.box).tolist() == np.float32(row["face_box"]).tolist()
+        assert np.float32(reading.landmarks68).ravel().tolist() == np.float32(row["landmarks68"]).tolist()
+        with tarfile.open(out / row["shard"]) as tar:
+            face = tar.extractfile(f"{row['key']}.face.jpg").read()
+            embedding = np.load(io.BytesIO(tar.extractfile(f"{row['key']}.embedding.npy").read()))
+        assert reading.crop == face and np.array_equal(reading.embedding, embedding)

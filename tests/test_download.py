@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from datakit import schema
-from datakit.decode import DecodeError, check_image, decode_image
+from portrait.decode import DecodeError, check_image, decode_image
 from datakit.testing.httpserver import png_declaring
 from datakit.download import OUTPUT_SCHEMA, DownloadStage, Settings
 from datakit.testing.httpserver import PhotoServer, sample_jpeg

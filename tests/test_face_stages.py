@@ -17,7 +17,7 @@ import yaml
 from PIL import Image
 
 from datakit import registry, schema
-from datakit.decode import DecodeError, decode_image
+from portrait.decode import DecodeError, decode_image
 from face_pipeline import DEV, NEGATIVES, dev_result, input_table, negatives_result, roc_auc, run_stages, sources
 
 pytestmark = pytest.mark.usefixtures("faces_dir")

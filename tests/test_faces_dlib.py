@@ -11,9 +11,9 @@ import cv2
 import numpy as np
 import pytest
 
-from datakit.decode import load_rgb
-from datakit.faces import FaceSettings, load_backend, model_provenance
-from datakit.faces.dlib_backend import from_retinaface, to_retinaface
+from portrait.decode import load_rgb
+from portrait.faces import FaceSettings, load_backend, model_provenance
+from portrait.faces.dlib_backend import from_retinaface, to_retinaface
 from face_pipeline import DEV, REPO, dev_result, sources
 
 needs_photos = pytest.mark.usefixtures("faces_dir")  # skips, saying why, when the fixtures are absent
@@ -47,7 +47,7 @@ def _landmark_reference_box(points68: np.ndarray) -> tuple[float, float, float, 
 def test_model_files_are_found_without_importing_face_recognition_models():
     code = (
         "import sys\n"
-        "from datakit.faces import load_backend\n"
+        "from portrait.faces import load_backend\n"
         "b = load_backend({})\n"
         "assert 'face_recognition_models' not in sys.modules, 'imported'\n"
         "assert 'pkg_resources' not in sys.modules, 'pkg_resources imported'\n"
@@ -165,7 +165,7 @@ def test_embedding_and_crop(backend):
     left, right = aligned.landmarks5[0], aligned.landmarks5[1]
     assert abs(left[1] - right[1]) < 0.05 * 400 and abs((left[0] + right[0]) / 2 - 200) < 0.05 * 400
     # the face box alone (no raw box) reproduces the same embedding: the embed stage's situation
-    from datakit.faces.base import Face
+    from portrait.faces.base import Face
 
     again, _ = backend.embed(rgb, Face(box=face.box, score=face.score, landmarks5=face.landmarks5))
     assert np.linalg.norm(again - vec) < 1e-3

@@ -15,8 +15,8 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from datakit.faces import FaceSettings, load_backend, model_provenance
-from datakit.faces.insightface_backend import PACKS
+from portrait.faces import FaceSettings, load_backend, model_provenance
+from portrait.faces.insightface_backend import PACKS
 from onnx_models import write_pack
 
 

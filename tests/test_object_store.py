@@ -252,3 +252,21 @@ def test_remote_work_folder_reads_many_partitions_in_order():
     assert table.column("width").to_pylist() == [p for p in range(parts) for _ in range(3)]
     assert [s["part"] for s in work.read_stats("download")] == list(range(parts))
     assert work.done_parts("download") == set(range(parts))
+
+
+def test_face_settings_are_found_beside_shards_on_object_storage(s3, monkeypatch):
+    """The trainer's shards may be an s3:// URL: the build.json beside them gives the face settings."""
+    import fsspec
+
+    from portrait.faces.reader import build_file_for, read_config
+
+    monkeypatch.setitem(fsspec.config.conf, "s3", {**s3, "use_listings_cache": False})
+    fs = fs_of(s3)
+    recipe = {"faces": {"backend": "dlib", "detect_max_side": 480}, "stages": {"embed": {"crop_size": 200}}}
+    fs.pipe(f"{BUCKET}/faces/build.json", json.dumps({"recipe": recipe}).encode())
+    fs.pipe(f"{BUCKET}/faces/shards/shard-00000.tar", b"tar")
+    for shards in (f"s3://{BUCKET}/faces/shards", f"s3://{BUCKET}/faces/shards/*.tar"):
+        assert build_file_for(shards) == f"s3://{BUCKET}/faces/build.json"
+    settings, crop, _ = read_config(build_file_for(f"s3://{BUCKET}/faces/shards"))
+    assert settings.detect_max_side == 480 and crop.size == 200
+    assert build_file_for(f"s3://{BUCKET}/elsewhere/shards") is None

@@ -22,6 +22,7 @@ from PIL import Image
 from datakit import schema, shard
 from datakit.sources import ITEM_SCHEMA
 from datakit.store import WorkDir, atomic_write_table
+from portrait import shardio
 
 IDENTITY_SIZES = [5, 7, 12, 6, 9, 5, 30, 8]  # the 30 is larger than the bounds some tests set
 
@@ -239,7 +240,7 @@ def test_unsafe_key_is_dropped_not_written(tmp_path):
     assert row["status"] == "dropped" and row["reason"] == "stage_error" and "member" in row["detail"]
     assert not list(tmp_path.rglob("escape*"))
     with pytest.raises(ValueError, match="leave"):
-        shard.tar_info("../x.jpg", 1)
+        shardio.member_header("../x.jpg", 1)
 
 
 def test_plan_packs_identities_in_order_within_bounds():

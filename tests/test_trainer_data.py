@@ -20,8 +20,8 @@ from trainer.data import (
     make_loader,
     probe_shards,
 )
-from trainer.landmarks import render_landmarks, square_crop, to_crop
-from trainer.testing import synthetic_samples, write_shards
+from portrait.landmarks import render_landmarks, square_crop, to_crop
+from devtools.shards import synthetic_samples, write_shards
 
 RES, CLIP, K = 64, 32, 4
 
@@ -77,7 +77,7 @@ def test_caption_is_the_prompt_and_landmark_image_is_rendered_from_stored_landma
         meta = metadata[key][1]
         assert batch["captions"][i] == meta["caption"]
         left, top, side = square_crop(meta["width"], meta["height"], meta["box"])
-        expected = to_crop(np.array(meta["landmarks"], dtype=np.float32), left, top, side, RES)
+        expected = to_crop(np.array(meta["landmarks68"], dtype=np.float32), left, top, side, RES)
         np.testing.assert_allclose(batch["landmarks"][i], expected, atol=1e-4)
         rendered = np.asarray(render_landmarks(expected, RES)).transpose(2, 0, 1)
         np.testing.assert_array_equal(batch["landmark_image"][i].numpy(), rendered)
@@ -147,13 +147,19 @@ def _npy_pickled() -> bytes:
     return buffer.getvalue()
 
 
+def _rekeyed(sample: dict, key: str, **members) -> dict:
+    """A copy of ``sample`` under a new key (its JSON's image_id too), with ``members`` replaced."""
+    meta = dict(json.loads(sample["json"]), image_id=key)
+    return dict(sample, __key__=key, json=json.dumps(meta).encode(), **members)
+
+
 def test_corrupt_samples_are_skipped_and_counted(tmp_path, samples, caplog):
     data = {k: list(v) for k, v in list(samples.items())[:3]}
     group = data["synthetic-000"] = list(data["synthetic-000"]) + [dict(s) for s in data["synthetic-000"][:3]]
     # three broken copies with new keys: bad JSON, a pickled .npy, a truncated face crop
-    group[6] = dict(group[6], __key__="bad0000000000json", json=b"{not json")
-    group[7] = dict(group[7], __key__="bad00000000pickle", **{"embedding.npy": _npy_pickled()})
-    group[8] = dict(group[8], __key__="bad0000000000face", **{"face.jpg": group[8]["face.jpg"][:200]})
+    group[6] = dict(_rekeyed(group[6], "bad0000000000json"), json=b"{not json")
+    group[7] = _rekeyed(group[7], "bad00000000pickle", **{"embedding.npy": _npy_pickled()})
+    group[8] = _rekeyed(group[8], "bad0000000000face", **{"face.jpg": group[8]["face.jpg"][:200]})
     write_shards(tmp_path, data, identities_per_shard=3)
     with caplog.at_level("WARNING", logger="trainer.data"):
         got = batches(stream(tmp_path, batches_per_epoch=30, batch_size=4))

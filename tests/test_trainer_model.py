@@ -11,7 +11,7 @@ import torch
 from trainer.config import load_config
 from trainer.data import in_order, make_loader
 from trainer.hifinet import FaceAttnProcessor, build_hifinet, check_conditioning_channels
-from trainer.testing import synthetic_samples, write_shards
+from devtools.shards import synthetic_samples, write_shards
 from trainer.train import Trainer
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.testing import synthetic_samples, write_shards
+from devtools.shards import synthetic_samples, write_shards
 from trainer.train import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,9 +71,11 @@ def test_a_run_writes_checkpoint_loss_curve_samples_and_logs(full_run):
     assert [s for s, _, _ in losses(out)] == list(range(1, 8))
     validation = summary["validation"]
     assert validation["images"] == 2
-    if "metrics_unavailable" not in validation:
-        # random tiny weights draw no face: every image is a counted miss, not a silent gap
-        assert validation["faces_detected"] + validation["detector_misses"] == 2
+    # random tiny weights draw no face: every image is a counted miss, not a silent gap
+    assert validation["faces_detected"] + validation["detector_misses"] == 2
+    # no build.json beside the synthetic shards: measured with the default face settings, said so
+    assert validation["faces"].startswith("default settings") and not (out / "faces.json").exists()
+    assert validation["similarity_model"] == "dlib_face_recognition_resnet_model_v1"
 
 
 def test_checkpoints_hold_no_pickle(full_run):
@@ -103,9 +105,9 @@ def test_resume_latest_repeats_the_uninterrupted_loss_sequence(full_run, shards,
 
 
 def test_pipeline_makes_an_image_of_the_requested_size_from_a_checkpoint(full_run):
-    from trainer.landmarks import render_landmarks
+    from portrait.landmarks import render_landmarks
     from trainer.pipeline import HiFiPortraitPipeline
-    from trainer.testing import template_landmarks
+    from devtools.shards import template_landmarks
 
     out, _ = full_run
     pipe = HiFiPortraitPipeline.from_checkpoint(out)
@@ -132,16 +134,14 @@ def test_pipeline_makes_an_image_of_the_requested_size_from_a_checkpoint(full_ru
 
 
 def test_infer_cli_from_photos(full_run, faces_dir, tmp_path):
-    from trainer.metrics import dlib_unavailable_reason
-
-    if dlib_unavailable_reason():
-        pytest.skip(dlib_unavailable_reason())
     out, _ = full_run
+    faces = tmp_path / "faces.yaml"  # the synthetic shards have no build.json: the settings are given
+    faces.write_text("faces:\n  backend: dlib\n")
     blair = sorted((faces_dir / "dev" / "Tony_Blair").iterdir())[:4]
     driving = sorted((faces_dir / "dev" / "Kate_Winslet").iterdir())[0]
     result = subprocess.run(
         [sys.executable, "-m", "trainer.infer", "--checkpoint", str(out), "--reference", *map(str, blair),
-         "--driving", str(driving), "--prompt", "a portrait", "--steps", "2", "--size", "32",
+         "--driving", str(driving), "--prompt", "a portrait", "--steps", "2", "--size", "32", "--faces", str(faces),
          "--output", str(tmp_path / "out.png"), "--landmark-image", str(tmp_path / "lm.png")],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
@@ -150,6 +150,12 @@ def test_infer_cli_from_photos(full_run, faces_dir, tmp_path):
 
     assert Image.open(tmp_path / "out.png").size == (32, 32)
     assert np.asarray(Image.open(tmp_path / "lm.png")).sum() > 0
+    without = subprocess.run(
+        [sys.executable, "-m", "trainer.infer", "--checkpoint", str(out), "--reference", *map(str, blair),
+         "--driving", str(driving), "--prompt", "a portrait", "--steps", "2", "--size", "32"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert without.returncode != 0 and "give --faces" in without.stderr and "Traceback" not in without.stderr
 
 
 def _free_port() -> int:

@@ -1,9 +1,10 @@
 """Training examples streamed from the WebDataset shards that datakit's shard stage writes.
 
 A shard ``shard-NNNNN.tar`` holds samples grouped by identity (an identity never spans two
-shards). Sample ``K`` has ``K.jpg`` (the image), ``K.face.jpg`` (aligned face crop), ``K.json``
-(identity_id, caption, box, ...), ``K.embedding.npy`` (float32 [D]) and ``K.landmarks.npy``
-(float32 [68, 2] or [5, 2]), coordinates in the stored image's pixels.
+shards). The sample is defined once, in ``portrait.sample``, for the shard stage that writes it,
+``datakit verify`` and this reader: ``K.jpg`` (the image), ``K.face.jpg`` (aligned face crop),
+``K.json`` (identity_id, caption, box, ...), ``K.embedding.npy`` (float32 [D]) and
+``K.landmarks.npy`` (float32 [68, 2] or [5, 2]), coordinates in the stored image's pixels.
 
 Per process and loader worker, top to bottom:
 
@@ -14,8 +15,9 @@ Per process and loader worker, top to bottom:
    be split disjointly: that is detected up front, warned about, and the ranks or workers that
    would get nothing resample from the shared list instead of hanging.
 2. samples (``webdataset.tarfile_to_samples``): an unreadable tar is counted and skipped.
-3. parse: JSON and .npy members are checked (pickle refused); a corrupt sample is counted and
-   skipped with a warning naming its key and shard.
+3. parse (``portrait.sample.parse``): members, JSON fields and .npy arrays are checked (pickle
+   refused); a sample that fails is counted and skipped with a warning naming its key, its shard
+   and what is wrong (``datakit verify`` reports the same samples as ``invalid_sample``).
 4. identity groups: consecutive samples of one identity in one read of a shard. Held-out identities (a
    stable hash of identity_id under ``holdout_fraction``) are reserved for validation; groups
    smaller than 1 + k are counted and skipped.
@@ -59,11 +61,12 @@ from PIL import Image
 from webdataset.gopen import gopen_schemes
 
 from trainer.conditioning import face_pixels, time_ids
-from trainer.landmarks import box_of, render_landmarks, square_crop, to_crop
+from portrait.landmarks import render_landmarks, square_crop, to_crop
+from portrait.sample import SampleError
+from portrait.sample import parse as parse_members
 
 log = logging.getLogger("trainer.data")
 
-MEMBERS = ("jpg", "face.jpg", "json", "embedding.npy", "landmarks.npy")
 MAX_PIXELS = 4096 * 4096  # stored images are at most 1024 on the long side; anything larger is wrong
 
 
@@ -211,46 +214,24 @@ def is_heldout(identity_id: str, fraction: float) -> bool:
 # ---------------------------------------------------------------- parsing
 
 
-def _load_npy(data: bytes, what: str) -> np.ndarray:
-    try:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
-    except Exception as exn:  # ValueError for pickled objects, others for garbage
-        raise CorruptSample(f"{what} is not a readable .npy array ({exn})") from None
-    if not np.issubdtype(array.dtype, np.floating) or not np.all(np.isfinite(array)):
-        raise CorruptSample(f"{what} must hold finite floats, has {array.dtype}")
-    return array.astype(np.float32)
-
-
 def parse_sample(sample: dict) -> Record:
+    """A WebDataset sample (``__key__``, ``__url__`` and one entry per member) as a Record."""
     key = sample.get("__key__", "?")
     shard = Path(str(sample.get("__url__", "?"))).name
+    members = {name: data for name, data in sample.items() if not name.startswith("__")}
     try:
-        missing = [m for m in MEMBERS if m not in sample]
-        if missing:
-            raise CorruptSample(f"missing member(s) {', '.join(missing)}")
-        try:
-            meta = json.loads(sample["json"])
-        except (ValueError, UnicodeDecodeError) as exn:
-            raise CorruptSample(f"{key}.json is not valid JSON ({exn})") from None
-        if not isinstance(meta, dict) or not meta.get("identity_id"):
-            raise CorruptSample(f"{key}.json has no identity_id")
-        embedding = _load_npy(sample["embedding.npy"], f"{key}.embedding.npy")
-        if embedding.ndim != 1 or embedding.size < 2:
-            raise CorruptSample(f"{key}.embedding.npy must be a vector, has shape {embedding.shape}")
-        landmarks = _load_npy(sample["landmarks.npy"], f"{key}.landmarks.npy")
-        if landmarks.shape not in ((68, 2), (5, 2)):
-            raise CorruptSample(f"{key}.landmarks.npy must be 68x2 or 5x2, has shape {landmarks.shape}")
-    except CorruptSample as exn:
+        parsed = parse_members(key, members)
+    except SampleError as exn:
         raise CorruptSample(f"sample {key} in {shard}: {exn}") from None
     return Record(
         key=key,
         shard=shard,
-        identity_id=str(meta["identity_id"]),
-        meta=meta,
-        image=sample["jpg"],
-        face=sample["face.jpg"],
-        embedding=embedding,
-        landmarks=landmarks,
+        identity_id=parsed.identity_id,
+        meta=parsed.meta,
+        image=parsed.image,
+        face=parsed.face,
+        embedding=parsed.embedding,
+        landmarks=parsed.landmarks,
     )
 
 
@@ -349,8 +330,7 @@ def decode_example(spec: ExampleSpec, resolution: int, clip_size: int) -> dict:
     target = spec.target
     where = f"sample {target.key} in {target.shard}"
     image = decode_image(target.image, f"{where}: {target.key}.jpg")
-    box = target.meta.get("box") or box_of(target.landmarks)
-    left, top, side = square_crop(image.width, image.height, box)
+    left, top, side = square_crop(image.width, image.height, target.meta["box"])
     crop = image.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
     pixels = np.asarray(crop, dtype=np.uint8).transpose(2, 0, 1).copy()
     landmarks = to_crop(target.landmarks, left, top, side, resolution)
@@ -611,7 +591,6 @@ def fixed_examples(
         except CorruptSample as exn:
             stats.count("undecodable_image", str(exn), key=group[0].identity_id)
             continue
-        example["reference_boxes"] = [r.meta.get("box") or box_of(r.landmarks) for r in records]
         examples.append(example)
     return examples
 

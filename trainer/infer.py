@@ -3,18 +3,24 @@
     python -m trainer.infer --checkpoint runs/tiny --reference a.jpg b.jpg c.jpg d.jpg \\
         --driving pose.jpg --prompt "a photo of a person smiling" --output out.png
 
-References: dlib finds the largest face of each photo and gives its aligned crop, 68 landmarks
-and 128-d embedding (the embedding model must match the one the training shards used: the demo's
-dlib backend; for an ArcFace-trained checkpoint pass ``--reference-embeddings FILE.npy``).
-Target landmarks: the driving photo's 68 landmarks, retargeted to the references' face shape
-(``trainer.landmarks.retarget_landmarks``, a 2D stand-in for the paper's 3D landmark generator),
-placed in the output frame the way training crops are made (a square around the face). Or give
-``--landmarks FILE.npy`` with points already in output pixels.
+Faces are read exactly as the build that made the training shards read them
+(``portrait.faces.reader``): the same backend (dlib, or insightface from its local model folder),
+settings, aligned crop and embedding model. The settings come from ``--faces`` (a build.json, a
+recipe, or a file with a ``faces:`` section) or else from the run folder's ``faces.json``, which
+training recorded from the build.json beside the shards.
+
+References: the subject's face of each photo gives its aligned crop, landmarks and embedding
+(``--reference-embeddings FILE.npy`` replaces the embeddings). Target landmarks: the driving
+photo's 68 landmarks, retargeted to the references' face shape
+(``portrait.landmarks.retarget_landmarks``, a 2D stand-in for the paper's 3D landmark generator),
+placed in the output frame the way training crops are made (a square around the face box). Or
+give ``--landmarks FILE.npy`` with points already in output pixels.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -22,7 +28,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainer.landmarks import render_landmarks
+from portrait.decode import DecodeError
+from portrait.faces.reader import FaceReader, load_photo
+from portrait.landmarks import render_landmarks
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -32,7 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--driving", help="photo whose pose and expression the output takes")
     parser.add_argument("--landmarks", help="target landmarks .npy ([68,2] or [5,2], output pixels) instead of --driving")
-    parser.add_argument("--reference-embeddings", help=".npy [k, D] identity embeddings instead of dlib's")
+    parser.add_argument("--reference-embeddings", help=".npy [k, D] identity embeddings instead of the face reader's")
+    parser.add_argument("--faces", help="face settings: a build.json, a recipe, or a file with a faces: section "
+                        "(default: the run folder's faces.json, recorded from the training shards' build)")
     parser.add_argument("--output", default="portrait.png")
     parser.add_argument("--landmark-image", help="also save the rendered landmark condition here")
     parser.add_argument("--size", type=int, default=None, help="output side in pixels (default: training resolution)")
@@ -46,27 +56,43 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def open_photo(path: str) -> Image.Image:
+def open_photo(path: str) -> np.ndarray:
+    """The photo's pixels, decoded as the build decodes images (portrait.decode)."""
     try:
-        image = Image.open(path)
-        image.load()
-    except (OSError, ValueError) as exn:
-        raise SystemExit(f"{path}: not a readable image ({exn})") from None
-    image = image.convert("RGB")
-    if max(image.size) > 1024:  # the shards store images at most 1024 on the long side
-        image.thumbnail((1024, 1024))
-    return image
+        return load_photo(Path(path).read_bytes())
+    except OSError as exn:
+        raise SystemExit(f"{path}: cannot read the file ({exn.strerror or exn})") from None
+    except DecodeError as exn:
+        raise SystemExit(f"{path}: not a usable image ({exn.reason}: {exn.detail})") from None
+
+
+def face_reader(faces: str | None, checkpoint: str) -> FaceReader:
+    """The reader of ``--faces``, else of the run's recorded faces.json; a plain error otherwise."""
+    from trainer.checkpoint import resolve_checkpoint
+    from trainer.metrics import FACES_FILE
+
+    try:
+        if faces:
+            return FaceReader.from_config(faces)
+        run = resolve_checkpoint(checkpoint).parent.parent
+        recorded = run / FACES_FILE
+        if not recorded.is_file():
+            raise SystemExit(
+                f"{recorded} not found: the run was trained on shards without a build.json beside them; "
+                "give --faces (the build.json or recipe of the build that made the shards, or a file with a faces: section)"
+            )
+        return FaceReader.from_record(json.loads(recorded.read_text()))
+    except FileNotFoundError as exn:
+        raise SystemExit(f"error: {exn}") from None
+    except ValueError as exn:
+        raise SystemExit(str(exn)) from None
 
 
 def main(argv=None) -> Path:
-    from trainer.metrics import DlibFaces, dlib_unavailable_reason
     from trainer.pipeline import HiFiPortraitPipeline, analyse_photos, driving_landmarks
 
     args = parse_args(argv)
-    reason = dlib_unavailable_reason()
-    if reason:
-        raise SystemExit(f"inference needs dlib for reference crops and landmarks: {reason}")
-    faces = DlibFaces()
+    faces = face_reader(args.faces, args.checkpoint)  # before the models load: a wrong setting fails fast
     try:
         dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
         dtype = dtypes[args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
@@ -74,6 +100,7 @@ def main(argv=None) -> Path:
     except FileNotFoundError as exn:
         raise SystemExit(f"error: {exn}") from None
     size = args.size or pipe.training_resolution
+
     try:
         references = analyse_photos([open_photo(p) for p in args.reference], faces, names=args.reference)
     except ValueError as exn:
@@ -86,7 +113,7 @@ def main(argv=None) -> Path:
     if embeddings.ndim != 2 or embeddings.shape[1] != expected or len(embeddings) != len(references):
         raise SystemExit(
             f"the checkpoint expects one {expected}-d identity embedding per reference, got {embeddings.shape}"
-            + ("" if args.reference_embeddings else " from dlib; pass --reference-embeddings FILE.npy from the shards' model")
+            + ("" if args.reference_embeddings else f" from {faces.embedding_model}; give --faces of the build that made the training shards")
         )
     if args.landmarks:
         landmarks = np.load(args.landmarks, allow_pickle=False).astype(np.float32)
@@ -106,7 +133,7 @@ def main(argv=None) -> Path:
     generator = torch.Generator("cpu").manual_seed(args.seed)
     image = pipe(
         prompt=args.prompt,
-        reference_faces=[r.chip for r in references],
+        reference_faces=[r.crop_image() for r in references],
         reference_embeddings=embeddings,
         landmark_image=condition,
         height=size,

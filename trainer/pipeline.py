@@ -9,9 +9,10 @@ contrasts that with the empty prompt and zero face tokens, the pair the training
 ``HiFiPortraitPipeline.from_checkpoint(folder)`` loads the base from where the trainer recorded it
 and the trained parts from the checkpoint. From photos::
 
-    refs = analyse_photos(reference_photos)                       # dlib crops, landmarks, embeddings
-    target = driving_landmarks(driving_photo, refs, size=1024)     # pose/expression of the driving photo
-    image = pipe(prompt, [r.chip for r in refs], [r.embedding for r in refs], landmarks=target).images[0]
+    reader = FaceReader.from_record(run_faces)                    # the build's face settings
+    refs = analyse_photos(reference_photos, reader)                # crops, landmarks, embeddings
+    target = driving_landmarks(driving_photo, refs, 1024, reader=reader)  # pose/expression of the driving photo
+    image = pipe(prompt, [r.crop_image() for r in refs], [r.embedding for r in refs], landmarks=target).images[0]
 """
 
 from __future__ import annotations
@@ -32,35 +33,42 @@ from trainer.checkpoint import load_state, resolve_checkpoint
 from trainer.components import load_base, vae_scale_factor
 from trainer.conditioning import encode_prompts, encode_reference_crops, face_pixels, normalise_clip
 from trainer.hifinet import HiFiNet, install_face_attention, processor_key
-from trainer.landmarks import render_landmarks
+from portrait.landmarks import render_landmarks
 from trainer.refiner import FaceRefiner
 
 
-def analyse_photos(photos: list[Image.Image], faces=None, names: list[str] | None = None) -> list:
-    """dlib's largest face of each photo: aligned crop (``.chip``), 68 landmarks, 128-d embedding."""
-    from trainer.metrics import DlibFaces
-
-    faces = faces or DlibFaces()
+def analyse_photos(photos: list[np.ndarray], reader, names: list[str] | None = None) -> list:
+    """The subject's face of each photo (HxWx3 uint8 RGB, decoded as the build decodes:
+    ``portrait.faces.reader.load_photo``), read as the build read its images: box, landmarks,
+    aligned crop (``.crop`` JPEG, ``.crop_image()``) and embedding (``portrait.faces.reader``)."""
     results = []
     for index, photo in enumerate(photos):
-        result = faces.analyze(photo)
-        if result is None:
-            raise ValueError(f"{names[index] if names else f'photo {index}'}: no face found by dlib's detector")
-        results.append(result)
+        reading = reader.read(photo)
+        if reading is None:
+            name = names[index] if names else f"photo {index}"
+            raise ValueError(f"{name}: no face found by the {reader.backend.name} detector")
+        results.append(reading)
     return results
 
 
-def driving_landmarks(driving: Image.Image, references: list, size: int, points: int = 68, faces=None) -> np.ndarray:
+def driving_landmarks(driving: np.ndarray, references: list, size: int, points: int = 68, reader=None) -> np.ndarray:
     """Target landmarks in a size x size output: the driving photo's face retargeted to the
-    references' face shape (2D stand-in for the paper's 3D landmark generator), framed like the
-    training crops (the largest square around the face)."""
-    from trainer.landmarks import landmarks_68_to_5, retarget_landmarks, square_crop, to_crop
+    references' face shape (2D stand-in for the paper's 3D landmark generator; it needs 68
+    points, and with a backend that gives only 5 the driving photo's own 5 are used), framed
+    like the training crops (the largest square around the face box)."""
+    from portrait.faces.geometry import five_from_68
+    from portrait.landmarks import retarget_landmarks, square_crop, to_crop
 
-    (face,) = analyse_photos([driving], faces, names=["driving photo"])
-    retargeted = retarget_landmarks(face.landmarks, [r.landmarks for r in references])
-    left, top, side = square_crop(driving.width, driving.height, face.box)
-    landmarks = to_crop(retargeted, left, top, side, size)
-    return landmarks_68_to_5(landmarks) if points == 5 else landmarks
+    (face,) = analyse_photos([driving], reader, names=["driving photo"])
+    if face.landmarks68 is not None and all(r.landmarks68 is not None for r in references):
+        target = retarget_landmarks(face.landmarks68, [r.landmarks68 for r in references])
+    elif points == 68:
+        raise ValueError("the checkpoint draws 68-point landmarks but the face backend gives only 5 for these photos")
+    else:
+        target = face.landmarks5
+    left, top, side = square_crop(driving.shape[1], driving.shape[0], face.box)
+    landmarks = to_crop(target, left, top, side, size)
+    return five_from_68(landmarks).astype(np.float32) if points == 5 and len(landmarks) == 68 else landmarks
 
 
 def base_folders(state: dict, checkpoint: Path) -> tuple[Path, Path]:

@@ -67,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="config override")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: cores left by workers)")
     parser.add_argument("--stop-after", type=int, default=None, help="stop after this step as if interrupted (tests)")
+    parser.add_argument("--faces", default=None, help="face settings for validation and inference: a build.json, a recipe or "
+                        "a file with a faces: section (default: the build.json beside the shards)")
     return parser.parse_args(argv)
 
 
@@ -103,9 +105,23 @@ def flat_config(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+def record_faces(shards, output: Path, main: bool, config: str | None = None) -> dict | None:
+    """The face settings of the build that made the shards (``config``, else the build.json
+    beside them), kept in the run folder as faces.json so that inference and validation read
+    faces as the build did."""
+    from portrait.faces.reader import read_config, record, record_for_shards
+    from trainer.metrics import FACES_FILE
+
+    faces = record(*read_config(config)) if config else record_for_shards(shards)
+    if faces is not None and main:
+        (output / FACES_FILE).write_text(json.dumps(faces, indent=1, sort_keys=True) + "\n")
+    return faces
+
+
 class Trainer:
-    def __init__(self, cfg: Config, output: Path, shards: str, threads: int | None = None):
+    def __init__(self, cfg: Config, output: Path, shards: str, threads: int | None = None, faces: str | None = None):
         self.cfg = cfg
+        self.faces_config = faces
         self.output = Path(output)
         self.shards = shards
         self.threads = threads
@@ -149,6 +165,7 @@ class Trainer:
         self.output.mkdir(parents=True, exist_ok=True)
         list_shards(self.shards)  # a clear error before any model is built
         self.probe = probe_shards(self.shards)
+        self.faces = record_faces(self.shards, self.output, acc.is_main_process, self.faces_config)
         self._setup_models()
         self._setup_optimizer()
         self._setup_data()
@@ -416,7 +433,7 @@ class Trainer:
                     "validation: no held-out identity in the shards (holdout_fraction %.3f); nothing to validate",
                     self.cfg.data.holdout_fraction,
                 )
-            self.validator = Validator(examples, t.val_inference_steps, t.val_guidance_scale, seed=t.seed)
+            self.validator = Validator(examples, t.val_inference_steps, t.val_guidance_scale, seed=t.seed, faces=self.faces)
         if not self.validator.examples:
             return None, []
         started = time.time()
@@ -613,7 +630,7 @@ def main(argv=None) -> dict:
     except (ValueError, FileNotFoundError) as exn:
         raise SystemExit(f"config error: {exn}") from None
     output = Path(args.output or f"runs/{cfg.name}")
-    trainer = Trainer(cfg, output, args.shards, threads=args.threads)
+    trainer = Trainer(cfg, output, args.shards, threads=args.threads, faces=args.faces)
     try:
         trainer.setup()
         if args.resume:

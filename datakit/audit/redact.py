@@ -39,7 +39,6 @@ from __future__ import annotations
 import fcntl
 import getpass
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -51,7 +50,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -60,6 +58,7 @@ from datakit import registry, schema
 from datakit.audit.folder import AUDIT_DIR, IDENTITIES, IMAGES, MEMBERS, REDACTIONS, SHARDS, AuditError, OutputFolder
 from datakit.audit.sheets import normalize
 from datakit.store import TMP_PREFIX, atomic_write_table, file_sha256
+from portrait import shardio
 
 BIOMETRIC_COLUMNS = ("embedding", "landmarks5", "landmarks68")
 DECISION_COLUMNS = ("status", "drop_stage", "reason", "detail")
@@ -254,22 +253,23 @@ def _member_hashes(folder: OutputFolder) -> dict[str, dict[str, str]]:
 
 
 def rewrite_tar(path: Path, shard: str, keys: set[str], expected: dict[str, str]) -> dict | None:
+    """The shard without the samples ``keys``, written by the shard stage's writer
+    (portrait.shardio), so the members carried over keep their bytes and headers."""
     tmp = path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}-{path.name}"
     kept = 0
     try:
-        with tarfile.open(path, "r:") as src, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as dst:
-            for info in src:
-                if info.name.split(".", 1)[0] in keys:
+        with shardio.TarWriter(tmp) as dst:
+            for member in shardio.read_members(path):
+                if member.key in keys:
                     continue
-                if not info.isfile():
-                    raise AuditError(f"{shard}: member {info.name!r} is not a plain file; run `datakit verify`")
-                data = src.extractfile(info).read()
-                if expected and hashlib.sha256(data).hexdigest() != expected.get(info.name):
+                if member.data is None:
+                    raise AuditError(f"{shard}: member {member.name!r} is not a plain file; run `datakit verify`")
+                if expected and hashlib.sha256(member.data).hexdigest() != expected.get(member.name):
                     raise AuditError(
-                        f"{shard}: member {info.name} does not match shard_members.parquet; the shard is damaged "
+                        f"{shard}: member {member.name} does not match shard_members.parquet; the shard is damaged "
                         f"or the manifests are stale. Run `datakit verify {path.parent.parent}` and fix that first."
                     )
-                dst.addfile(same_header(info), io.BytesIO(data))
+                dst.write(member.name, member.data)
                 kept += 1
         if kept == 0:
             tmp.unlink()
@@ -280,18 +280,10 @@ def rewrite_tar(path: Path, shard: str, keys: set[str], expected: dict[str, str]
         digest, size = file_sha256(tmp)
         os.replace(tmp, path)
         return {"bytes": size, "sha256": digest}
-    except tarfile.TarError as e:
+    except (tarfile.TarError, EOFError) as e:
         raise AuditError(f"{shard}: cannot be read as a tar ({e}); run `datakit verify`") from e
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def same_header(src: tarfile.TarInfo) -> tarfile.TarInfo:
-    """A fresh header with the source member's fields, so the rewritten tar keeps their form."""
-    info = tarfile.TarInfo(src.name)
-    for attr in ("size", "mtime", "mode", "uid", "gid", "uname", "gname", "type"):
-        setattr(info, attr, getattr(src, attr))
-    return info
 
 
 # ---------------------------------------------------------------- manifests
@@ -369,27 +361,9 @@ def update_identities(folder: OutputFolder, images: pa.Table, affected: set[str]
             items = by_ident.get(ident, [])
             if not items:
                 continue
-            row.update(identity_row(items))
+            row.update(schema.identity_row(items))
         rows.append(row)
     atomic_write_table(folder.path(IDENTITIES), pa.Table.from_pylist(rows, schema=t.schema))
-
-
-def identity_row(items: list[dict]) -> dict:
-    genders = Counter(r["gender"] for r in items if r["gender"] in ("female", "male"))
-    top = genders.most_common(2)
-    ages = [float(r["age"]) for r in items if r["age"] is not None]
-    return {
-        "names": sorted({r["label"] for r in items if r["label"]}),
-        "sources": sorted({r["source"] for r in items if r["source"]}),
-        "images": len(items),
-        "gender": top[0][0] if top and (len(top) == 1 or top[0][1] > top[1][1]) else None,
-        "female": genders.get("female", 0),
-        "male": genders.get("male", 0),
-        "age_mean": float(np.mean(ages)) if ages else None,
-        "age_min": min(ages) if ages else None,
-        "age_max": max(ages) if ages else None,
-        "shards": sorted({r["shard"] for r in items if r["shard"]}),
-    }
 
 
 # ---------------------------------------------------------------- work folder

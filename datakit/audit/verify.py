@@ -7,8 +7,10 @@ One streaming pass per tar hashes the whole file and each member at once. Then t
 2. Members: each member in shard_members.parquet is in its tar with its size and sha256; no tar
    holds an unlisted, repeated or unsafe member (not a plain file, or a name with a folder).
 3. Samples: every kept row of images.parquet has its shard/key in the shards exactly once, with
-   the required members; no dropped or redacted image (and no unknown key) is in any shard; the
-   sample and identity counts of shards.parquet and identities.parquet match.
+   every member the sample needs, each readable as ``portrait.sample`` defines it (the trainer's
+   reader skips a sample exactly when this check fails); no dropped or redacted image (and no
+   unknown key) is in any shard; the sample and identity counts of shards.parquet and
+   identities.parquet match.
 
 Each problem has a kind (PROBLEMS), the shard, key and member it concerns, and plain words.
 """
@@ -26,9 +28,10 @@ from pathlib import Path
 from datakit import schema
 from datakit.audit.folder import IDENTITIES, IMAGES, MEMBERS, SHARDS, OutputFolder
 from datakit.store import TMP_PREFIX
+from portrait import sample, shardio
 
 SHARDS_DIR = "shards"
-REQUIRED_MEMBERS = ("jpg", "face.jpg", "json")
+REQUIRED_MEMBERS = sample.REQUIRED_MEMBERS
 
 PROBLEMS = {
     "missing_shard": "a shard listed in shards.parquet is not on disk",
@@ -46,7 +49,8 @@ PROBLEMS = {
     "unsafe_member": "a member that is not a plain file or whose name has a folder in it",
     "missing_sample": "a kept image has no sample at its shard/key",
     "duplicate_sample": "a sample key is in more than one place, or kept rows share a shard/key",
-    "incomplete_sample": "a sample lacks a required member (.jpg, .face.jpg, .json)",
+    "incomplete_sample": "a sample lacks a required member (.jpg, .face.jpg, .json, .embedding.npy, .landmarks.npy)",
+    "invalid_sample": "a member's content is not what the sample format says (the trainer would skip the sample)",
     "redacted_sample": "a redacted image is still in a shard",
     "unexpected_sample": "a sample whose image is not kept (dropped, or not in images.parquet)",
     "manifest_mismatch": "the manifests disagree with the shards (counts, unknown shards)",
@@ -100,6 +104,7 @@ class Scan:
     size: int = 0
     sha256: str | None = None
     members: list[tuple[str, int, str, bool]] = field(default_factory=list)  # name, size, sha256, is a file
+    invalid: dict[str, str] = field(default_factory=dict)  # key -> why its content is unusable
     error: str | None = None
 
 
@@ -127,23 +132,27 @@ def scan_tar(path: Path, rel: str) -> Scan:
         return scan
     with path.open("rb") as f:
         reader = _HashingReader(f)
+        members = _recorded(shardio.read_members(reader), scan)
         try:
-            with tarfile.open(fileobj=reader, mode="r|") as tar:
-                for info in tar:
-                    if info.isfile():
-                        digest, size = hashlib.sha256(), 0
-                        handle = tar.extractfile(info)
-                        while chunk := handle.read(1 << 20):
-                            digest.update(chunk)
-                            size += len(chunk)
-                        scan.members.append((info.name, size, digest.hexdigest(), True))
-                    else:
-                        scan.members.append((info.name, 0, "", False))
+            for key, content in shardio.read_samples(members):
+                problems = sample.validate(key, content, check_members=False)  # absent members: incomplete_sample
+                if problems:
+                    scan.invalid[key] = "; ".join(problems)
         except (tarfile.TarError, OSError, EOFError) as e:
             scan.error = f"{type(e).__name__}: {e}"
         reader.drain()  # the padding after the end-of-archive blocks counts in the file's hash
         scan.size, scan.sha256 = reader.count, reader.digest.hexdigest()
     return scan
+
+
+def _recorded(members, scan: Scan):
+    """Pass members through, noting each one's name, size and sha256 in ``scan``."""
+    for m in members:
+        if m.data is None:
+            scan.members.append((m.name, 0, "", False))
+        else:
+            scan.members.append((m.name, len(m.data), hashlib.sha256(m.data).hexdigest(), True))
+        yield m
 
 
 def verify(folder: OutputFolder, jobs: int = 2, progress: bool = False) -> Report:
@@ -240,7 +249,7 @@ def check_members(members: list[dict], scans: dict[str, Scan], listed: set[str])
         seen = Counter(name for name, *_ in scan.members)
         for name, size, sha, is_file in scan.members:
             key = _key(name)
-            if not is_file or "/" in name or "\\" in name or name.startswith(".") or ".." in name:
+            if not is_file or not shardio.is_safe_name(name):
                 out.append(Problem("unsafe_member", rel, key, name, "not a plain file, or its name could leave the folder"))
                 continue
             if seen[name] > 1:
@@ -260,11 +269,11 @@ def check_members(members: list[dict], scans: dict[str, Scan], listed: set[str])
 
 
 def _key(member: str) -> str:
-    return member.split(".", 1)[0]
+    return shardio.split_name(member)[0]
 
 
 def _suffix(member: str) -> str:
-    return member.split(".", 1)[1] if "." in member else ""
+    return shardio.split_name(member)[1]
 
 
 def check_samples(folder: OutputFolder, images: list[dict], shards: list[dict], scans: dict[str, Scan], listed: set[str]) -> list[Problem]:
@@ -294,6 +303,9 @@ def check_samples(folder: OutputFolder, images: list[dict], shards: list[dict], 
             lacking = [s for s in REQUIRED_MEMBERS if s not in places[r["shard"]]]
             if lacking:
                 out.append(Problem("incomplete_sample", r["shard"], r["key"], detail="lacks " + ", ".join(f".{s}" for s in lacking)))
+            invalid = scans[r["shard"]].invalid.get(r["key"])
+            if invalid:
+                out.append(Problem("invalid_sample", r["shard"], r["key"], detail=invalid))
     expected_place = {(r["shard"], r["key"]) for r in images if r["status"] == schema.KEPT}
     for key, places in sorted(found.items()):
         if len(places) > 1:

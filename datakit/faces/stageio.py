@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow as pa
 
 from datakit import schema
-from datakit.faces import FaceSettings, load_backend, model_provenance
-from datakit.faces.base import Face
+from portrait.faces import FaceSettings, load_backend, model_provenance
+from portrait.faces.base import Face
 from datakit.stage import Stage
 
 DROP_COLUMNS = ("status", "drop_stage", "reason", "detail")

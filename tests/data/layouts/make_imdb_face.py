@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from datakit.faces import load_backend
+from portrait.faces import load_backend
 
 HERE = Path(__file__).resolve().parent
 DEV = HERE.parents[3] / "shared" / "fixtures" / "faces" / "dev"

@@ -121,7 +121,7 @@ class AgeGenderModel:
 
 def provenance() -> dict:
     """Package version and sha256 of each model file (for build.json)."""
-    from datakit.faces import _sha256
+    from portrait.faces import _sha256
 
     return {
         "package": DISTRIBUTION,

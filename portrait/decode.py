@@ -1,4 +1,5 @@
-"""Decode image bytes safely: one place that every stage uses to turn bytes into RGB pixels.
+"""Decode image bytes safely: the one place that turns bytes into RGB pixels, for every stage
+and for the trainer's inference (so a photo has the same pixels there as in the build).
 
 Checks, in order: the header's pixel count against a limit before any pixel is decoded
 (decompression bombs), a full decode (truncated files fail here, not later), EXIF orientation,

@@ -1,4 +1,5 @@
-"""Pixel geometry shared by the face backends: the detection copy, padding, aligned crops, sharpness.
+"""Pixel geometry of the face toolkit: the detection copy, padding, the subject, 68-to-5 points,
+aligned crops, sharpness.
 
 Detection runs on a copy whose longer side is brought into ``[min_side, max_side]``: a face
 that clears 10% of the image is large, so big photos lose nothing by shrinking, and small ones
@@ -74,6 +75,22 @@ def detect_on_copy(
     return boxes, np.asarray(scores, dtype=np.float64).reshape(-1), points
 
 
+def subject_first(faces: list, height: int, width: int, backend: str | None = None) -> list:
+    """The faces with the subject first, as the detect stage chooses it (portrait/faces/subject.py:
+    by score and size, detections under the backend's score floor never first unless alone);
+    without a backend name, by box area inside the image alone. Inference and validation take
+    the same face as the build."""
+    from portrait.faces import subject  # subject.py builds on this module
+
+    return subject.ranked(faces, height, width, backend)
+
+
+def five_from_68(points68: np.ndarray) -> np.ndarray:
+    """Eye centres (image-left eye first), nose tip, mouth corners: RetinaFace's five points."""
+    p = np.asarray(points68, dtype=np.float64)
+    return np.stack([p[36:42].mean(axis=0), p[42:48].mean(axis=0), p[30], p[48], p[54]])
+
+
 def clipped_area(box, height: int, width: int) -> float:
     """Area of the part of ``box`` inside the image."""
     x0, y0, x1, y1 = box
@@ -93,6 +110,7 @@ def similarity_crop(rgb: np.ndarray, landmarks5: np.ndarray, size: int, padding:
 def similarity_matrix(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """2x3 least-squares similarity (rotation, uniform scale, shift) taking src points to dst
     (Umeyama's closed form, no reflection)."""
+    src, dst = np.asarray(src, dtype=np.float64), np.asarray(dst, dtype=np.float64)
     src_mean, dst_mean = src.mean(axis=0), dst.mean(axis=0)
     src_c, dst_c = src - src_mean, dst - dst_mean
     src_var = (src_c**2).sum() / len(src)

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from datakit.faces import geometry
-from datakit.faces.base import Face, FaceBackend
+from portrait.faces import geometry
+from portrait.faces.base import Face, FaceBackend
 
 # role -> file name, per pack; roles marked optional may be absent
 PACKS: dict[str, dict[str, str]] = {
@@ -50,6 +50,18 @@ ROLE_WORDS = {
     "recognition": "ArcFace recognition",
     "genderage": "gender and age",
     "landmark_3d_68": "68 landmarks, optional",
+}
+# Identity-distance thresholds of the packs' ArcFace recognisers (L2 between L2-normalised
+# vectors), keyed by a pattern of the embedding_model name; the dedup and cluster stages'
+# defaults. Not measured here (no ArcFace weights can be fetched on these machines): taken from
+# ArcFace's published verification operating points (same-person cosine mostly above 0.4,
+# different people mostly below 0.2 on LFW-like data). dedup 0.5 is a cosine of >= 0.875 (the
+# same picture); cluster 1.15 a mean cosine of 0.34 between two sets. Re-measure both with
+# datakit.cluster.linkage_bounds on real ArcFace embeddings before a full run. attach (the looser
+# distance of label-guided mode) equals cluster until measured by the procedure in datakit/cluster.py.
+THRESHOLDS = {
+    "insightface": {"dedup": 0.5, "cluster": 1.15, "attach": 1.15},
+    "arcface": {"dedup": 0.5, "cluster": 1.15, "attach": 1.15},
 }
 DOWNLOAD_URL = "https://github.com/deepinsight/insightface/releases/download/model-zoo/{pack}.zip"
 

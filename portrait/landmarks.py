@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
+from portrait.faces.geometry import five_from_68, similarity_matrix
+
 # iBUG 68-point parts: (first index, last index, closed)
 PARTS_68 = {
     "jaw": (0, 16, False),
@@ -89,30 +91,6 @@ def render_landmarks(points: np.ndarray, width: int, height: int | None = None) 
     return image
 
 
-def landmarks_68_to_5(points: np.ndarray) -> np.ndarray:
-    """Eye centres, nose tip and mouth corners from 68 points (image left eye first)."""
-    p = np.asarray(points, dtype=np.float32)
-    return np.stack([p[36:42].mean(0), p[42:48].mean(0), p[30], p[48], p[54]]).astype(np.float32)
-
-
-def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """2x3 matrix of the least-squares similarity (rotation, uniform scale, shift) src -> dst
-    (Umeyama's method)."""
-    src = np.asarray(src, dtype=np.float64)
-    dst = np.asarray(dst, dtype=np.float64)
-    mu_s, mu_d = src.mean(0), dst.mean(0)
-    s, d = src - mu_s, dst - mu_d
-    cov = d.T @ s / len(src)
-    u, sigma, vt = np.linalg.svd(cov)
-    sign = np.eye(2)
-    if np.linalg.det(u) * np.linalg.det(vt) < 0:
-        sign[1, 1] = -1
-    rotation = u @ sign @ vt
-    scale = np.trace(np.diag(sigma) @ sign) / s.var(0).sum()
-    shift = mu_d - scale * rotation @ mu_s
-    return np.hstack([scale * rotation, shift[:, None]])
-
-
 def apply_transform(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     points = np.asarray(points, dtype=np.float64)
     return points @ matrix[:, :2].T + matrix[:, 2]
@@ -142,7 +120,7 @@ def retarget_landmarks(driving: np.ndarray, references: list[np.ndarray]) -> np.
     if driving.shape != (68, 2) or not references or any(np.shape(r) != (68, 2) for r in references):
         raise ValueError("retargeting needs 68-point landmarks for the driving face and every reference")
     aligned = [
-        apply_transform(similarity_transform(np.asarray(r)[STABLE_68], driving[STABLE_68]), r) for r in references
+        apply_transform(similarity_matrix(np.asarray(r, dtype=np.float64)[STABLE_68], driving[STABLE_68]), r) for r in references
     ]
     shape = np.mean(aligned, axis=0)  # the identity's face shape, in the driving face's pose
     out = shape.copy()
@@ -166,14 +144,16 @@ def retarget_landmarks(driving: np.ndarray, references: list[np.ndarray]) -> np.
 
 
 def landmark_error(predicted: np.ndarray, target: np.ndarray) -> float:
-    """Mean point distance normalised by the target's inter-ocular distance (NME). 68-point
-    predictions are reduced to 5 points when the target has 5."""
+    """Mean point distance normalised by the target's inter-ocular distance (NME). When one side
+    has 68 points and the other 5, the 68 are reduced to their 5."""
     predicted = np.asarray(predicted, dtype=np.float64)
     target = np.asarray(target, dtype=np.float64)
     if target.shape == (5, 2) and predicted.shape == (68, 2):
-        predicted = landmarks_68_to_5(predicted)
+        predicted = five_from_68(predicted)
+    if predicted.shape == (5, 2) and target.shape == (68, 2):
+        target = five_from_68(target)
     if predicted.shape != target.shape:
         raise ValueError(f"landmark shapes differ: {predicted.shape} vs {target.shape}")
-    eyes = landmarks_68_to_5(target)[:2] if target.shape == (68, 2) else target[:2]
+    eyes = five_from_68(target)[:2] if target.shape == (68, 2) else target[:2]
     inter_ocular = float(np.linalg.norm(eyes[0] - eyes[1])) or 1.0
     return float(np.linalg.norm(predicted - target, axis=1).mean() / inter_ocular)

@@ -1,63 +1,29 @@
-"""Small shards in the shard stage's format, for tests and benchmarks when demo shards are absent.
+"""Shards for tests and benchmarks, written by the real sample encoder and tar writer.
 
-Two sources of samples: real photos analysed with dlib (``photo_samples``: real boxes,
-68 landmarks, 128-d embeddings, aligned chips, as the dlib backend of datakit gives them) and
-generated images (``synthetic_samples``: a drawn face with template landmarks and random unit
-embeddings; no model needed). ``write_shards`` packs identities into ``shard-NNNNN.tar`` files,
-never splitting one, with WebDataset's TarWriter.
+``synthetic_samples`` draws faces (template landmarks, per-identity colours and embedding
+directions; no model needed) and encodes each with ``portrait.sample.encode``, the shard
+stage's encoder; ``write_shards`` packs identities into ``shard-NNNNN.tar`` files with
+``portrait.shardio``, the shard stage's tar writer, never splitting one. The trainer's tests
+therefore read the format the build writes, not a copy of it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 from PIL import Image, ImageDraw
 
+from portrait import sample, shardio
+from portrait.faces.geometry import five_from_68
+from portrait.ids import image_id
 
-def _jpeg(image: Image.Image, quality: int = 90) -> bytes:
+
+def jpeg(image: Image.Image, quality: int = 90) -> bytes:
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
-
-
-def _npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, np.asarray(array, dtype=np.float32), allow_pickle=False)
-    return buffer.getvalue()
-
-
-def image_id(source: str, locator: str) -> str:
-    return hashlib.sha1(f"{source}\0{locator}".encode()).hexdigest()[:16]
-
-
-def make_sample(key, identity, label, source, locator, image, face, box, landmarks, embedding, caption) -> dict:
-    meta = {
-        "image_id": key,
-        "identity_id": identity,
-        "label": label,
-        "source": source,
-        "locator": locator,
-        "box": [float(v) for v in box],
-        "landmarks": np.asarray(landmarks, dtype=np.float32).tolist(),
-        "age": None,
-        "gender": None,
-        "caption": caption,
-        "width": image.width,
-        "height": image.height,
-    }
-    return {
-        "__key__": key,
-        "jpg": _jpeg(image),
-        "face.jpg": _jpeg(face),
-        "json": json.dumps(meta, sort_keys=True).encode(),
-        "embedding.npy": _npy(embedding),
-        "landmarks.npy": _npy(landmarks),
-    }
 
 
 def template_landmarks() -> np.ndarray:
@@ -74,6 +40,31 @@ def template_landmarks() -> np.ndarray:
     pts += [(0.5 + 0.17 * np.cos(a), 0.78 + 0.07 * np.sin(a)) for a in np.linspace(np.pi, 3 * np.pi, 13)[:-1]]  # outer lip
     pts += [(0.5 + 0.1 * np.cos(a), 0.78 + 0.025 * np.sin(a)) for a in np.linspace(np.pi, 3 * np.pi, 9)[:-1]]  # inner lip
     return np.array(pts, dtype=np.float32)
+
+
+def _pairs(points: np.ndarray) -> list[list[float]]:
+    return [[round(float(x), 2), round(float(y), 2)] for x, y in np.asarray(points, dtype=np.float64)]
+
+
+def encode(key: str, identity: str, label: str, source: str, locator: str, image: Image.Image, face: Image.Image,
+           box, landmarks68: np.ndarray, embedding: np.ndarray, caption: str) -> dict:
+    """One sample as WebDataset yields it (``__key__`` and a member per suffix)."""
+    meta = {
+        "image_id": key,
+        "identity_id": identity,
+        "label": label,
+        "source": source,
+        "locator": locator,
+        "box": [round(float(v), 2) for v in box],
+        "landmarks5": _pairs(five_from_68(landmarks68)),
+        "landmarks68": _pairs(landmarks68),
+        "caption": caption,
+        "width": image.width,
+        "height": image.height,
+        "source_width": image.width,
+        "source_height": image.height,
+    }
+    return {"__key__": key, **sample.encode(key, jpeg(image), jpeg(face), meta, embedding)}
 
 
 def synthetic_samples(identities: int, per_identity: int, seed: int = 0, dim: int = 128, size: int = 96) -> dict:
@@ -107,52 +98,20 @@ def synthetic_samples(identities: int, per_identity: int, seed: int = 0, dim: in
             embedding = centre + 0.3 * rng.normal(size=dim)
             embedding /= np.linalg.norm(embedding)
             caption = f"a photo of person {i}, number {j}"
-            samples.append(make_sample(key, identity, identity, "synthetic", locator, image, face, box, landmarks, embedding, caption))
+            samples.append(encode(key, identity, identity, "synthetic", locator, image, face, box, landmarks, embedding, caption))
         out[identity] = samples
     return out
 
 
-def photo_samples(dev_folder: Path, identities: list[str], per_identity: int, faces) -> dict:
-    """{identity_id: [sample, ...]} from real photos ``dev_folder/<Name>/*`` with dlib; photos
-    where dlib finds no face are left out."""
-    out = {}
-    for name in identities:
-        samples = []
-        for path in sorted((Path(dev_folder) / name).iterdir()):
-            if len(samples) == per_identity:
-                break
-            try:
-                image = Image.open(path).convert("RGB")
-            except OSError:
-                continue
-            if max(image.size) > 1024:
-                image.thumbnail((1024, 1024))
-            result = faces.analyze(image)
-            if result is None:
-                continue
-            locator = f"{name}/{path.name}"
-            key = image_id("fixtures", locator)
-            caption = f"a photo of {name.replace('_', ' ')}"
-            samples.append(
-                make_sample(key, f"id-{name}", name, "fixtures", locator, image, result.chip, result.box,
-                            result.landmarks, result.embedding, caption)
-            )
-        out[f"id-{name}"] = samples
-    return out
-
-
 def write_shards(folder: Path, samples_by_identity: dict, identities_per_shard: int) -> list[Path]:
-    """Pack identities in order, ``identities_per_shard`` per shard."""
+    """Pack identities in order, ``identities_per_shard`` per shard, with the shard stage's writer."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     identities = list(samples_by_identity)
     paths = []
     for index, start in enumerate(range(0, len(identities), identities_per_shard)):
         path = folder / f"shard-{index:05d}.tar"
-        with wds.TarWriter(str(path)) as sink:
-            for identity in identities[start : start + identities_per_shard]:
-                for sample in samples_by_identity[identity]:
-                    sink.write(sample)
+        group = [s for identity in identities[start : start + identities_per_shard] for s in samples_by_identity[identity]]
+        shardio.write_tar(path, ((s["__key__"], {k: v for k, v in s.items() if k != "__key__"}) for s in group))
         paths.append(path)
     return paths
-

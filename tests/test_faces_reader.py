@@ -1,0 +1,140 @@
+"""Inference sees the faces training saw: the trainer's path from a photo file to its face
+(trainer.infer.open_photo -> trainer.pipeline.analyse_photos -> portrait.faces.reader) gives the
+box, landmarks, aligned-crop bytes and embedding that the detect and embed stages recorded for
+the same file, with dlib and with insightface (the test ONNX pack of tests/onnx_models.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import yaml
+from face_pipeline import DEV, input_table, run_stages, sources
+
+from portrait.faces.reader import CropSettings, FaceReader, build_file_for, read_config, record
+from trainer.infer import open_photo
+from trainer.pipeline import analyse_photos
+
+pytestmark = pytest.mark.usefixtures("faces_dir")
+
+
+def fixture_photos(count: int, every: int = 29) -> list:
+    rows = sources(DEV)
+    return [DEV / r["file"] for r in rows[::every][:count]]
+
+
+def manifest_rows(paths, faces: dict | None, settings: dict | None = None) -> list[dict]:
+    table = run_stages(input_table(paths), faces=faces, stages=("detect", "embed"), settings=settings)
+    return table.drop_columns(["image_bytes"]).to_pylist()
+
+
+def f32(values) -> list[float]:
+    return np.asarray(values, dtype=np.float32).reshape(-1).tolist()
+
+
+def assert_inference_equals_manifest(paths, rows, reader) -> int:
+    """Every photo: no face on both sides, or the same face to the byte. Returns faces compared."""
+    compared = 0
+    for path, row in zip(paths, rows):
+        if row["status"] != "kept":
+            assert row["reason"] == "no_face" and reader.read(open_photo(str(path))) is None, path
+            continue
+        (face,) = analyse_photos([open_photo(str(path))], reader, names=[str(path)])
+        assert f32(face.box) == f32(row["face_box"]), path
+        assert f32(face.landmarks5) == f32(row["landmarks5"]), path
+        assert (face.landmarks68 is None) == (row["landmarks68"] is None)
+        if face.landmarks68 is not None:
+            assert f32(face.landmarks68) == f32(row["landmarks68"]), path
+        assert face.crop == row["face_crop"], path  # the JPEG bytes the shards hold as K.face.jpg
+        assert f32(face.embedding) == f32(row["embedding"]), path
+        assert face.embedding_model == row["embedding_model"]
+        compared += 1
+    return compared
+
+
+def test_dlib_inference_faces_equal_the_manifest(tmp_path):
+    paths = fixture_photos(6)
+    crop = {"crop_size": 192, "crop_padding": 0.3, "jpeg_quality": 90}  # not the defaults: they must travel
+    rows = manifest_rows(paths, {"backend": "dlib"}, {"embed": crop})
+    # the settings as inference gets them: a recipe-shaped file (what build.json records) ...
+    config = tmp_path / "recipe.yaml"
+    config.write_text(yaml.safe_dump({"faces": {"backend": "dlib"}, "stages": {"embed": crop}}))
+    reader = FaceReader.from_config(config)
+    assert reader.crop == CropSettings(192, 0.3, 90)
+    assert assert_inference_equals_manifest(paths, rows, reader) >= 5
+    # ... and the record a training run keeps (faces.json) gives the same reader
+    again = FaceReader.from_record(record(*read_config(config)))
+    assert again.crop == reader.crop and again.settings == reader.settings
+    # default crop settings would not match: the comparison above can fail
+    kept = next(i for i, r in enumerate(rows) if r["status"] == "kept")
+    (default,) = analyse_photos([open_photo(str(paths[kept]))], FaceReader({"backend": "dlib"}))
+    assert default.crop != rows[kept]["face_crop"]
+
+
+def test_insightface_inference_faces_equal_the_manifest(tmp_path):
+    from onnx_models import write_pack
+
+    recipe_dir = tmp_path / "recipe"
+    pack = write_pack(recipe_dir / "models" / "buffalo_l")
+    faces = {"backend": "insightface", "model_dir": "models/buffalo_l"}  # relative to the recipe, as in a build
+    paths = fixture_photos(12, every=11)
+    table = input_table(paths)
+    from datakit import registry
+    from datakit.store import overlay
+
+    context = {"faces": faces, "recipe_dir": str(recipe_dir)}
+    for name in ("detect", "embed"):
+        cls = registry.stage_class(name)
+        stage = cls(cls.Settings(), context)
+        stage.setup()
+        table = overlay(table, stage.process(table), where=name)
+    rows = table.drop_columns(["image_bytes"]).to_pylist()
+    config = recipe_dir / "recipe.yaml"
+    config.write_text(yaml.safe_dump({"faces": faces}))
+    reader = FaceReader.from_config(config)  # model_dir found from the recipe's folder
+    assert reader.backend.name == "insightface" and reader.embedding_dim == 512
+    assert record(reader.settings, reader.crop, recipe_dir)["faces"]["model_dir"] == str(pack.resolve())
+    assert assert_inference_equals_manifest(paths, rows, reader) >= 1
+
+
+def test_the_build_json_beside_the_shards_is_found(tmp_path):
+    (tmp_path / "out" / "shards").mkdir(parents=True)
+    assert build_file_for(tmp_path / "out" / "shards") is None
+    (tmp_path / "out" / "build.json").write_text('{"recipe": {"faces": {"backend": "dlib"}}, "recipe_file": "/r/x.yaml"}')
+    assert build_file_for(tmp_path / "out" / "shards") == tmp_path / "out" / "build.json"
+    assert build_file_for(str(tmp_path / "out" / "shards" / "*.tar")) == tmp_path / "out" / "build.json"
+    settings, crop, base = read_config(tmp_path / "out" / "build.json")
+    assert settings.backend == "dlib" and crop == CropSettings() and str(base) == "/r"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("faces: {backend: nosuch}\n")
+    with pytest.raises(ValueError, match="bad.yaml: face settings"):
+        read_config(bad)
+
+
+def test_training_records_the_builds_face_settings_for_inference(tmp_path):
+    import json
+
+    from trainer.train import record_faces
+
+    build = tmp_path / "out"
+    (build / "shards").mkdir(parents=True)
+    recipe = {"faces": {"backend": "dlib", "detect_max_side": 512}, "stages": {"embed": {"crop_size": 200}}}
+    (build / "build.json").write_text(json.dumps({"recipe": recipe, "recipe_file": str(tmp_path / "r.yaml")}))
+    run = tmp_path / "run"
+    run.mkdir()
+    faces = record_faces(str(build / "shards"), run, main=True)
+    assert json.loads((run / "faces.json").read_text()) == faces
+    reader = FaceReader.from_record(faces)
+    assert reader.settings.detect_max_side == 512 and reader.crop == CropSettings(size=200)
+    assert record_faces(str(tmp_path / "elsewhere"), run, main=True) is None
+
+
+def test_trainer_has_no_face_model_code_of_its_own():
+    """trainer/ reads faces only through portrait: no dlib, insightface or onnxruntime of its own."""
+    from pathlib import Path
+
+    trainer = Path(__file__).resolve().parent.parent / "trainer"
+    for path in trainer.glob("*.py"):
+        text = path.read_text()
+        for word in ("import dlib", "import insightface", "from insightface", "onnxruntime", "face_recognition_models", "import datakit", "from datakit"):
+            assert word not in text, f"{path.name} mentions {word}"
+
