@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: chromium install demo test bench bench-download bench-faces bench-cluster bench-stats bench-trainer bench-objstore bench-quality rehearsal train clean help
+.PHONY: chromium install demo test precompute bench bench-download bench-faces bench-cluster bench-stats bench-trainer bench-objstore bench-quality rehearsal train clean help
 
 help:
 	@echo "make demo    build the demo corpus from the photos in data/demo (offline)"
@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m datakit.demo
+	$(PY) -m examples.demo
 
 # The report tests render the page in Debian's headless chromium; installed here when missing.
 chromium:
@@ -61,13 +61,20 @@ bench-quality: $(STAMP)
 	$(PY) benchmarks/bench_quality.py $(BENCH_ARGS)
 
 rehearsal: $(STAMP)
-	$(PY) -m datakit.rehearsal
+	$(PY) -m devtools.rehearsal
 
 # make train                      the tiny config on the demo shards, on CPU (run make demo first)
-# make train CONFIG=sdxl MODEL=DIR [GPUS=8]   the real run through accelerate launch
-CONFIG ?= tiny
-MODEL  ?=
-GPUS   ?= 1
+# make train CONFIG=sdxl-80gb MODEL=DIR [GPUS=8]        one node through accelerate launch
+# make train CONFIG=sdxl-80gb MODEL=DIR NODES=4 NODE_RANK=0 MAIN_ADDR=10.0.0.1   on every node, its own NODE_RANK
+# ACCELERATE=trainer/accelerate/deepspeed_zero2.yaml picks another accelerate config (trainer/accelerate/)
+CONFIG    ?= tiny
+MODEL     ?=
+GPUS      ?= 8
+NODES     ?= 1
+NODE_RANK ?= 0
+MAIN_ADDR ?= 127.0.0.1
+MAIN_PORT ?= 29500
+ACCELERATE ?= $(if $(filter 1,$(NODES)),trainer/accelerate/one_node_8gpu.yaml,trainer/accelerate/multi_node.yaml)
 SHARDS ?= manifests/demo/shards
 TRAIN_ARGS ?=
 
@@ -76,8 +83,14 @@ train: $(STAMP)
 ifeq ($(CONFIG),tiny)
 	$(PY) -m trainer.train --config tiny --shards $(SHARDS) --output runs/tiny $(TRAIN_ARGS)
 else
-	$(VENV)/bin/accelerate launch --num_processes $(GPUS) $(if $(filter 1,$(GPUS)),,--multi_gpu) --num_machines 1 --mixed_precision bf16 --dynamo_backend no -m trainer.train --config $(CONFIG) --model "$(MODEL)" --shards $(SHARDS) --output runs/$(CONFIG) $(TRAIN_ARGS)
+	$(VENV)/bin/accelerate launch --config_file $(ACCELERATE) --num_processes $$(( $(GPUS) * $(NODES) )) \
+	    --num_machines $(NODES) --machine_rank $(NODE_RANK) --main_process_ip $(MAIN_ADDR) --main_process_port $(MAIN_PORT) \
+	    -m trainer.train --config $(CONFIG) --model "$(MODEL)" --shards $(SHARDS) --output runs/$(CONFIG) $(TRAIN_ARGS)
 endif
+
+# the frozen encoders' outputs cached beside the shards (VAE latents, text and CLIP features)
+precompute: $(STAMP)
+	$(PY) -m trainer.precompute --config $(CONFIG) $(if $(MODEL),--model "$(MODEL)") --shards $(SHARDS)
 
 clean:
 	rm -rf manifests/demo runs/tiny .pytest_cache

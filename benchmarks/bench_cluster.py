@@ -40,8 +40,8 @@ def majority_truth(identity: list, truth: np.ndarray) -> dict:
 
 
 def run_label_guided(identities: int, seed: int) -> dict:
-    from datakit import cluster
-    from datakit.testing.synthetic_faces import synthetic_corpus
+    from datakit.stages import cluster
+    from devtools.synthetic_faces import synthetic_corpus
 
     t0 = time.perf_counter()
     data = synthetic_corpus(identities, seed=seed, noise=0.10, negatives=0.02)
@@ -73,8 +73,9 @@ def run_label_guided(identities: int, seed: int) -> dict:
 
 
 def run_unsupervised(images: int, seed: int, exact: bool) -> dict:
-    from datakit import cluster, graph
-    from datakit.testing.synthetic_faces import synthetic_corpus
+    from datakit import graph
+    from datakit.stages import cluster
+    from devtools.synthetic_faces import synthetic_corpus
 
     data = synthetic_corpus(max(1, int(images / 25)), seed=seed, noise=0.0, negatives=0.0)  # then cut to `images`
     emb, truth = data.embeddings[:images], data.identity[:images]

@@ -3,7 +3,7 @@
     make bench-download                      # or: .venv/bin/python benchmarks/bench_download.py
     .venv/bin/python benchmarks/bench_download.py --n 6000 --rounds 3
 
-One local server (datakit.testing.httpserver.PhotoServer in its own process) serves the dev
+One local server (devtools.photoserver.PhotoServer in its own process) serves the dev
 fixture photos (../shared/fixtures/faces/dev: JPEG and PNG, 112 px to 2500 px). Each photo is
 listed many times under distinct URLs (``?copy=N``) to make N URLs. Then, in the same run:
 
@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from datakit.testing.httpserver import PhotoServer  # noqa: E402
+from devtools.photoserver import PhotoServer  # noqa: E402
 
 DEFAULT_PHOTOS = REPO.parent / "shared" / "fixtures" / "faces" / "dev"
 BENCH_VENV = REPO / ".venv-bench"
@@ -98,7 +98,8 @@ def items_table(urls: list[tuple[str, str]]) -> pa.Table:
 def _download_partition(table: pa.Table, settings: dict, out_path: str) -> dict:
     import resource
 
-    from datakit.download import DownloadStage, Settings
+    from datakit.engine.steps import decide
+    from datakit.stages.download import DownloadStage, Settings
     from datakit.store import atomic_write_table
 
     def cpu():
@@ -106,7 +107,7 @@ def _download_partition(table: pa.Table, settings: dict, out_path: str) -> dict:
         return usage.ru_utime + usage.ru_stime
 
     c0 = cpu()
-    out = DownloadStage(Settings(**settings), {}).process(table)
+    out = decide(DownloadStage(Settings(**settings), {}), table)
     atomic_write_table(Path(out_path), out)
     status = out.column("status").to_pylist()
     return {"kept": status.count("kept"), "dropped": status.count("dropped"), "cpu": cpu() - c0,

@@ -8,7 +8,7 @@ detect + landmarks + filter + embed twice, in one run:
   the 128-d ResNet, a 256 px crop as JPEG); it decodes once and checks only area and dominance,
   so it does a little less work than the stages (which decode in detect and again in embed, and
   measure sharpness);
-- ray: this project's stage classes (datakit.detect / filter / embed) in Ray Data
+- ray: this project's stage classes (datakit.stages.detect / filter / embed) in Ray Data
   ``map_batches`` actor pools with fractional ``num_cpus`` (whole-CPU pools can deadlock a 2-CPU
   machine), each actor loading its models once. ``--mode fused`` (default): one pool of
   ``--workers`` actors, each running the three stages on its batches; ``--mode stages``: a pool
@@ -135,6 +135,7 @@ class StagesActor:
             self.stages.append(stage)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        from datakit.engine.steps import decide
         from datakit.store import overlay
 
         steps: dict[str, float] = defaultdict(float)
@@ -143,7 +144,7 @@ class StagesActor:
             backend = getattr(stage, "backend", None)
             before = dict(getattr(backend, "timings", {}))
             t0 = time.perf_counter()
-            batch = overlay(batch, stage.process(batch))
+            batch = overlay(batch, decide(stage, batch))
             spent = time.perf_counter() - t0
             after = dict(getattr(backend, "timings", {}))
             for k in after:

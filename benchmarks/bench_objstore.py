@@ -62,7 +62,7 @@ def main() -> int:
 
     import s3fs
 
-    from datakit.rehearsal import free_port
+    from devtools.rehearsal.servers import free_port
     from datakit.store import REMOTE_READERS, WorkDir
 
     port = free_port()

@@ -2,7 +2,7 @@
 
 Input, from ../shared/fixtures/faces: the 293 dev photos (30 people), each also re-encoded five
 ways as the web serves it (grayscale, CMYK, JPEG quality 40, EXIF-rotated, a 112 px face crop;
-datakit/testing/reencode.py), 10% of all of those filed under another dev person's name, and
+devtools/reencode.py), 10% of all of those filed under another dev person's name, and
 every negative (no face, tiny faces, groups, people seen once, non-photos) under a random dev
 name. One folder source, ROOT/<name>/<file>, as VGGFace2 ships.
 
@@ -13,7 +13,7 @@ name. One folder source, ROOT/<name>/<file>, as VGGFace2 ships.
   0.5 of it kept, names with >= 5 photos kept.
 
 Both run in this one process run, one after the other, on the same files; the table prints
-kept-good, misfiled-removed, negatives-dropped, merges and BCubed F (datakit/testing/quality.py),
+kept-good, misfiled-removed, negatives-dropped, merges and BCubed F (devtools/quality.py),
 the wall time, the cores each side used and the load average.
 """
 
@@ -33,8 +33,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 FACES = REPO.parent / "shared" / "fixtures" / "faces"
 
-from datakit.testing.quality import measure, misfile  # noqa: E402
-from datakit.testing.reencode import VARIANTS, reencode  # noqa: E402
+from devtools.quality import measure, misfile  # noqa: E402
+from devtools.reencode import VARIANTS, reencode  # noqa: E402
 
 
 def build_inputs(root: Path, step: int, seed: int) -> tuple[list[str], list[str], list[str]]:

@@ -42,7 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="override the recipe's output: a folder or an fsspec URL (s3://bucket/prefix)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--restart", action="store_true", help="discard an earlier build in the output folder")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress display (the summary table still prints)")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="Ray's own logs and progress bars on the terminal too (they always go to OUTPUT/logs/)")
+    p.add_argument("--executor", choices=("ray", "local"), default="ray",
+                   help="ray (default): Ray actor pools and tasks; local: everything in this process, no Ray")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", help="where a build stands")
@@ -72,7 +76,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from datakit import runner
+    from datakit.engine import build
     from datakit.recipe import RecipeError, load_recipe
     from datakit.watchdog import EXIT_STALLED, Stalled
 
@@ -83,8 +87,9 @@ def cmd_run(args) -> int:
         return 2
     console.print(f"building [bold]{recipe.name}[/bold] into {recipe.output}")
     try:
-        result = runner.run(recipe, address=args.address, restart=args.restart, quiet=args.quiet)
-    except (runner.BuildMismatch, RecipeError) as e:
+        result = build.run(recipe, address=args.address, restart=args.restart, quiet=args.quiet,
+                           verbose=args.verbose, executor=args.executor)
+    except (build.BuildMismatch, RecipeError) as e:
         console.print(f"[red]error[/red]: {e}", highlight=False)
         return 2
     except Stalled as e:
@@ -118,7 +123,7 @@ def cmd_status(args) -> int:
         console.print(f"[red]{args.output}[/red]: no build here (no _work/recipe.json)")
         return 1
     recorded = json.loads(recipe_file.read_text())
-    names = [n for n in registry.STAGES if n in recorded["recipe"]["stages"]]
+    names = [cls.name for n in registry.STAGES if n in recorded["recipe"]["stages"] for cls in registry.step_classes(n)]
     table = Table(title=f"{args.output}: {recorded['recipe']['name']} (recipe {recorded['hash'][:12]})")
     for col in ("stage", "state", "partitions done", "items in", "kept", "dropped"):
         table.add_column(col)

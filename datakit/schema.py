@@ -122,11 +122,18 @@ IMAGE_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
     "redaction_reason": (pa.string(), "why it was redacted"),
 }
 
+# Columns that live only in the work folder (bulk bytes): never in images.parquet, never read by
+# a global stage.
+WORK_COLUMNS: dict[str, pa.DataType] = {
+    "image_bytes": pa.binary(),  # the image as fetched or read (download)
+    "face_crop": pa.binary(),  # the aligned face crop, JPEG (embed)
+}
+
 IMAGES_SCHEMA = pa.schema([pa.field(n, t) for n, (t, _) in IMAGE_COLUMNS.items()])
 
 # identities.parquet: one row per kept identity (written by the shard stage).
 IDENTITY_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
-    "identity_id": (pa.string(), "stable id (see datakit/cluster.py): sha1 of the identity's first name, or of its first image"),
+    "identity_id": (pa.string(), "stable id (see datakit/stages/cluster.py): sha1 of the identity's first name, or of its first image"),
     "names": (pa.list_(pa.string()), "distinct labels of its images, sorted"),
     "sources": (pa.list_(pa.string()), "distinct sources of its images, sorted"),
     "images": (pa.int64(), "kept images of the identity"),

@@ -1,23 +1,27 @@
-"""What a stage is, for the runner.
+"""The stage contract: what a stage declares, what it receives and what it returns.
 
-A *partition stage* maps one partition of items (a pyarrow Table with every column the earlier
-stages produced) to the columns it adds or updates, one output row per input row, same order.
-Rows that an earlier stage dropped come in too; a stage passes them through untouched (nulls in
-its new columns). Anything a stage holds (a model, an HTTP session) is built once per worker in
-``setup``.
+A stage only decides. It declares the columns it ``reads`` and the columns it ``adds``; the
+engine (``datakit.engine``) selects the rows still in play, reads just those columns, calls
+``process`` and settles the answer: it fills the added columns of rows dropped earlier, applies
+"the first drop stands", types every column from ``datakit.schema`` and writes the result.
 
-A *global stage* sees every partition at once (exact duplicates across sources, identity
-clustering, sharding) and returns the same kind of per-row update table, for all rows.
+- A *partition stage* (``kind = "partition"``) gets one partition's live rows at a time.
+- A *global stage* (``kind = "global"``) gets the live rows of every partition at once, and may
+  read only narrow columns (never bulk bytes). Work it wants spread over workers goes through
+  ``self.fan_out(fn, [args, ...])``, which the executor provides (Ray tasks, or in process).
+
+``process(rows)`` returns an :class:`Output`: ``values`` (column -> one value per input row, in
+input order) and ``drops`` (input row index -> ``(reason code, detail)``). Anything a stage holds
+(a model, an HTTP session) is built once per worker in ``setup``.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
-
-from datakit import schema
 
 
 class StageSettings(BaseModel):
@@ -35,24 +39,48 @@ class StageSettings(BaseModel):
     concurrency: int | None = Field(default=None, ge=1)
 
 
-class Stage:
-    """Subclasses set ``name``, ``kind``, ``Settings`` and implement ``process``.
+Drop = tuple[str, "str | None"]  # (reason code from schema.REASONS, plain-words detail)
 
-    Partition stages implement ``process(table)``; global stages implement
-    ``process_global(work, upstream)`` where ``work`` is a ``datakit.store.WorkDir`` and
-    ``upstream`` the stages before this one (``work.read_all(upstream, columns=[...])`` gives
-    every row; ``work.iter_views`` streams partitions with their bulk bytes). It returns one
-    update row per item, partitions in order, rows in partition order.
+
+@dataclass
+class Output:
+    """A stage's answer for the rows it was given."""
+
+    values: dict[str, list] = field(default_factory=dict)  # column -> value per input row
+    drops: dict[int, Drop] = field(default_factory=dict)  # input row -> (reason, detail)
+    tables: dict[str, pa.Table] = field(default_factory=dict)  # global stages: extra manifests (shards, ...)
+
+
+def sequential_map(fn: Callable, arg_list: list[tuple]) -> list:
+    return [fn(*args) for args in arg_list]
+
+
+class Stage:
+    """Subclasses set ``name``, ``kind``, ``Settings``, ``reads``, ``adds`` and implement ``process``.
+
+    ``step_of`` names the recipe stage a step belongs to when one recipe stage runs as several
+    steps (``shard`` is encode, then plan and write); drops are recorded under that name.
+    ``work_types`` types the work-folder-only columns a stage adds (bulk bytes and the like);
+    every other column is typed by ``datakit.schema``.
     """
 
     name: ClassVar[str] = ""
     kind: ClassVar[str] = "partition"  # or "global"
     uses_model: ClassVar[bool] = False  # True: run as a Ray actor pool, setup() once per actor
     Settings: ClassVar[type[StageSettings]] = StageSettings
+    step_of: ClassVar[str | None] = None
+    reads: tuple[str, ...] = ()
+    adds: tuple[str, ...] = ()
+    work_types: ClassVar[dict[str, pa.DataType]] = {}
 
     def __init__(self, settings: Any, context: dict[str, Any]):
         self.settings = settings
-        self.context = context  # output folder, recipe-wide settings (allow_private_addresses...)
+        self.context = context  # output folder, recipe-wide settings (source order, faces...)
+        self.fan_out: Callable[[Callable, list[tuple]], list] = sequential_map
+
+    @property
+    def drop_stage(self) -> str:
+        return self.step_of or self.name
 
     @classmethod
     def provenance(cls, settings: Any, context: dict[str, Any]) -> dict:
@@ -62,22 +90,25 @@ class Stage:
     def setup(self) -> None:
         """Load models, open sessions. Called once per worker before the first partition."""
 
-    def process(self, table: pa.Table) -> pa.Table:
-        raise NotImplementedError
-
-    def process_global(self, work, upstream: list[str]) -> pa.Table:
+    def process(self, rows: pa.Table) -> Output:
         raise NotImplementedError
 
 
-def live_mask(table: pa.Table) -> list[bool]:
-    """Which rows are still in play (not dropped by an earlier stage)."""
-    return [s == schema.KEPT for s in table.column("status").to_pylist()]
+def column(table: pa.Table, name: str) -> list:
+    """A column as a Python list; a column the table lacks reads as nulls."""
+    return table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows
 
 
-def drop(row: dict, stage: str, reason: str, detail: str | None = None) -> dict:
-    """Mark an output row dropped with a checked reason code."""
-    row["status"] = schema.DROPPED
-    row["drop_stage"] = stage
-    row["reason"] = schema.check_reason(reason)
-    row["detail"] = detail
-    return row
+def map_rows(table: pa.Table, adds: tuple[str, ...], decide: Callable[[dict, dict], Drop | None]) -> Output:
+    """Run ``decide(row, out)`` on every row: it fills ``out`` with added values and returns a
+    drop (reason, detail) or None. The per-row stages' whole ``process``."""
+    values: dict[str, list] = {c: [None] * table.num_rows for c in adds}
+    drops: dict[int, Drop] = {}
+    for i, row in enumerate(table.to_pylist()):
+        out: dict = {}
+        verdict = decide(row, out)
+        for name, value in out.items():
+            values[name][i] = value
+        if verdict is not None:
+            drops[i] = verdict
+    return Output(values, drops)

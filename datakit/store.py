@@ -36,8 +36,6 @@ import pyarrow.parquet as pq
 ITEMS = "items"
 TMP_PREFIX = ".tmp-"
 REMOTE_READERS = 16  # partition views read at once from an object store
-# Columns that hold bulk bytes: kept in the work folder, never in images.parquet.
-BULK_COLUMNS = ("image_bytes", "face_crop")
 
 
 # A local folder (pathlib.Path) or an fsspec URL (upath.UPath): both have /, exists, open, glob.
@@ -96,6 +94,14 @@ def read_metadata(path: Location) -> pq.FileMetaData:
     return pq.read_metadata(where, filesystem=fs)
 
 
+def read_columns(path: Location, columns: list[str] | None) -> pa.Table:
+    """A parquet file, or just those of ``columns`` it has (and always its image_id)."""
+    if columns is None:
+        return read_table(path)
+    have = set(read_schema(path).names)
+    return read_table(path, columns=[c for c in dict.fromkeys(["image_id", *columns]) if c in have])
+
+
 def remove_tree(path: Location) -> None:
     if is_local(path):
         shutil.rmtree(path, ignore_errors=True)
@@ -137,20 +143,7 @@ def atomic_write_bytes(path: Location, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _injected_write_failure(path: Location) -> None:
-    # Fault rehearsal hook (datakit.rehearsal): while the file named by DATAKIT_FAIL_WRITE_FLAG
-    # exists, the next table write removes it and fails, as a full or flaky disk would.
-    flag = os.environ.get("DATAKIT_FAIL_WRITE_FLAG")
-    if flag:
-        try:
-            os.remove(flag)
-        except FileNotFoundError:
-            return
-        raise OSError(f"{path}: write failed (injected by DATAKIT_FAIL_WRITE_FLAG)")
-
-
 def atomic_write_table(path: Location, table: pa.Table) -> None:
-    _injected_write_failure(path)
     if not is_local(path):
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, **PARQUET_WRITE)
@@ -238,14 +231,15 @@ class WorkDir:
 
     # reading
     def read_view(self, part: int, stages: list[str], columns: list[str] | None = None) -> pa.Table:
-        """Partition ``part`` as it stands after ``stages`` (in order), optionally projected."""
-        table = read_table(self.part_path(ITEMS, part))
+        """Partition ``part`` as it stands after ``stages`` (in order). With ``columns``, each
+        file gives only those columns (bulk bytes stay on disk unless asked for); a column no
+        stage wrote is absent."""
+        table = read_columns(self.part_path(ITEMS, part), columns)
         for stage in stages:
-            update = read_table(self.part_path(stage, part))
+            update = read_columns(self.part_path(stage, part), columns)
             table = overlay(table, update, where=f"{stage} part {part}")
         if columns is not None:
-            keep = [c for c in columns if c in table.column_names]
-            table = table.select(keep)
+            table = table.select([c for c in columns if c in table.column_names])
         return table
 
     def iter_views(self, stages: list[str], columns: list[str] | None = None) -> Iterator[pa.Table]:

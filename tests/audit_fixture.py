@@ -4,7 +4,7 @@ Real photos (the shared face fixtures), every file of the output contract: ``ima
 conforming to ``datakit.schema``, the per-stage work folder (``_work/<stage>/part-*.parquet``
 with the bulk image bytes and face crops, stats, ``_SUCCESS``), and the WebDataset tars,
 ``shards.parquet``, ``shard_members.parquet`` and ``identities.parquet`` written by the real
-shard stage (``datakit.shard.ShardStage``, run without Ray), plus ``build.json``.
+shard stage's steps (``datakit.stages.shard``, run in process without Ray), plus ``build.json``.
 
 The face values (boxes, scores, embeddings, ages) are made up but consistent, so the fixture needs
 no face model; the decisions cover every kind an auditor meets: kept images of 8 identities (one
@@ -33,6 +33,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from datakit import schema
+from datakit.engine import manifests
 from datakit.store import ITEMS, WorkDir, atomic_write_json, atomic_write_table
 
 REPO = Path(__file__).resolve().parent.parent
@@ -263,11 +264,14 @@ def stage_table(stage: str, items: list[Item], values: list[dict]) -> tuple[pa.T
 
 
 def run_shard_stage(dest: Path, work: WorkDir) -> pa.Table:
-    """The shard stage itself (datakit/shard.py, no Ray) over the work folder up to caption."""
-    from datakit.shard import Settings, ShardStage
+    """The shard stage's steps themselves (datakit/stages/shard, no Ray) over the work folder up to caption."""
+    from datakit.engine.local_executor import run_stages
+    from datakit.stages.shard.encode import ShardEncodeStage
+    from datakit.stages.shard.plan import Settings, ShardStage
 
-    settings = Settings(max_samples=MAX_SAMPLES_PER_SHARD, min_shards=3, parallel=False)
-    return ShardStage(settings, {"output_dir": str(dest)}).process_global(work, STAGES[:-1])
+    settings, context = Settings(max_samples=MAX_SAMPLES_PER_SHARD, min_shards=3), {"output_dir": str(dest)}
+    steps = run_stages(work, [ShardEncodeStage(settings, context), ShardStage(settings, context)], STAGES[:-1])
+    return work.read_all(steps, columns=["image_id", "status", "drop_stage", "reason", "detail", "shard", "key"])
 
 
 # ---------------------------------------------------------------- the folder
@@ -343,20 +347,14 @@ def build_output(dest: Path) -> Built:
     work.mark_done(ITEMS, {"partitions": parts, "items": len(items), "by_source": by_source})
     for stage in STAGES[:-1]:
         work.mark_done(stage, {"partitions": parts})
-    update = run_shard_stage(dest, work)
-    for part in range(parts):
-        lo = part * PARTITION_SIZE
-        piece = update.slice(lo, min(PARTITION_SIZE, len(items) - lo))
-        kept = sum(1 for s in piece["status"].to_pylist() if s == schema.KEPT)
-        stats = {"stage": "shard", "part": part, "items_in": kept, "kept": kept, "dropped": {}, "seconds": 0.01}
-        work.write_part("shard", part, piece, stats)
-        stats_by_stage["shard"].append(stats)
-    work.mark_done("shard", {"partitions": parts})
-    table = schema.conform(work.read_all(STAGES, columns=[c for c in schema.IMAGE_COLUMNS]))
+    run_shard_stage(dest, work)  # its two steps write their own partitions and stats
+    stats_by_stage["shard"] = work.read_stats("shard")
+    table = schema.conform(work.read_all([*STAGES[:-1], "shard_encode", "shard"], columns=[c for c in schema.IMAGE_COLUMNS]))
     dropped_by_shard = [r for r in table.to_pylist() if r["drop_stage"] == "shard"]
     if dropped_by_shard:
         raise RuntimeError(f"the shard stage dropped fixture rows: {dropped_by_shard[0]['detail']}")
     atomic_write_table(dest / "images.parquet", table)
+    manifests.write_shard_manifests(work, table)
     write_build_json(dest, recipe, recipe_hash, table, stats_by_stage, by_source)
     return Built(dest, items)
 

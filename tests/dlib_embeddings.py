@@ -134,10 +134,10 @@ def negative_embeddings(cache_dir: Path | None = None) -> DevEmbeddings:
 
 
 def variant_embeddings(cache_dir: Path | None = None, step: int = 3) -> DevEmbeddings:
-    """Every ``step``-th dev photo re-encoded the way the web serves it (datakit/testing/reencode.py:
+    """Every ``step``-th dev photo re-encoded the way the web serves it (devtools/reencode.py:
     grayscale, CMYK, JPEG quality 40, EXIF-rotated, a 112 px face crop), embedded like the others."""
     from portrait.decode import load_rgb
-    from datakit.testing.reencode import VARIANTS, reencode
+    from devtools.reencode import VARIANTS, reencode
 
     files = dev_files()[::step]
     cache = cache_dir / f"variants{step}-{_cache_key(files)}.npy" if cache_dir is not None else None

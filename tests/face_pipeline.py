@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from portrait.decode import DecodeError, decode_image
+from datakit.engine.steps import decide
 from datakit.store import overlay
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,7 +61,7 @@ def run_stages(table: pa.Table, faces: dict | None = None, stages=("detect", "fi
         cls = registry.stage_class(name)
         stage = cls(cls.Settings.model_validate((settings or {}).get(name, {})), context)
         stage.setup()
-        table = overlay(table, stage.process(table), where=name)
+        table = overlay(table, decide(stage, table), where=name)
     return table
 
 

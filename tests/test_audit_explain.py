@@ -22,7 +22,7 @@ def test_kept_item_by_id_shows_every_stage(audit_template, capsys):
     item = next(i for i in audit_template.items if i.locator == "Colin_Powell/Colin_Powell_0003.jpg")
     [e] = explain(OutputFolder(audit_template.output), item.image_id)
     assert e["status"] == schema.KEPT and e["from_work_folder"]
-    assert [s["stage"] for s in e["stages"]] == ["download", "detect", "filter", "embed", "attributes", "dedup", "cluster", "caption", "shard"]
+    assert [s["stage"] for s in e["stages"]] == ["download", "detect", "filter", "embed", "attributes", "dedup", "cluster", "caption", "shard_encode", "shard"]
     assert all(s["outcome"] == "kept" for s in e["stages"])
     detect = stage(e, "detect")["values"]
     assert len(detect["face_box"]) == 4 and 0.1 <= detect["face_area_fraction"] <= 0.3

@@ -19,6 +19,7 @@ from datakit.audit import redact as redact_mod
 from datakit.audit.cli import main as audit_main
 from datakit.audit.folder import AuditError, OutputFolder
 from datakit.audit.verify import verify
+from datakit.stages.shard import MEMBERS
 from portrait.shardio import member_header as tar_info
 from datakit.store import WorkDir
 
@@ -172,7 +173,8 @@ def test_identity_left_too_small_is_dropped_not_redacted(audit_output):
     # out of the shards, but their work-folder bytes stay (nobody asked for them to go)
     assert not sample_bytes(out, rest)
     assert not any(d in blob for d in rest_members.values() for blob in (p.read_bytes() for p in (out / "shards").glob("*.tar")))
-    assert len(work_bulk(out, rest)) == 2 * 4
+    # each: its image bytes, its face crop and its encoded sample members (shard_encode)
+    assert len(work_bulk(out, rest)) == 4 * (2 + len(MEMBERS))
     assert rows[salley[0]]["identity_id"] not in pq.read_table(out / "identities.parquet")["identity_id"].to_pylist()
     assert verify(OutputFolder(out)).ok
 

@@ -6,7 +6,8 @@ import pyarrow as pa
 import pytest
 
 from datakit import schema
-from datakit.caption import CaptionSettings, CaptionStage, template_caption, caption_problem
+from datakit.engine.steps import decide
+from datakit.stages.caption import CaptionSettings, CaptionStage, caption_problem, template_caption
 
 TINY_VOCAB = [
     "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]",
@@ -34,7 +35,7 @@ def test_template_captions_say_what_the_attributes_say():
         face_area_fraction=[0.12, 0.45, None, 0.3, 0.1, 0.2, 0.05],
     )
     stage = CaptionStage(CaptionSettings(), {})
-    out = stage.process(table)
+    out = decide(stage, table)
     assert out.column("caption").to_pylist() == [
         "a photo of a woman in her thirties",
         "a close-up portrait photo of a man",
@@ -45,7 +46,7 @@ def test_template_captions_say_what_the_attributes_say():
         "a photo of a young woman",
     ]
     assert set(out.column("caption_source").to_pylist()) == {"template"}
-    assert stage.process(table).equals(out)  # deterministic
+    assert decide(stage, table).equals(out)  # deterministic
 
 
 def test_template_threshold_and_missing_columns():
@@ -53,13 +54,13 @@ def test_template_threshold_and_missing_columns():
     assert template_caption("male", 45.0, 0.2, closeup=0.3) == "a photo of a man in his forties"
     assert template_caption("female", 123.0, None, closeup=0.3) == "a photo of a woman in her nineties"
     # a table with no attribute columns at all (attributes stage not in the recipe)
-    out = CaptionStage(CaptionSettings(), {}).process(rows(2))
+    out = decide(CaptionStage(CaptionSettings(), {}), rows(2))
     assert out.column("caption").to_pylist() == ["a photo of a person"] * 2
 
 
 def test_dropped_rows_keep_no_caption():
     table = rows(2, status=[schema.DROPPED, schema.KEPT], gender=["male", "male"])
-    out = CaptionStage(CaptionSettings(), {}).process(table).to_pylist()
+    out = decide(CaptionStage(CaptionSettings(), {}), table).to_pylist()
     assert out[0]["caption"] is None and out[0]["caption_source"] is None and out[0]["status"] == schema.DROPPED
     assert out[1]["caption"] == "a photo of a man"
 
@@ -115,7 +116,7 @@ def test_vlm_captions_a_batch_of_photos(tiny_blip, demo_dir, dtype):
     calls = []
     real_caption = stage.captioner.caption
     stage.captioner.caption = lambda images: calls.append(len(images)) or real_caption(images)
-    out = stage.process(table).to_pylist()
+    out = decide(stage, table).to_pylist()
 
     assert calls == [2, 2]  # 4 live rows in batches of 2; the dropped row is not captioned
     for row, st in zip(out, status):
@@ -126,13 +127,13 @@ def test_vlm_captions_a_batch_of_photos(tiny_blip, demo_dir, dtype):
         else:
             assert row["caption"] is None and row["caption_source"] is None
     stage.captioner.caption = real_caption
-    assert stage.process(table).to_pylist() == out  # greedy decoding: same weights, same captions
+    assert decide(stage, table).to_pylist() == out  # greedy decoding: same weights, same captions
 
 
 def test_vlm_prompt_starts_the_caption(tiny_blip, demo_dir):
     settings = CaptionSettings(mode="vlm", model_path=str(tiny_blip), device="auto", prompt="a photo of", max_new_tokens=4)
     stage = CaptionStage(settings, {})
-    out = stage.process(rows(2, image_bytes=demo_photos(demo_dir, 2)))
+    out = decide(stage, rows(2, image_bytes=demo_photos(demo_dir, 2)))
     for caption in out.column("caption").to_pylist():
         assert caption.startswith("a photo of")
 
@@ -172,11 +173,11 @@ def test_caption_problem_catches_names_and_empty_captions():
 def test_a_vlm_caption_that_names_the_person_falls_back_to_the_template(tiny_blip, demo_dir):
     settings = CaptionSettings(mode="vlm", model_path=str(tiny_blip), device="cpu", max_new_tokens=6)
     data = demo_photos(demo_dir, 2)
-    plain = CaptionStage(settings, {}).process(rows(2, image_bytes=data)).to_pylist()
+    plain = decide(CaptionStage(settings, {}), rows(2, image_bytes=data)).to_pylist()
     said = next(w for w in plain[0]["caption"].split() if len(w) >= 3)  # a word the model writes for photo 0
     table = rows(2, image_bytes=data, label=[f"{said.title()}_Smith", "Zed_Quux"], gender=["male", None],
                  age=[42.0, None], face_area_fraction=[0.5, 0.2])  # fmt: skip
-    out = CaptionStage(settings, {}).process(table).to_pylist()
+    out = decide(CaptionStage(settings, {}), table).to_pylist()
     assert out[0]["caption_source"] == "template:fallback:vlm_names_person"
     assert out[0]["caption"] == "a close-up portrait photo of a man in his forties"
     assert (out[1]["caption"], out[1]["caption_source"]) == (plain[1]["caption"], "vlm:tiny-blip")
@@ -222,7 +223,7 @@ def test_florence2_captions_in_batches_and_an_empty_caption_falls_back(tiny_flor
     stage.captioner.caption = lambda images: calls.append(len(images)) or [t if i else "" for i, t in enumerate(real(images))]
     table = rows(3, image_bytes=demo_photos(demo_dir, 3), label=["Ann_Lee", "Bo_Chan", "Cy_Dee"],
                  gender=["female", "male", None], age=[33.0, None, None], face_area_fraction=[0.2, 0.2, 0.2])  # fmt: skip
-    out = stage.process(table).to_pylist()
+    out = decide(stage, table).to_pylist()
     assert calls == [2, 1]
     # the first of each batch came back empty: the template stands in and says why
     assert (out[0]["caption"], out[0]["caption_source"]) == ("a photo of a woman in her thirties", "template:fallback:vlm_empty")

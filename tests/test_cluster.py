@@ -12,10 +12,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from datakit import cluster, graph, schema
+from datakit import graph, schema
+from datakit.engine.local_executor import run_stages
+from datakit.stages import cluster
 from datakit.sources import ITEM_SCHEMA
-from datakit.store import WorkDir, atomic_write_table
-from datakit.testing.synthetic_faces import synthetic_corpus
+from datakit.store import WorkDir, atomic_write_table, remove_tree
+from devtools.synthetic_faces import synthetic_corpus
 
 from dlib_embeddings import DEV_DIR, dev_embeddings, negative_embeddings, variant_embeddings
 
@@ -134,7 +136,7 @@ def test_no_good_photo_lost_on_dev_and_re_encoded_photos(dev, variants, seed):
     EXIF-rotated, 112 px crop), 10% of them misfiled, the negatives under random dev names:
     >= 99% of correctly labelled photos kept, no two people merged, >= 98% of misfiled
     photos removed or moved to their person. Without the attach distance fewer are kept."""
-    from datakit.testing.quality import measure, misfile
+    from devtools.quality import measure, misfile
 
     d, neg = dev
     people = list(d.labels) + list(variants.labels)
@@ -250,8 +252,12 @@ def synthetic_rows(seed: int = 0) -> list[dict]:
 
 
 def run_stage(work: WorkDir, **settings) -> pa.Table:
+    """The cluster step as the engine runs it (its file per partition, settled), read back."""
+    remove_tree(work.stage_dir("cluster"))
     stage = cluster.ClusterStage(cluster.Settings(**settings), {"output_dir": str(work.output)})
-    return stage.process_global(work, ["prep"])
+    steps = run_stages(work, [stage], ["prep"])
+    columns = ["image_id", "status", "drop_stage", "reason", "detail", "identity_id", "identity_distance", "review_flag"]
+    return work.read_all(steps, columns=columns)
 
 
 def test_stage_decides_every_row_and_keeps_earlier_drops(tmp_path):

@@ -16,8 +16,10 @@ from PIL import Image
 
 from datakit import schema
 from portrait.decode import load_rgb
-from datakit.dedup import DedupSettings, DedupStage, near_hash_pairs, phash_pair
-from datakit.store import ITEMS, WorkDir
+from datakit.engine.local_executor import run_stages
+from datakit.stages.dedup import DedupSettings, DedupStage, near_hash_pairs
+from datakit.stages.phash import PhashStage, phash_pair
+from datakit.store import ITEMS, WorkDir, remove_tree
 
 DLIB_MODEL = "dlib_face_recognition_resnet_model_v1"
 
@@ -104,11 +106,23 @@ def write_work(tmp_path: Path, parts: list[list[dict]], embedder=None) -> tuple[
     return work, (["embed"] if embedder is not None else [])
 
 
+OUT_COLUMNS = ["image_id", "status", "drop_stage", "reason", "detail", "duplicate_of", "phash", "phash_mirror"]
+
+
+def dedup_table(work, upstream, context=None, **settings) -> pa.Table:
+    """The phash step and the dedup step in this process (again from scratch: earlier runs' files go)."""
+    for step in ("phash", "dedup"):
+        remove_tree(work.stage_dir(step))
+    s, context = DedupSettings(**settings), context or {}
+    steps = run_stages(work, [PhashStage(s, context), DedupStage(s, context)], upstream)
+    return work.read_all(steps, columns=OUT_COLUMNS)
+
+
 def run_dedup(work, upstream, context=None, **settings) -> dict[str, dict]:
-    out = DedupStage(DedupSettings(**settings), context or {}).process_global(work, upstream)
+    out = dedup_table(work, upstream, context, **settings)
     ids = [r["image_id"] for r in work.read_all(upstream, columns=["image_id"]).to_pylist()]
     assert out.column("image_id").to_pylist() == ids  # every row, in partition order
-    assert out.column_names == ["image_id", "status", "drop_stage", "reason", "detail", "duplicate_of", "phash", "phash_mirror"]
+    assert out.column_names == OUT_COLUMNS
     return {r["image_id"]: r for r in out.to_pylist()}
 
 
@@ -234,8 +248,8 @@ def test_same_input_same_output(tmp_path, faces_dir, embedder):
     original = dev_photo(faces_dir, "Jerry_Seinfeld", 2)
     items = [item("a", "x.jpg", original), item("b", "flip.jpg", flipped_jpeg(original)), item("b", "x.jpg", original)]
     work, upstream = write_work(tmp_path, [items], embedder)
-    first = DedupStage(DedupSettings(), {}).process_global(work, upstream)
-    second = DedupStage(DedupSettings(), {}).process_global(work, upstream)
+    first = dedup_table(work, upstream)
+    second = dedup_table(work, upstream)
     assert first.equals(second)
     assert first.column("status").to_pylist().count(schema.KEPT) == 1
 
@@ -245,7 +259,7 @@ def test_unknown_embedding_model_is_a_clear_error(tmp_path, faces_dir, embedder)
     items = [item("a", "x.jpg", original), item("b", "flip.jpg", flipped_jpeg(original))]
     work, upstream = write_work(tmp_path, [items], embedder)
     with pytest.raises(ValueError, match=r"dlib_face_recognition_resnet_model_v1.*dedup\.max_embedding_distance"):
-        DedupStage(DedupSettings(max_embedding_distance={"arcface": 0.5}), {}).process_global(work, upstream)
+        dedup_table(work, upstream, max_embedding_distance={"arcface": 0.5})
 
 
 # ---------------------------------------------------------------- candidate search
@@ -291,7 +305,12 @@ def test_phash_pair_mirror_matches_a_flipped_image(demo_dir):
 # ---------------------------------------------------------------- on Ray
 
 
-def test_phash_pass_on_ray_gives_the_same_result(tmp_path, faces_dir, embedder, ray_local):
+def test_phash_step_on_the_ray_executor_gives_the_same_result(tmp_path, faces_dir, embedder, ray_local):
+    """The phash step as a Ray actor pool (the Ray executor), dedup in process: same hashes as
+    phash_pair, same decisions as an all-local run."""
+    from datakit.engine.plan import Step
+    from datakit.engine.ray_executor import RayExecutor
+
     original = dev_photo(faces_dir, "Jerry_Seinfeld", 2)
     parts = [
         [item("a", "x.jpg", original), item("a", "y.jpg", dev_photo(faces_dir, "Jerry_Seinfeld", 3))],
@@ -299,8 +318,14 @@ def test_phash_pass_on_ray_gives_the_same_result(tmp_path, faces_dir, embedder, 
     ]
     data = [r["image_bytes"] for part in parts for r in part]
     work, upstream = write_work(tmp_path, parts, embedder)
+    local = dedup_table(work, upstream)
+    remove_tree(work.stage_dir("phash"))
+    remove_tree(work.stage_dir("dedup"))
     assert ray_local.is_initialized()
-    on_ray = DedupStage(DedupSettings(), {}).process_global(work, upstream)
+    RayExecutor().run_partitions(work, [Step("phash", PhashStage, DedupSettings(num_cpus=0.25))], upstream, {}, [0, 1])
+    run_stages(work, [DedupStage(DedupSettings(), {})], [*upstream, "phash"])
+    on_ray = work.read_all([*upstream, "phash", "dedup"], columns=OUT_COLUMNS)
     assert on_ray.column("phash").to_pylist() == [phash_pair(b)[0] for b in data]
     assert on_ray.column("phash_mirror").to_pylist() == [phash_pair(b)[1] for b in data]
     assert on_ray.column("reason").to_pylist() == [None, None, "duplicate_near", "duplicate_exact"]
+    assert on_ray.equals(local)

@@ -1,4 +1,5 @@
-"""The demo build end to end: `python -m datakit.demo`, as `make demo` runs it."""
+"""The demo build end to end: `python -m examples.demo`, as `make demo` runs it; its result pinned,
+and the same bytes from the local executor."""
 
 from __future__ import annotations
 
@@ -19,17 +20,29 @@ DEMO = REPO / "data" / "demo"
 
 
 @pytest.fixture(scope="module")
-def demo_build(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "out"
+def demo_port() -> int:
+    from devtools.rehearsal.servers import free_port
+
+    return free_port()  # both builds fetch from the same address, so final URLs match
+
+
+def run_demo(out: Path, port: int, *args: str) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, "-m", "datakit.demo", "--output", str(out), "--quiet"],
+        [sys.executable, "-m", "examples.demo", "--output", str(out), "--port", str(port), *args],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, proc.stdout
+    return proc
+
+
+@pytest.fixture(scope="module")
+def demo_build(tmp_path_factory, demo_port):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    proc = run_demo(out, demo_port, "--quiet")
+    return out, proc.stdout, proc.stderr
 
 
 def demo_inputs() -> tuple[list[str], list[dict]]:
@@ -40,7 +53,7 @@ def demo_inputs() -> tuple[list[str], list[dict]]:
 
 
 def test_every_demo_input_is_one_manifest_row(demo_build):
-    out, stdout = demo_build
+    out, stdout, _ = demo_build
     images = pq.read_table(out / "images.parquet").to_pylist()
     folder, urls = demo_inputs()
     assert len(images) == len(folder) + len(urls)
@@ -55,7 +68,7 @@ def test_every_demo_input_is_one_manifest_row(demo_build):
 
 
 def test_demo_faults_end_with_the_right_reasons(demo_build):
-    out, _ = demo_build
+    out, _, _ = demo_build
     rows = pq.read_table(out / "images.parquet").to_pylist()
     by_loc = {}
     for r in rows:
@@ -81,7 +94,7 @@ def test_demo_faults_end_with_the_right_reasons(demo_build):
 
 
 def test_demo_kept_faces_have_identities_embeddings_captions(demo_build):
-    out, _ = demo_build
+    out, _, _ = demo_build
     kept = [r for r in pq.read_table(out / "images.parquet").to_pylist() if r["status"] == schema.KEPT]
     assert len(kept) >= 150
     for r in kept:
@@ -109,7 +122,7 @@ def test_demo_fills_ages_and_genders_and_prints_figs_13_and_16(demo_build):
 def test_demo_shards_hold_every_kept_image_once(demo_build):
     import webdataset as wds
 
-    out, _ = demo_build
+    out, _, _ = demo_build
     images = pq.read_table(out / "images.parquet").to_pylist()
     kept = {r["image_id"]: r for r in images if r["status"] == schema.KEPT}
     dropped = {r["image_id"] for r in images if r["status"] != schema.KEPT}
@@ -133,11 +146,11 @@ def test_demo_shards_hold_every_kept_image_once(demo_build):
 
 
 def test_demo_build_json_and_status(demo_build):
-    out, _ = demo_build
+    out, _, _ = demo_build
     build = json.loads((out / "build.json").read_text())
     assert build["recipe"]["name"] == "demo"
     assert set(build["stages"]) == {
-        "download", "detect", "filter", "embed", "attributes", "dedup", "cluster", "caption", "shard"
+        "download", "detect", "filter", "embed", "attributes", "phash", "dedup", "cluster", "caption", "shard_encode", "shard"
     }  # fmt: skip
     assert build["counts"]["items"] == pq.read_metadata(out / "images.parquet").num_rows
     proc = subprocess.run(
@@ -155,7 +168,7 @@ def datakit_cli(*args) -> subprocess.CompletedProcess:
 def test_auditor_commands_on_the_demo_build(demo_build, tmp_path):
     import shutil
 
-    out, _ = demo_build
+    out, _, _ = demo_build
     copy = tmp_path / "demo"
     shutil.copytree(out, copy)
     verified = datakit_cli("verify", str(copy))
@@ -180,6 +193,41 @@ def test_auditor_commands_on_the_demo_build(demo_build, tmp_path):
         assert target["image_id"].encode() not in tar.read_bytes(), f"{tar.name} still holds the redacted key"
 
 
+# The demo's result, pinned: a change that moves any of these numbers must say why.
+DEMO_COUNTS = {
+    "items": 185, "kept": 169, "dropped": 16, "items_by_source": {"lfw_folder": 80, "web_urls": 105},
+    "dropped_by_reason": {
+        "duplicate_exact": 2, "duplicate_near": 1, "face_blurry": 2, "face_too_small_area": 5, "http_error": 1,
+        "multiple_faces": 1, "no_face": 2, "unclustered": 1, "undecodable": 1,
+    },
+}  # fmt: skip
+
+
+def test_demo_result_is_pinned_and_a_healthy_build_prints_no_ray_log(demo_build):
+    out, stdout, stderr = demo_build
+    assert json.loads((out / "build.json").read_text())["counts"] == DEMO_COUNTS
+    assert pq.read_metadata(out / "identities.parquet").num_rows == 16
+    assert pq.read_metadata(out / "shards.parquet").num_rows == 5
+    # Ray's own logs went to OUTPUT/logs, not to the terminal
+    assert "core_worker" not in stderr and " WARNING " not in stderr and " ERROR " not in stderr, stderr[-2000:]
+    assert (out / "logs" / "driver.log").exists() and list((out / "logs").rglob("raylet*"))
+
+
+def test_the_local_executor_builds_the_same_manifests_and_tar_bytes(demo_build, demo_port, tmp_path_factory):
+    ray_out = demo_build[0]
+    local_out = tmp_path_factory.mktemp("demo-local") / "out"
+    run_demo(local_out, demo_port, "--quiet", "--executor", "local")
+    a = pq.read_table(ray_out / "images.parquet").drop_columns(["attempts"])
+    b = pq.read_table(local_out / "images.parquet").drop_columns(["attempts"])
+    assert a.equals(b)
+    for name in ("identities.parquet", "shards.parquet", "shard_members.parquet"):
+        assert pq.read_table(ray_out / name).equals(pq.read_table(local_out / name)), name
+    tars = sorted(p.name for p in (ray_out / "shards").glob("*.tar"))
+    assert tars and tars == sorted(p.name for p in (local_out / "shards").glob("*.tar"))
+    for name in tars:
+        assert (ray_out / "shards" / name).read_bytes() == (local_out / "shards" / name).read_bytes(), name
+
+
 def test_inference_reads_a_demo_photo_as_the_build_did(demo_build):
     """The face settings recorded with the shards (build.json) give the trainer's reader the face
     the shards hold: same box and landmarks as images.parquet, same K.face.jpg and embedding."""
@@ -190,7 +238,7 @@ def test_inference_reads_a_demo_photo_as_the_build_did(demo_build):
 
     from portrait.faces.reader import FaceReader, load_photo
 
-    out, _ = demo_build
+    out, _, _ = demo_build
     reader = FaceReader.for_shards(out / "shards")
     kept = [r for r in pq.read_table(out / "images.parquet").to_pylist() if r["status"] == schema.KEPT and r["source"] == "lfw_folder"]
     for row in kept[:: max(1, len(kept) // 3)][:3]:

@@ -1,4 +1,4 @@
-"""The download stage against a real HTTP server on 127.0.0.1 (datakit/testing/httpserver.py).
+"""The download stage against a real HTTP server on 127.0.0.1 (devtools/photoserver.py).
 
 Most cases run in one batch (one process() call, as in a build) and each test reads its row.
 The slow routes sleep 30 s: the batch can only end inside the pytest-timeout if the per-request
@@ -19,10 +19,11 @@ import pytest
 from PIL import Image
 
 from datakit import schema
+from datakit.engine.steps import decide
 from portrait.decode import DecodeError, check_image, decode_image
-from datakit.testing.httpserver import png_declaring
-from datakit.download import OUTPUT_SCHEMA, DownloadStage, Settings
-from datakit.testing.httpserver import PhotoServer, sample_jpeg
+from devtools.photoserver import png_declaring
+from datakit.stages.download import ADDS, DownloadStage, Settings
+from devtools.photoserver import PhotoServer, sample_jpeg
 
 pytestmark = pytest.mark.timeout(25)
 
@@ -85,8 +86,9 @@ def items(urls: dict[str, str], kind: str = "urls") -> pa.Table:
 
 
 def run(table: pa.Table, **settings) -> dict[str, dict]:
-    out = DownloadStage(Settings(**settings), {}).process(table)
-    assert out.schema == OUTPUT_SCHEMA
+    out = decide(DownloadStage(Settings(**settings), {}), table)
+    assert out.column_names == ["image_id", "status", "drop_stage", "reason", "detail", *ADDS]
+    assert all(out.schema.field(c).type == schema.IMAGE_COLUMNS[c][0] for c in ADDS if c != "image_bytes")
     assert out.column("image_id").to_pylist() == table.column("image_id").to_pylist()
     return {row["image_id"]: row for row in out.to_pylist()}
 
@@ -355,8 +357,8 @@ def test_check_image_gives_decode_images_verdict_on_every_fixture_file(faces_dir
 def test_full_decode_setting_gives_the_same_rows(server):
     urls = {k: v for k, v in fault_urls(server).items()
             if k in ("ok", "truncated_jpeg", "html_as_jpeg", "huge_png", "cmyk", "exif_rotated", "tiny", "rgb")}
-    fast = DownloadStage(Settings(**FAST), {}).process(items(urls))
-    full = DownloadStage(Settings(**FAST, full_decode=True), {}).process(items(urls))
+    fast = decide(DownloadStage(Settings(**FAST), {}), items(urls))
+    full = decide(DownloadStage(Settings(**FAST, full_decode=True), {}), items(urls))
     assert fast.equals(full)
 
 
@@ -382,14 +384,6 @@ def test_a_private_redirect_target_is_refused_when_only_this_server_is_allowed(s
     r = run(items({"r": url}), timeout_s=2, retries=0, allowed_networks=["127.0.0.1/32"])["r"]
     assert (r["reason"], r["http_status"]) == ("refused_address", 302), r["detail"]
     assert "10.0.0.1 is a private address" in r["detail"]
-
-
-def test_recipe_wide_allow_private_addresses_reaches_the_stage(server):
-    table = items({"a": server.url("/image.jpg")})
-    default = DownloadStage(Settings(timeout_s=2), {}).process(table).to_pylist()[0]
-    allowed = DownloadStage(Settings(timeout_s=2), {"allow_private_addresses": True}).process(table).to_pylist()[0]
-    assert default["reason"] == "refused_address"
-    assert allowed["status"] == "kept"
 
 
 def test_https_certificates_are_verified(photo_dir, tmp_path):
@@ -444,14 +438,14 @@ def test_same_server_and_settings_give_identical_rows(server):
                      if k in ("ok", "not_found", "truncated_jpeg", "html_as_jpeg", "huge_png", "redirect_loop",
                               "redirect_3", "redirect_to_metadata", "noai", "too_large_declared",
                               "too_large_chunked", "ftp", "malformed", "dns", "cmyk", "exif_rotated", "tiny")}
-    first = DownloadStage(Settings(**FAST), {}).process(items(deterministic))
-    second = DownloadStage(Settings(**FAST), {}).process(items(deterministic))
+    first = decide(DownloadStage(Settings(**FAST), {}), items(deterministic))
+    second = decide(DownloadStage(Settings(**FAST), {}), items(deterministic))
     assert first.equals(second)
 
 
 def test_process_works_inside_a_running_event_loop(server):
     async def inside():
-        return DownloadStage(Settings(**FAST), {}).process(items({"a": server.url("/image.jpg")}))
+        return decide(DownloadStage(Settings(**FAST), {}), items({"a": server.url("/image.jpg")}))
 
     assert asyncio.run(inside()).column("status").to_pylist() == ["kept"]
 

@@ -17,6 +17,7 @@ import yaml
 from PIL import Image
 
 from datakit import registry, schema
+from datakit.engine.steps import decide
 from portrait.decode import DecodeError, decode_image
 from face_pipeline import DEV, NEGATIVES, dev_result, input_table, negatives_result, roc_auc, run_stages, sources
 
@@ -298,7 +299,7 @@ def test_rows_dropped_earlier_pass_through_untouched():
         stage_cls = registry.stage_class(name)
         stage = stage_cls(stage_cls.Settings(), {"faces": None})
         stage.setup()
-        update = stage.process(table)
+        update = decide(stage, table)
         assert update.column("image_id").to_pylist() == table.column("image_id").to_pylist()
         row = update.slice(1, 1).to_pylist()[0]
         assert row["status"] == "dropped" and row["reason"] == "http_error"
@@ -321,8 +322,8 @@ def test_registry_order_and_model_stages():
 
 
 def test_runner_builds_a_manifest_that_explains_every_drop(tmp_path, ray_local):
-    """Through datakit.runner on Ray: the model stages as fractional-CPU actor pools."""
-    from datakit import runner
+    """Through the engine on Ray: the model stages as fractional-CPU actor pools."""
+    from datakit.engine import build as runner
     from datakit.recipe import load_recipe
 
     root = tmp_path / "photos"

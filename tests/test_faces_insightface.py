@@ -168,7 +168,7 @@ def test_the_stages_run_on_the_insightface_backend(pack):
 
 
 def test_a_stage_worker_gives_onnxruntime_its_cpu_share(pack):
-    from datakit.detect import DetectStage
+    from datakit.stages.detect import DetectStage
 
     context = {"faces": FaceSettings(backend="insightface", model_dir=str(pack))}
     stage = DetectStage(DetectStage.Settings(num_cpus=0.5), context)

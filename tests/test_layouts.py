@@ -24,7 +24,7 @@ import pytest
 from datakit import runner, schema
 from datakit.recipe import FolderSource, NamesFile, RecipeError, UrlSource, load_recipe, validate_recipe
 from datakit.sources import iter_items, read_names_file
-from datakit.testing.httpserver import PhotoServer
+from devtools.photoserver import PhotoServer
 
 REPO = Path(__file__).resolve().parent.parent
 LAYOUTS = REPO / "tests" / "data" / "layouts"

@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from datakit import netguard
-from datakit.download import Settings
+from datakit.stages.download import Settings
 
 DEFAULT = netguard.Policy.of()
 PRIVATE_OK = netguard.Policy.of(allow_private=True)

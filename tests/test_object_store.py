@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from datakit import runner, schema
+from datakit import schema
+from datakit.engine import build as runner
 from datakit.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parent.parent
@@ -211,14 +212,14 @@ def test_redact_refuses_an_object_store_build_with_a_clear_message(s3, builds):
 
 @pytest.mark.timeout(600)
 def test_a_two_node_cluster_builds_into_s3(s3, builds):
-    """`datakit run --address` on a real two-node Ray cluster (datakit.rehearsal's), output on S3:
+    """`datakit run --address` on a real two-node Ray cluster (devtools.rehearsal's), output on S3:
     workers on both nodes write partitions to the bucket; the result equals the local build."""
-    from datakit import rehearsal
+    from devtools.rehearsal.cluster import ray_cluster
 
     local, url, result, tmp = builds
     target = f"s3://{BUCKET}/builds/two-node"
     recipe = write_recipe(tmp, target, s3)
-    with rehearsal.ray_cluster() as cluster:
+    with ray_cluster() as cluster:
         proc = subprocess.run([sys.executable, "-m", "datakit", "run", str(recipe), "--address", cluster.address, "--quiet"],
                               cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=500)  # fmt: skip
         worker_logs = " ".join(p.read_text(errors="replace") for p in cluster.worker.temp_dir.rglob("worker-*.out"))

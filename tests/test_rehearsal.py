@@ -1,4 +1,4 @@
-"""The small fault rehearsal: a real two-node Ray cluster on this machine (datakit.rehearsal).
+"""The small fault rehearsal: a real two-node Ray cluster on this machine (devtools.rehearsal).
 
 A clean build and a build during which one HTTP server stops for a while, the worker node is
 killed mid-stage and started again, the driver is SIGKILLed and started again, and one parquet
@@ -8,18 +8,19 @@ Ray process of the cluster is left behind.
 
 from __future__ import annotations
 
-import os
-
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from datakit import rehearsal, store
+from datakit import store
+from devtools.rehearsal.__main__ import rehearse
+from devtools.rehearsal.compare import compare_builds
+from devtools.rehearsal.servers import ALL_STAGES
 
 
 @pytest.mark.timeout(900)
 def test_faults_on_a_two_node_cluster_leave_the_build_unchanged(tmp_path):
-    result = rehearsal.rehearse(tmp_path, items=160, stages=rehearsal.ALL_STAGES, partition_size=16, label="ci")
+    result = rehearse(tmp_path, items=160, stages=ALL_STAGES, partition_size=16, label="ci")
 
     compare = result["compare"]
     assert compare["problems"] == [], "\n".join(compare["problems"])
@@ -33,7 +34,6 @@ def test_faults_on_a_two_node_cluster_leave_the_build_unchanged(tmp_path):
     # the SIGKILLed driver, then the run that completes (the runner retries the failed write itself)
     assert result["fault_runs"] >= 2, events
     assert not (tmp_path / "fail-next-write").exists(), "the injected write failure never fired"
-    assert "injected by DATAKIT_FAIL_WRITE_FLAG" in (tmp_path / "faulty.log").read_text()
     assert result["leftover_processes"] == 0
 
 
@@ -46,24 +46,22 @@ def _manifest(folder, values):
 def test_compare_builds_ignores_row_order_and_attempts_but_reports_values(tmp_path):
     _manifest(tmp_path / "x", [10, 20, 30])
     _manifest(tmp_path / "y", [10, 20, 30])
-    same = rehearsal.compare_builds(tmp_path / "x", tmp_path / "y")
+    same = compare_builds(tmp_path / "x", tmp_path / "y")
     assert same["problems"] == [] and same["attempts_differ"] == 0
 
     pq.write_table(pa.table({"image_id": ["a", "b", "c"], "attempts": [1, 3, 2], "width": [20, 10, 31]}),
                    tmp_path / "y" / "images.parquet")
-    diff = rehearsal.compare_builds(tmp_path / "x", tmp_path / "y")
+    diff = compare_builds(tmp_path / "x", tmp_path / "y")
     assert diff["attempts_differ"] == 1
     assert len(diff["problems"]) == 1 and "images.parquet:width" in diff["problems"][0]
 
 
-def test_injected_write_failure_fires_once(tmp_path, monkeypatch):
+def test_the_flaky_file_system_fails_one_write_while_its_flag_exists(tmp_path):
     flag = tmp_path / "flag"
     flag.write_text("x")
-    monkeypatch.setenv("DATAKIT_FAIL_WRITE_FLAG", str(flag))
-    target = tmp_path / "out" / "part.parquet"
-    with pytest.raises(OSError, match="part.parquet"):
-        store.atomic_write_table(target, pa.table({"a": [1]}))
-    assert not flag.exists() and not target.exists()
-    store.atomic_write_table(target, pa.table({"a": [1]}))  # the next write goes through
-    assert pq.read_table(target).column("a").to_pylist() == [1]
-    assert not [p for p in os.listdir(target.parent) if p.startswith(store.TMP_PREFIX)]
+    out = store.location(f"flaky://{tmp_path}/out", {"fail_flag": str(flag)})
+    with pytest.raises(OSError, match="part.parquet.*injected by devtools.flakyfs"):
+        store.atomic_write_table(out / "part.parquet", pa.table({"a": [1]}))
+    assert not flag.exists() and not (tmp_path / "out" / "part.parquet").exists()
+    store.atomic_write_table(out / "part.parquet", pa.table({"a": [1]}))  # the next write goes through
+    assert pq.read_table(tmp_path / "out" / "part.parquet").column("a").to_pylist() == [1]

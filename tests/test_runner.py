@@ -11,14 +11,15 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from datakit import registry, runner, schema
+from datakit import registry, schema
+from datakit.engine import build as runner
+from datakit.engine.steps import run_partition
 from datakit.recipe import load_recipe
-from datakit.stage import Stage, drop
+from datakit.stage import Output, Stage
 from datakit.store import WorkDir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,26 +30,14 @@ class ExplodingStage(Stage):
     """Test-only stage: raises on any partition holding an item whose locator says 'explode'."""
 
     name = "detect"  # borrows a registered name so recipes validate
+    reads = ("locator",)
+    adds = ("face_count",)
 
-    def process(self, table):
-        out = []
-        for row in table.to_pylist():
-            if "explode" in row["locator"]:
-                raise RuntimeError(f"cannot handle {row['locator']}")
-            out.append({"image_id": row["image_id"], "face_count": 1 if row["status"] == schema.KEPT else None})
-        return pa.Table.from_pylist(out)
-
-
-class ReviverStage(Stage):
-    """Test-only global stage that tries to revive every dropped row (the runner must refuse)."""
-
-    name = "dedup"
-    kind = "global"
-
-    def process_global(self, work, upstream):
-        t = work.read_all(upstream, columns=["image_id"])
-        n = t.num_rows
-        return pa.table({"image_id": t.column("image_id"), "status": [schema.KEPT] * n, "reason": [None] * n})
+    def process(self, rows):
+        for locator in rows.column("locator").to_pylist():
+            if "explode" in locator:
+                raise RuntimeError(f"cannot handle {locator}")
+        return Output({"face_count": [1] * rows.num_rows})
 
 
 @pytest.fixture
@@ -56,8 +45,7 @@ def test_stages(monkeypatch):
     import ray.cloudpickle
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    monkeypatch.setitem(registry.STAGES, "detect", f"{__name__}:ExplodingStage")
-    monkeypatch.setitem(registry.STAGES, "dedup", f"{__name__}:ReviverStage")
+    monkeypatch.setitem(registry.STAGES, "detect", [f"{__name__}:ExplodingStage"])
 
 
 def make_folder(tmp_path: Path) -> Path:
@@ -82,9 +70,9 @@ def recipe_file(tmp_path: Path, stages: dict, partition_size: int = 3, **source)
     return path
 
 
-def test_folder_build_accounts_for_every_item(tmp_path, ray_local):
+def test_folder_build_accounts_for_every_item(tmp_path):
     recipe = load_recipe(recipe_file(tmp_path, {"download": {}}))
-    result = runner.run(recipe, quiet=True)
+    result = runner.run(recipe, quiet=True, executor="local")
     images = pq.read_table(tmp_path / "out" / "images.parquet")
     assert images.schema.equals(schema.IMAGES_SCHEMA)
     rows = {r["locator"]: r for r in images.to_pylist()}
@@ -104,8 +92,8 @@ def test_folder_build_accounts_for_every_item(tmp_path, ray_local):
     assert "ray" in build["packages"] and "pyarrow" in build["packages"]
 
 
-def test_a_failing_item_is_dropped_alone_and_a_later_stage_cannot_revive_drops(tmp_path, ray_local, test_stages):
-    recipe = load_recipe(recipe_file(tmp_path, {"download": {}, "detect": {}, "dedup": {}}))
+def test_a_failing_item_is_dropped_alone_and_earlier_drops_stand(tmp_path, ray_local, test_stages):
+    recipe = load_recipe(recipe_file(tmp_path, {"download": {}, "detect": {}}))
     runner.run(recipe, quiet=True)
     rows = {r["locator"]: r for r in pq.read_table(tmp_path / "out" / "images.parquet").to_pylist()}
     # notes_explode.txt was already dropped by download (undecodable); its decision stands
@@ -129,28 +117,28 @@ def test_stage_error_reason_for_an_item_that_raises(tmp_path, ray_local, test_st
     assert sum(1 for r in rows.values() if r["status"] == "kept") == 8
 
 
-def test_second_run_skips_finished_work_and_changed_recipe_is_refused(tmp_path, ray_local):
+def test_second_run_skips_finished_work_and_changed_recipe_is_refused(tmp_path):
     path = recipe_file(tmp_path, {"download": {}})
-    runner.run(load_recipe(path), quiet=True)
+    runner.run(load_recipe(path), quiet=True, executor="local")
     work = WorkDir(tmp_path / "out")
     parts = sorted(work.stage_dir("download").glob("part-*.parquet"))
     mtimes = [p.stat().st_mtime_ns for p in parts]
     first = (tmp_path / "out" / "images.parquet").read_bytes()
-    runner.run(load_recipe(path), quiet=True)
+    runner.run(load_recipe(path), quiet=True, executor="local")
     assert [p.stat().st_mtime_ns for p in parts] == mtimes
     assert (tmp_path / "out" / "images.parquet").read_bytes() == first
     changed = yaml.safe_load(path.read_text())
     changed["stages"]["download"]["min_side"] = 200
     path.write_text(yaml.safe_dump(changed))
     with pytest.raises(runner.BuildMismatch, match="different recipe"):
-        runner.run(load_recipe(path), quiet=True)
+        runner.run(load_recipe(path), quiet=True, executor="local")
     # --restart discards the old build
-    result = runner.run(load_recipe(path), quiet=True, restart=True)
+    result = runner.run(load_recipe(path), quiet=True, executor="local", restart=True)
     assert result.dropped_by_reason.get("image_too_small") == 8
 
 
-def test_manifest_opens_with_pyarrow_pandas_duckdb_and_datasets(tmp_path, ray_local):
-    runner.run(load_recipe(recipe_file(tmp_path, {"download": {}})), quiet=True)
+def test_manifest_opens_with_pyarrow_pandas_duckdb_and_datasets(tmp_path):
+    runner.run(load_recipe(recipe_file(tmp_path, {"download": {}})), quiet=True, executor="local")
     path = tmp_path / "out" / "images.parquet"
     assert pq.read_table(path).num_rows == 10
 
@@ -170,10 +158,10 @@ def test_manifest_opens_with_pyarrow_pandas_duckdb_and_datasets(tmp_path, ray_lo
     assert ds.num_rows == 10 and "image_id" in ds.column_names
 
 
-def test_status_command(tmp_path, ray_local, capsys):
+def test_status_command(tmp_path, capsys):
     from datakit.cli import main
 
-    runner.run(load_recipe(recipe_file(tmp_path, {"download": {}})), quiet=True)
+    runner.run(load_recipe(recipe_file(tmp_path, {"download": {}})), quiet=True, executor="local")
     assert main(["status", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "download" in out and "4/4" in out and "10 rows" in out
@@ -201,7 +189,7 @@ def cli_run(recipe: Path, output: Path, **popen) -> subprocess.Popen:
 
 @pytest.mark.timeout(400)
 def test_sigkill_mid_download_then_rerun_gives_the_clean_manifest(tmp_path):
-    from datakit.testing.httpserver import PhotoServer
+    from devtools.photoserver import PhotoServer
 
     with PhotoServer(PHOTOS) as server:
         urls = url_list(tmp_path, server, 150)
@@ -247,21 +235,22 @@ def test_sigkill_mid_download_then_rerun_gives_the_clean_manifest(tmp_path):
     assert not list(work.root.rglob(".tmp-*"))
 
 
-def test_a_write_that_fails_once_is_retried(tmp_path, ray_local, monkeypatch):
-    # the session's Ray workers started before this test set the variable: run the partition here
-    from datakit.download import DownloadStage
+def test_a_write_that_fails_once_is_retried(tmp_path):
+    """Through devtools.flakyfs, a file system whose next write fails while its flag file exists."""
+    from datakit.stages.download import DownloadStage
 
-    recipe = load_recipe(recipe_file(tmp_path, {"download": {}}))
-    runner.prepare_output(WorkDir(recipe.output), recipe, restart=False)
-    runner.enumerate_items(WorkDir(recipe.output), recipe)
     flag = tmp_path / "fail-once"
+    recipe = load_recipe(recipe_file(tmp_path, {"download": {}}), output=f"flaky://{tmp_path}/out")
+    recipe.storage_options = {"fail_flag": str(flag)}
+    work = WorkDir(recipe.output, recipe.storage_options)
+    runner.prepare_output(work, recipe, restart=False)
+    runner.enumerate_items(work, recipe)
     flag.write_text("x")
-    monkeypatch.setenv("DATAKIT_FAIL_WRITE_FLAG", str(flag))
-    stage = DownloadStage(recipe.stage_settings("download"), runner.stage_context(recipe))
+    stage = DownloadStage(recipe.stage_settings("download"), runner.stage_context(recipe, work))
     stage.setup()
-    runner.run_one_partition(stage, WorkDir(recipe.output), 0, [])
+    run_partition(stage, work, 0, [])
     assert not flag.exists(), "the injected failure did not fire"
-    assert WorkDir(recipe.output).part_done("download", 0)
+    assert WorkDir(tmp_path / "out").part_done("download", 0)
 
 
 def stall_recipe(tmp_path: Path, url_lines: list[str], **ray_settings) -> Path:
@@ -281,7 +270,7 @@ def stall_recipe(tmp_path: Path, url_lines: list[str], **ray_settings) -> Path:
 def test_a_hung_worker_is_noticed_and_its_partition_run_again(tmp_path, ray_local):
     """One request hangs for 120 s (its timeout is longer); the stall watch restarts the stage
     after 4 s without progress, the new worker's request is answered, the build completes."""
-    from datakit.testing.httpserver import PhotoServer
+    from devtools.photoserver import PhotoServer
 
     photos = sorted(p.relative_to(PHOTOS).as_posix() for p in PHOTOS.rglob("*.jpg"))[:7]
     with PhotoServer(PHOTOS) as server:
@@ -301,7 +290,7 @@ def test_a_hung_worker_is_noticed_and_its_partition_run_again(tmp_path, ray_loca
 
 
 def test_a_stage_that_never_finishes_stops_the_run_with_a_clear_error(tmp_path, ray_local):
-    from datakit.testing.httpserver import PhotoServer
+    from devtools.photoserver import PhotoServer
     from datakit.watchdog import Stalled
 
     with PhotoServer(PHOTOS) as server:
@@ -317,7 +306,7 @@ def test_a_rebuild_does_not_fetch_what_was_redacted(tmp_path, ray_local):
     and its URL is not requested again."""
     from datakit.audit.folder import OutputFolder
     from datakit.audit.redact import redact
-    from datakit.testing.httpserver import PhotoServer
+    from devtools.photoserver import PhotoServer
 
     photos = sorted(p.relative_to(PHOTOS).as_posix() for p in PHOTOS.rglob("*.jpg"))[:6]
     with PhotoServer(PHOTOS) as server:

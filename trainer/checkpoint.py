@@ -13,15 +13,27 @@ A checkpoint folder ``OUTPUT/checkpoints/step-NNNNNNN/`` holds
 ``OUTPUT/checkpoints/latest`` is a one-line text file naming the newest complete checkpoint; a
 checkpoint is written under a temporary name and renamed when complete, so ``latest`` never
 points at a partial one.
+
+Writing does not hold the other ranks: the main process copies the trained weights and the
+optimizer state to host memory (``snapshot``, seconds), every rank writes its small RNG file,
+and a background thread of the main process writes the ~20 GB (SDXL) and renames the folder
+once every rank's RNG file is there (``write_snapshot``). Training continues meanwhile; the next
+checkpoint (or the end of the run) waits for the previous write to finish.
+
+Loading the optimizer streams its tensors one at a time from the memory-mapped safetensors file
+straight to the training device (``load_optimizer``): a rank never holds the whole file in host
+memory (8 ranks each reading 13.4 GB at once was the old cost).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 STATE_FILE = "trainer_state.json"
@@ -54,13 +66,18 @@ def resolve_checkpoint(path: str | Path, output: Path | None = None) -> Path:
 # ---------------------------------------------------------------- optimizer
 
 
+def host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy in host memory that later in-place updates of ``tensor`` do not change."""
+    return tensor.detach().to("cpu", copy=True).contiguous()
+
+
 def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     state = optimizer.state_dict()
     tensors, scalars = {}, {}
     for param_id, values in state["state"].items():
         for name, value in values.items():
             if torch.is_tensor(value):
-                tensors[f"{param_id}.{name}"] = value.detach().contiguous().cpu()
+                tensors[f"{param_id}.{name}"] = host_copy(value)
             else:
                 scalars.setdefault(str(param_id), {})[name] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
@@ -140,12 +157,45 @@ def begin(output: Path, step: int) -> Path:
     return tmp
 
 
-def save_main(tmp: Path, net, optimizer, state: dict) -> None:
-    save_trained_parts(net, tmp)
-    tensors, meta = optimizer_to_files(optimizer)
-    save_file(tensors, tmp / "optimizer.safetensors")
-    (tmp / "optimizer.json").write_text(json.dumps(meta) + "\n")
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, default=str) + "\n")
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # what diffusers' from_pretrained reads
+
+
+def snapshot(net, optimizer, state: dict) -> dict:
+    """Everything the main process writes, copied to host memory (training may go on)."""
+    parts = {}
+    for name, module in (("controlnet", net.controlnet), ("face_refiner", net.refiner)):
+        parts[name] = (dict(module.config), {k: host_copy(v) for k, v in module.state_dict().items()})
+    face = {k: host_copy(v) for k, v in net.face_attention.state_dict().items()}
+    optimizer_files = optimizer_to_files(optimizer) if optimizer is not None else None
+    return {"parts": parts, "configs": {"controlnet": net.controlnet, "face_refiner": net.refiner},
+            "face_attention": face, "optimizer": optimizer_files, "state": state}
+
+
+def write_snapshot(tmp: Path, snap: dict) -> None:
+    for name, (_, weights) in snap["parts"].items():
+        (tmp / name).mkdir(parents=True, exist_ok=True)
+        snap["configs"][name].save_config(tmp / name)  # config.json, as save_pretrained writes it
+        save_file(weights, tmp / name / WEIGHTS_NAME, metadata={"format": "pt"})
+    if snap["face_attention"]:
+        save_file(snap["face_attention"], tmp / "face_attention.safetensors")
+    if snap["optimizer"] is not None:  # None: sharded by DeepSpeed/FSDP, not checkpointed
+        tensors, meta = snap["optimizer"]
+        save_file(tensors, tmp / "optimizer.safetensors")
+        (tmp / "optimizer.json").write_text(json.dumps(meta) + "\n")
+    (tmp / STATE_FILE).write_text(json.dumps(snap["state"], indent=1, default=str) + "\n")
+
+
+def wait_for_rank_files(tmp: Path, world_size: int, timeout: float) -> None:
+    """Every rank writes its RNG file right after the barrier that created ``tmp``; a missing one
+    after ``timeout`` seconds means a rank died: the checkpoint stays a temporary folder."""
+    deadline = time.monotonic() + timeout
+    while True:
+        missing = [r for r in range(world_size) if not (tmp / f"rng-rank{r}.safetensors").is_file()]
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{tmp}: rank(s) {missing} wrote no RNG state within {timeout:.0f} s; checkpoint left incomplete")
+        time.sleep(0.05)
 
 
 def save_rank_rng(tmp: Path, rank: int, generator: torch.Generator) -> None:
@@ -171,10 +221,17 @@ def load_state(folder: Path) -> dict:
     return json.loads((folder / STATE_FILE).read_text())
 
 
-def load_optimizer(folder: Path, optimizer: torch.optim.Optimizer) -> None:
-    tensors = load_file(folder / "optimizer.safetensors")
+def load_optimizer(folder: Path, optimizer: torch.optim.Optimizer, device: str | torch.device = "cpu") -> None:
+    """Stream the optimizer state from the memory-mapped file to ``device``, tensor by tensor."""
     meta = json.loads((folder / "optimizer.json").read_text())
-    optimizer.load_state_dict(optimizer_from_files(tensors, meta))
+    tensors = {}
+    with safe_open(folder / "optimizer.safetensors", framework="pt", device=str(device)) as handle:
+        for key in handle.keys():
+            tensors[key] = handle.get_tensor(key)
+    try:
+        optimizer.load_state_dict(optimizer_from_files(tensors, meta))
+    except ValueError as exn:  # another parameter grouping (an older trainer): weights only is what is left
+        raise ValueError(f"{folder}: optimizer state does not fit this run ({exn}); use --init-from {folder} to load the weights only") from None
 
 
 def load_rank_rng(folder: Path, rank: int, generator: torch.Generator) -> None:

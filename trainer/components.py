@@ -60,7 +60,8 @@ def freeze(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def load_base(model_dir: str | Path, image_encoder_dir: str | Path, variant: str | None = None) -> Base:
+def load_base(model_dir: str | Path, image_encoder_dir: str | Path, variant: str | None = None, vae_dir: str | Path | None = None) -> Base:
+    """``vae_dir``: a local VAE folder used instead of ``model_dir/vae`` (e.g. an fp16-fix VAE)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import (
         CLIPTextModel,
@@ -72,7 +73,12 @@ def load_base(model_dir: str | Path, image_encoder_dir: str | Path, variant: str
     model_dir, image_encoder_dir = check_base_folders(model_dir, image_encoder_dir)
     common = {"use_safetensors": True}
     unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", variant=variant, **common)
-    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", variant=variant, **common)
+    if vae_dir is not None:
+        if not (Path(vae_dir) / "config.json").is_file():
+            raise FileNotFoundError(f"VAE folder {vae_dir} (model.vae) has no config.json: pass a local diffusers AutoencoderKL folder")
+        vae = AutoencoderKL.from_pretrained(vae_dir, **common)
+    else:
+        vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", variant=variant, **common)
     text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", variant=variant, **common)
     text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
         model_dir, subfolder="text_encoder_2", variant=variant, **common

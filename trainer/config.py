@@ -32,6 +32,9 @@ class ModelConfig(_Strict):
     kind: Literal["tiny", "sdxl"] = "tiny"
     pretrained: str | None = None
     image_encoder: str | None = None
+    # a local VAE folder replacing the base's, e.g. madebyollin's sdxl-vae-fp16-fix (its config has
+    # force_upcast false, so it encodes in bf16/fp16 instead of float32); nothing is downloaded
+    vae: str | None = None
     variant: str | None = None  # e.g. "fp16" for diffusion_pytorch_model.fp16.safetensors
     tiny_seed: int = 0
 
@@ -65,23 +68,32 @@ class DataConfig(_Strict):
     shuffle_buffer: int = Field(64, ge=1)
     batches_per_epoch: int = Field(1000, ge=1)  # per process, the with_epoch length
     holdout_fraction: float = Field(0.02, ge=0.0, lt=1.0)  # identities kept for validation (by id hash)
+    use_cache: bool = True  # the precompute pass's files beside the shards, when present (python -m trainer.precompute)
 
 
 class TrainConfig(_Strict):
     seed: int = 0
     max_steps: int = Field(10000, ge=1)
-    learning_rate: float = 1e-5
+    # One learning rate per trained part (the reference recipes: ControlNet 1e-5 as diffusers'
+    # train_controlnet_sdxl.py, the from-scratch refiner and face K/V 1e-4 as IP-Adapter / InstantID).
+    learning_rate: float = 1e-5  # the ControlNet
+    refiner_learning_rate: float = 1e-4
+    face_attention_learning_rate: float = 1e-4
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "cosine"
     warmup_steps: int = Field(500, ge=0)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"  # adamw8bit: bitsandbytes' AdamW8bit (GPU)
     max_grad_norm: float = 1.0
     gradient_accumulation_steps: int = Field(1, ge=1)
     mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"  # "no" on CPU unless cpu_mixed_precision
     cpu_mixed_precision: bool = False  # run bf16 autocast on CPU too: checks the GPU dtype plumbing (slow)
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool = True  # the trained ControlNet's blocks
+    # the frozen UNet's blocks: backward still runs through them; recomputing them costs ~17% of a
+    # step's FLOPs and saves their activations (off on 80 GB cards, on for 40 GB: see the presets)
+    unet_gradient_checkpointing: bool = True
     prompt_dropout: float = Field(0.05, ge=0.0, le=1.0)
     face_dropout: float = Field(0.05, ge=0.0, le=1.0)
     joint_dropout: float = Field(0.05, ge=0.0, le=1.0)  # prompt and face dropped together (IP-Adapter's scheme)
@@ -92,6 +104,10 @@ class TrainConfig(_Strict):
     val_identities: int = Field(4, ge=0)
     val_inference_steps: int = Field(30, ge=1)
     val_guidance_scale: float = 5.0
+    # collective timeout (minutes) for every rank: long enough for the main process's validation
+    # while the others wait at the barrier after it (checkpoints are written in the background)
+    distributed_timeout_minutes: int = Field(60, ge=1)
+    export_pipeline: bool = True  # a finished run writes OUTPUT/pipeline (save_pretrained: the whole model, ~12 GB for sdxl)
 
 
 class Config(_Strict):
@@ -137,15 +153,35 @@ def parse_override(text: str) -> tuple[str, object]:
     return key.strip(), yaml.safe_load(raw)
 
 
-def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a preset by name (``tiny``, ``sdxl``) or a YAML file, then apply overrides."""
+def _merge(base: dict, top: dict) -> dict:
+    merged = dict(base)
+    for key, value in top.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def _read_tree(name_or_path: str, seen: tuple = ()) -> dict:
+    """A YAML config; ``extends: NAME`` starts from another preset (e.g. the card-size presets
+    change only batch, accumulation and checkpointing of ``sdxl``)."""
     path = Path(name_or_path)
     if not path.suffix:
         path = CONFIG_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
         presets = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
         raise FileNotFoundError(f"config {name_or_path!r} not found (presets: {presets}; or a YAML path)")
+    if path.resolve() in seen:
+        raise ValueError(f"config {path} extends itself")
     tree = yaml.safe_load(path.read_text()) or {}
+    parent = tree.pop("extends", None)
+    if parent is None:
+        return tree
+    return _merge(_read_tree(str(parent), (*seen, path.resolve())), tree)
+
+
+def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a preset by name (``tiny``, ``sdxl``, ``sdxl-80gb``, ``sdxl-40gb``) or a YAML file,
+    then apply overrides."""
+    tree = _read_tree(name_or_path)
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(tree, key, value)

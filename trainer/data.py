@@ -325,14 +325,21 @@ def decode_image(data: bytes, what: str) -> Image.Image:
         raise CorruptSample(f"{what} does not decode ({exn})") from None
 
 
-def decode_example(spec: ExampleSpec, resolution: int, clip_size: int) -> dict:
-    """Decoded arrays of one example (see the module docstring)."""
-    target = spec.target
-    where = f"sample {target.key} in {target.shard}"
-    image = decode_image(target.image, f"{where}: {target.key}.jpg")
-    left, top, side = square_crop(image.width, image.height, target.meta["box"])
+def target_crop(target: Record, resolution: int) -> tuple[Image.Image, tuple[int, int, int], np.ndarray]:
+    """The decoded image, its square crop around the face (left, top, side) and the crop resized
+    to the training resolution (uint8 CHW): the VAE's input, here and in the precompute pass."""
+    image = decode_image(target.image, f"sample {target.key} in {target.shard}: {target.key}.jpg")
+    box = target.meta["box"]
+    left, top, side = square_crop(image.width, image.height, box)
     crop = image.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
-    pixels = np.asarray(crop, dtype=np.uint8).transpose(2, 0, 1).copy()
+    return image, (left, top, side), np.asarray(crop, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+def decode_example(spec: ExampleSpec, resolution: int, clip_size: int, cache=None) -> dict:
+    """Decoded arrays of one example (see the module docstring); with a precompute ``cache``
+    (trainer/precompute.py) also the cached latents and features under ``cached``."""
+    target = spec.target
+    image, (left, top, side), pixels = target_crop(target, resolution)
     landmarks = to_crop(target.landmarks, left, top, side, resolution)
     condition = np.asarray(render_landmarks(landmarks, resolution), dtype=np.uint8).transpose(2, 0, 1).copy()
     faces = []
@@ -340,7 +347,7 @@ def decode_example(spec: ExampleSpec, resolution: int, clip_size: int) -> dict:
         face = decode_image(ref.face, f"sample {ref.key} in {ref.shard}: {ref.key}.face.jpg")
         faces.append(face_pixels(face, clip_size))
     scale = resolution / side
-    return {
+    example = {
         "pixels": pixels,
         "landmark_image": condition,
         "landmarks": landmarks,
@@ -354,7 +361,12 @@ def decode_example(spec: ExampleSpec, resolution: int, clip_size: int) -> dict:
         "identity_id": target.identity_id,
         "key": target.key,
         "reference_keys": [r.key for r in spec.references],
+        # the face crop is smaller than the training resolution: scaled up, never silently (counted)
+        "upsampled": side < resolution,
     }
+    if cache is not None and (cached := cache.example(target, spec.references)) is not None:
+        example["cached"] = cached
+    return example
 
 
 def collate(examples: list[dict]) -> dict:
@@ -364,10 +376,12 @@ def collate(examples: list[dict]) -> dict:
     }
     for name in ("caption", "identity_id", "key", "landmarks", "reference_keys"):
         batch[name + "s" if not name.endswith("s") else name] = [e[name] for e in examples]
+    if all("cached" in e for e in examples):
+        batch["cached"] = {k: torch.stack([e["cached"][k] for e in examples]) for k in examples[0]["cached"]}
     return batch
 
 
-def _skip_then_decode(batches, skip: int, stats: Stats, resolution: int, clip_size: int, worker: int, workers: int):
+def _skip_then_decode(batches, skip: int, stats: Stats, resolution: int, clip_size: int, worker: int, workers: int, cache=None):
     position = skip  # this worker's batch number in the epoch; the loader's index is position * workers + worker
     for index, specs in enumerate(batches):
         if index < skip:
@@ -377,9 +391,12 @@ def _skip_then_decode(batches, skip: int, stats: Stats, resolution: int, clip_si
         examples = []
         for spec in specs:
             try:
-                examples.append(decode_example(spec, resolution, clip_size))
+                examples.append(decode_example(spec, resolution, clip_size, cache))
             except CorruptSample as exn:
                 stats.count("undecodable_image", str(exn), key=f"{spec.target.shard}/{spec.target.key}")
+                continue
+            if examples[-1]["upsampled"]:
+                stats.count("upsampled_target")
         if not examples:
             continue
         while len(examples) < len(specs):
@@ -440,8 +457,10 @@ class IdentityStream(torch.utils.data.IterableDataset):
         examples_per_identity: int = 1,
         shuffle_buffer: int = 64,
         holdout_fraction: float = 0.0,
+        cache=None,
     ):
         super().__init__()
+        self.cache = cache  # trainer.precompute.Cache or None
         self.urls = list_shards(shards)
         self.resolution = resolution
         self.clip_size = clip_size
@@ -514,6 +533,7 @@ class IdentityStream(torch.utils.data.IterableDataset):
                 clip_size=self.clip_size,
                 worker=worker,
                 workers=self.workers,
+                cache=self.cache,
             ),
         ).with_epoch(self.batches_per_worker - skip)
         yield from pipeline

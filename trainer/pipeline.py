@@ -6,8 +6,12 @@ crops through the CLIP vision encoder, plus identity embeddings) into multi-face
 the prompt and, through the decoupled face attention, the tokens too. Classifier-free guidance
 contrasts that with the empty prompt and zero face tokens, the pair the training dropout taught.
 
-``HiFiPortraitPipeline.from_checkpoint(folder)`` loads the base from where the trainer recorded it
-and the trained parts from the checkpoint. From photos::
+``HiFiPortraitPipeline.from_checkpoint(folder, base=None)`` loads the base from where the trainer
+recorded it (or from ``base``) and the trained parts from the checkpoint.
+``pipe.save_pretrained(DIR)`` writes a complete pipeline folder (``model_index.json``, every
+component, ``face_attention.safetensors`` and ``hifi_portrait.json``), and
+``HiFiPortraitPipeline.from_pretrained(DIR, base=None)`` restores it, face attention included, or
+fails naming what is missing. From photos::
 
     reader = FaceReader.from_record(run_faces)                    # the build's face settings
     refs = analyse_photos(reference_photos, reader)                # crops, landmarks, embeddings
@@ -27,7 +31,8 @@ from diffusers import schedulers as diffusers_schedulers
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
-from safetensors.torch import load_file
+from diffusers.models.attention_processor import AttnProcessor2_0
+from safetensors.torch import load_file, save_file
 
 from trainer.checkpoint import load_state, resolve_checkpoint
 from trainer.components import load_base, vae_scale_factor
@@ -71,15 +76,22 @@ def driving_landmarks(driving: np.ndarray, references: list, size: int, points: 
     return five_from_68(landmarks).astype(np.float32) if points == 5 and len(landmarks) == 68 else landmarks
 
 
-def base_folders(state: dict, checkpoint: Path) -> tuple[Path, Path]:
+PIPELINE_FILE = "hifi_portrait.json"
+FACE_FILE = "face_attention.safetensors"
+
+
+def base_folders(state: dict, checkpoint: Path, base: str | Path | None = None, image_encoder: str | Path | None = None) -> tuple[Path, Path]:
     """The base model and image encoder folders a checkpoint was trained on (paths inside the
-    run folder are stored relative to it, so a run folder can move)."""
+    run folder are stored relative to it, so a run folder can move); ``base`` / ``image_encoder``
+    override them (default encoder with a base override: BASE/image_encoder)."""
+    if base is not None:
+        return Path(base), Path(image_encoder) if image_encoder else Path(base) / "image_encoder"
     run = checkpoint.parent.parent
     folders = []
     for key in ("base_model", "image_encoder"):
         path = Path(state[key])
         folders.append(path if path.is_absolute() else run / path)
-    return folders[0], folders[1]
+    return folders[0], Path(image_encoder) if image_encoder else folders[1]
 
 
 class HiFiPortraitPipeline(DiffusionPipeline):
@@ -107,44 +119,112 @@ class HiFiPortraitPipeline(DiffusionPipeline):
     # ------------------------------------------------------------ loading
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    def from_checkpoint(
+        cls, checkpoint: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+        base: str | Path | None = None, image_encoder: str | Path | None = None,
+    ):
         folder = resolve_checkpoint(checkpoint)
         state = load_state(folder)
-        model_dir, encoder_dir = base_folders(state, folder)
-        base = load_base(model_dir, encoder_dir, variant=state["config"]["model"].get("variant"))
+        model_dir, encoder_dir = base_folders(state, folder, base, image_encoder)
+        variant = state["config"]["model"].get("variant") if base is None else None
+        vae_dir = state["config"]["model"].get("vae") if base is None else None
+        settings = {
+            "face_attention": state["face_attention"],
+            "clip_layer": state["config"]["refiner"]["clip_layer"],
+            "conditioning_scale": state["config"]["hifinet"]["controlnet_conditioning_scale"],
+            "landmark_points": state.get("landmark_points", 68),
+            "training_resolution": state["config"]["data"]["resolution"],
+        }
+        return cls._assemble(model_dir, encoder_dir, folder, settings, device, dtype, variant=variant, vae_dir=vae_dir)
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+        base: str | Path | None = None, image_encoder: str | Path | None = None, **unused,
+    ):
+        """A folder written by ``save_pretrained``; ``base`` (a diffusers SDXL folder, its
+        image encoder at BASE/image_encoder unless ``image_encoder``) replaces the frozen parts."""
+        if unused:
+            raise TypeError(f"HiFiPortraitPipeline.from_pretrained takes device, dtype, base, image_encoder; not {sorted(unused)}")
+        folder = Path(folder)
+        settings_file = folder / PIPELINE_FILE
+        if not settings_file.is_file():
+            raise FileNotFoundError(f"{folder} is not a HiFiPortraitPipeline folder: no {PIPELINE_FILE} (written by save_pretrained)")
+        settings = json.loads(settings_file.read_text())
+        model_dir = Path(base) if base else folder
+        encoder_dir = Path(image_encoder) if image_encoder else model_dir / "image_encoder"
+        return cls._assemble(model_dir, encoder_dir, folder, settings, device, dtype)
+
+    @classmethod
+    def _assemble(cls, model_dir, encoder_dir, trained: Path, settings: dict, device, dtype, variant=None, vae_dir=None):
+        """The frozen base from ``model_dir``/``encoder_dir``, the trained parts from ``trained``."""
+        base = load_base(model_dir, encoder_dir, variant=variant, vae_dir=vae_dir)
         dtype = dtype or torch.float32
         for module in base.frozen_modules().values():
             module.to(device=device, dtype=dtype)
-        face = state["face_attention"]
+        face = settings["face_attention"]
         if face["processors"]:
+            face_file = trained / FACE_FILE
+            if not face_file.is_file():
+                raise FileNotFoundError(f"{face_file} missing: the model was trained with face attention in {len(face['processors'])} layers")
             processors = install_face_attention(base.unet, face["num_tokens"], face["scale"])
-            weights = load_file(folder / "face_attention.safetensors")
-            torch.nn.ModuleDict({processor_key(k): v for k, v in processors.items()}).load_state_dict(weights, strict=True)
-        controlnet = ControlNetModel.from_pretrained(folder / "controlnet", use_safetensors=True).to(device)
-        refiner = FaceRefiner.from_pretrained(folder / "face_refiner", use_safetensors=True).to(device)
+            if sorted(processors) != sorted(face["processors"]):
+                raise ValueError(f"{trained}: face attention layers {len(face['processors'])} do not match the base UNet's {len(processors)}")
+            modules = torch.nn.ModuleDict({processor_key(k): v for k, v in processors.items()})
+            modules.load_state_dict(load_file(face_file), strict=True)
+            modules.to(device)
+        controlnet = ControlNetModel.from_pretrained(trained / "controlnet", use_safetensors=True).to(device)
+        refiner = FaceRefiner.from_pretrained(trained / "face_refiner", use_safetensors=True).to(device)
         scheduler_config = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())
         scheduler_class = getattr(diffusers_schedulers, scheduler_config.get("_class_name", "EulerDiscreteScheduler"))
         pipe = cls(
-            base.vae,
-            base.text_encoder,
-            base.text_encoder_2,
-            base.tokenizer,
-            base.tokenizer_2,
-            base.unet,
-            controlnet,
-            refiner,
-            base.image_encoder,
-            scheduler_class.from_config(scheduler_config),
+            base.vae, base.text_encoder, base.text_encoder_2, base.tokenizer, base.tokenizer_2, base.unet,
+            controlnet, refiner, base.image_encoder, scheduler_class.from_config(scheduler_config),
         )
-        pipe.clip_layer = state["config"]["refiner"]["clip_layer"]
-        pipe.conditioning_scale = state["config"]["hifinet"]["controlnet_conditioning_scale"]
-        pipe.landmark_points = state.get("landmark_points", 68)
-        pipe.training_resolution = state["config"]["data"]["resolution"]
+        pipe.clip_layer = settings["clip_layer"]
+        pipe.conditioning_scale = settings["conditioning_scale"]
+        pipe.landmark_points = settings.get("landmark_points", 68)
+        pipe.training_resolution = settings.get("training_resolution")
         return pipe
 
+    def face_settings(self) -> dict:
+        processors = self._face_processors()
+        first = next(iter(processors.values()), None)
+        return {
+            "face_attention": {
+                "num_tokens": first.num_face_tokens if first else 0,
+                "scale": first.scale if first else 0.0,
+                "processors": sorted(processors),
+            },
+            "clip_layer": self.clip_layer,
+            "conditioning_scale": self.conditioning_scale,
+            "landmark_points": getattr(self, "landmark_points", 68),
+            "training_resolution": getattr(self, "training_resolution", None),
+        }
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
+        """Every component as diffusers writes them (``model_index.json`` included), plus the face
+        attention weights and ``hifi_portrait.json``. The UNet is written with its own attention
+        processors, so its folder is a plain SDXL UNet."""
+        folder = Path(save_directory)
+        processors = dict(self.unet.attn_processors)
+        face = self._face_processors()
+        settings = self.face_settings()
+        self.unet.set_attn_processor(AttnProcessor2_0())
+        try:
+            super().save_pretrained(folder, safe_serialization=True, **kwargs)
+        finally:
+            self.unet.set_attn_processor(processors)
+        if face:
+            weights = {f"{processor_key(n)}.{k}": v.detach().contiguous().cpu() for n, p in face.items() for k, v in p.state_dict().items()}
+            save_file(weights, folder / FACE_FILE)
+        (folder / PIPELINE_FILE).write_text(json.dumps(settings, indent=1) + "\n")
+
+    def _face_processors(self) -> dict:
+        return {name: proc for name, proc in self.unet.attn_processors.items() if hasattr(proc, "to_k_face")}
+
     def _net(self) -> HiFiNet:
-        processors = {name: proc for name, proc in self.unet.attn_processors.items() if hasattr(proc, "to_k_face")}
-        net = HiFiNet(self.controlnet, self.face_refiner, processors)
+        net = HiFiNet(self.controlnet, self.face_refiner, self._face_processors())
         net.attach_unet(self.unet)
         return net
 

@@ -10,10 +10,11 @@ Top to bottom, one run:
    ``accelerate.Accelerator`` (bf16/fp16 autocast on GPU, fp32 on CPU, gloo on CPU, NCCL on GPU).
 2. the frozen base from local folders (``tiny`` builds one from a seed into ``OUTPUT/base``),
    HiFi-Net built on it (ControlNet from the UNet, face refiner, face attention), gradient
-   checkpointing, AdamW on the trained parameters only, LR warm-up and schedule.
+   checkpointing (ControlNet and frozen UNet switched separately), AdamW (or 8-bit AdamW) over one
+   parameter group per trained part (trainer/optim.py), LR warm-up and schedule.
 3. the identity stream (``trainer/data.py``), one per process, resampled and split by rank and
    worker so every rank takes the same number of steps.
-4. each step: VAE latents of the target, noise and timestep from a seeded generator, prompt /
+4. each step: VAE latents of the target (or the precompute cache's, trainer/precompute.py), noise and timestep from a seeded generator, prompt /
    face / joint dropout for classifier-free guidance (IP-Adapter's scheme), the noise-prediction
    MSE, backward (gradient accumulation through ``accelerator.accumulate``), clipping, step.
 5. every N steps and at the end: a checkpoint (safetensors + JSON, no pickle), validation on
@@ -23,16 +24,21 @@ Top to bottom, one run:
 
 ``--resume latest`` restores weights, optimizer, LR schedule, grad scaler, every rank's RNG and
 the data position, so the continued run repeats what an uninterrupted one would have done (on CPU
-the loss sequence is identical; tests/test_trainer_train.py checks it).
+the loss sequence is identical; tests/test_trainer_train.py checks it). ``--relaxed`` continues
+with another process count or loader layout (warned: not exact); ``--init-from CKPT`` takes the
+trained weights only. Checkpoints are written by a background thread of the main process
+(trainer/checkpoint.py); every collective waits ``train.distributed_timeout_minutes``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -63,7 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", default=None, help="local diffusers SDXL folder (config sdxl)")
     parser.add_argument("--image-encoder", default=None, help="local CLIP vision folder (default MODEL/image_encoder)")
     parser.add_argument("--max-steps", type=int, default=None, help="override train.max_steps")
-    parser.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    parser.add_argument("--resume", default=None, help="'latest' or a checkpoint folder: weights, optimizer, schedule, RNG and data position")
+    parser.add_argument("--relaxed", action="store_true", help="with --resume: continue although the process count or loader layout changed (warns what is no longer exact)")
+    parser.add_argument("--init-from", default=None, metavar="CKPT", help="start at step 0 from the trained weights of a checkpoint (no optimizer, schedule or data position)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="config override")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: cores left by workers)")
     parser.add_argument("--stop-after", type=int, default=None, help="stop after this step as if interrupted (tests)")
@@ -91,6 +99,17 @@ def condition_dropout(u: torch.Tensor, prompt: float, face: float, joint: float)
     drop_prompt = (u < prompt) | ((u >= prompt + face) & (u < prompt + face + joint))
     drop_face = (u >= prompt) & (u < prompt + face + joint)
     return drop_prompt, drop_face
+
+
+def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the network learns to predict: the noise (epsilon), or the velocity for a
+    v-prediction scheduler (SDXL variants trained so)."""
+    kind = scheduler.config.prediction_type
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    if kind == "epsilon":
+        return noise
+    raise ValueError(f"scheduler prediction_type {kind!r} is not supported (epsilon, v_prediction)")
 
 
 def flat_config(tree: dict, prefix: str = "") -> dict:
@@ -134,8 +153,10 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
 
     def setup(self) -> None:
+        from datetime import timedelta
+
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+        from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
 
         cfg = self.cfg
         on_gpu = torch.cuda.is_available()
@@ -149,9 +170,20 @@ class Trainer:
             log_with="tensorboard",
             project_config=ProjectConfiguration(project_dir=str(self.output), logging_dir=str(self.output / "logs")),
             # gradients live in DDP's communication buckets instead of a second full copy (1.7B trained params on SDXL)
-            kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)],
+            kwargs_handlers=[
+                DistributedDataParallelKwargs(gradient_as_bucket_view=True),
+                # every collective (and the barrier after the main process's validation) waits this long
+                InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.train.distributed_timeout_minutes)),
+            ],
         )
         acc = self.accelerator
+        from accelerate.utils import DistributedType
+
+        # DeepSpeed ZeRO / FSDP shard the optimizer state: checkpoints then hold no optimizer (see save)
+        self.sharded_optimizer = acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+        if acc.distributed_type == DistributedType.DEEPSPEED:
+            # the loader is not prepared by accelerate, so DeepSpeed learns the micro-batch here
+            acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
         self.rank, self.world = acc.process_index, acc.num_processes
         self.device = acc.device
         self.weight_dtype = DTYPES[self.mixed_precision]
@@ -189,7 +221,7 @@ class Trainer:
 
         cfg = self.cfg
         self.base_dir, self.encoder_dir = self._base_folders()
-        base = load_base(self.base_dir, self.encoder_dir, variant=cfg.model.variant)
+        base = load_base(self.base_dir, self.encoder_dir, variant=cfg.model.variant, vae_dir=cfg.model.vae)
         self.base = base
         torch.manual_seed(cfg.train.seed)
         # the ControlNet copies the UNet's weights before the UNet is cast to the weight dtype
@@ -211,8 +243,10 @@ class Trainer:
         net.refiner.to(self.device)
         if cfg.train.gradient_checkpointing:
             net.controlnet.enable_gradient_checkpointing()
+        if cfg.train.unet_gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()  # frozen, but the backward pass runs through it
         self.noise_scheduler = DDPMScheduler.from_config(base.scheduler_config)
+        self.vae_factor = vae_scale_factor(base.vae)
         self.net = net
         self.split = parameter_split(net, base.frozen_modules())
         if self.accelerator.is_main_process:
@@ -223,11 +257,10 @@ class Trainer:
     def _setup_optimizer(self) -> None:
         from diffusers.optimization import get_scheduler
 
+        from trainer.optim import make_optimizer
+
         t = self.cfg.train
-        params = [p for p in self.net.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay, eps=t.adam_epsilon
-        )
+        optimizer = make_optimizer(self.net, t)
         # stepped once per optimizer step by this loop (not prepared: accelerate would step it once per process)
         self.lr_scheduler = get_scheduler(
             t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps
@@ -236,7 +269,10 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(mix_seed(t.seed, "noise", self.rank) % 2**63)
 
     def _setup_data(self) -> None:
+        from trainer.precompute import Cache, fingerprint
+
         d = self.cfg.data
+        cache = Cache.find(list_shards(self.shards), d.resolution, fingerprint(self.cfg)) if d.use_cache else None
         self.stream = IdentityStream(
             self.shards,
             resolution=d.resolution,
@@ -251,52 +287,76 @@ class Trainer:
             examples_per_identity=d.examples_per_identity,
             shuffle_buffer=d.shuffle_buffer,
             holdout_fraction=d.holdout_fraction,
+            cache=cache,
         )
 
     # ------------------------------------------------------------------ one step
 
-    def loss(self, batch: dict) -> torch.Tensor:
+    def draw(self, size: int) -> dict:
+        """This step's randomness, drawn in a fixed order from this rank's generator: dropout
+        choices, timesteps, the VAE posterior sample and the noise."""
+        g, d = self.generator, self.cfg.data
+        factor = self.vae_factor
+        shape = (size, self.base.vae.config.latent_channels, d.resolution // factor, d.resolution // factor)
+        return {
+            "choice": torch.rand(size, generator=g),
+            "timesteps": torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (size,), generator=g),
+            "eps": torch.randn(shape, generator=g),
+            "noise": torch.randn(shape, generator=g),
+        }
+
+    def conditions(self, batch: dict, drop_prompt: torch.Tensor) -> dict:
+        """Latent posterior of the target, prompt embeddings and CLIP features of the references:
+        from the precompute cache when the batch carries it, else from the frozen encoders."""
         from trainer.conditioning import encode_prompts, encode_reference_crops, model_inputs
 
-        base, t, device = self.base, self.cfg.train, self.device
-        g = self.generator
-        size = batch["pixels"].shape[0]
+        base, device = self.base, self.device
+        cached = batch.get("cached")
+        if cached is not None:
+            keep = (~drop_prompt).to(device)
+            return {
+                "mean": cached["latent_mean"].to(device).float(),
+                "std": cached["latent_std"].to(device).float(),
+                # a dropped prompt is the empty one, which SDXL encodes as zeros (as encode_prompts does)
+                "prompt_embeds": cached["prompt_embeds"].to(device, self.weight_dtype) * keep[:, None, None].to(self.weight_dtype),
+                "pooled": cached["pooled"].to(device, self.weight_dtype) * keep[:, None].to(self.weight_dtype),
+                "clip_hidden": cached["clip_hidden"].to(device, self.weight_dtype),
+            }
         inputs = model_inputs(batch, device)
-        # all randomness first, in a fixed order, from this rank's generator
-        choice = torch.rand(size, generator=g)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (size,), generator=g)
-        drop_prompt, drop_face = condition_dropout(choice, t.prompt_dropout, t.face_dropout, t.joint_dropout)
+        posterior = base.vae.encode(inputs["pixels"].to(self.vae_dtype)).latent_dist
+        captions = ["" if drop else caption for caption, drop in zip(batch["captions"], drop_prompt.tolist())]
+        prompt_embeds, pooled = encode_prompts(
+            (base.tokenizer, base.tokenizer_2), (base.text_encoder, base.text_encoder_2), captions, device
+        )
+        clip_hidden = encode_reference_crops(
+            base.image_encoder, inputs["reference_pixels"].to(self.weight_dtype), self.cfg.refiner.clip_layer
+        )
+        return {"mean": posterior.mean.float(), "std": posterior.std.float(), "prompt_embeds": prompt_embeds,
+                "pooled": pooled, "clip_hidden": clip_hidden}
+
+    def loss(self, batch: dict, draws: dict | None = None) -> torch.Tensor:
+        base, t, device = self.base, self.cfg.train, self.device
+        draws = draws or self.draw(batch["pixels"].shape[0])
+        drop_prompt, drop_face = condition_dropout(draws["choice"], t.prompt_dropout, t.face_dropout, t.joint_dropout)
         with torch.no_grad():
-            posterior = base.vae.encode(inputs["pixels"].to(self.vae_dtype)).latent_dist
-            eps = torch.randn(posterior.mean.shape, generator=g).to(device)
-            latents = (posterior.mean.float() + posterior.std.float() * eps) * base.vae.config.scaling_factor
-            noise = torch.randn(latents.shape, generator=g).to(device)
-            captions = ["" if drop else caption for caption, drop in zip(batch["captions"], drop_prompt.tolist())]
-            prompt_embeds, pooled = encode_prompts(
-                (base.tokenizer, base.tokenizer_2), (base.text_encoder, base.text_encoder_2), captions, device
-            )
-            clip_hidden = encode_reference_crops(
-                base.image_encoder, inputs["reference_pixels"].to(self.weight_dtype), self.cfg.refiner.clip_layer
-            )
-        timesteps = timesteps.to(device)
+            cond = self.conditions(batch, drop_prompt)
+            latents = (cond["mean"] + cond["std"] * draws["eps"].to(device)) * base.vae.config.scaling_factor
+            noise = draws["noise"].to(device)
+        timesteps = draws["timesteps"].to(device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         prediction = self.model(
             noisy,
             timesteps,
-            prompt_embeds,
-            pooled,
+            cond["prompt_embeds"],
+            cond["pooled"],
             batch["time_ids"].to(device, self.weight_dtype),
-            inputs["landmark_image"].to(self.weight_dtype),
-            clip_hidden=clip_hidden,
+            (batch["landmark_image"].to(device).float() / 255.0).to(self.weight_dtype),
+            clip_hidden=cond["clip_hidden"],
             id_embeds=batch["reference_embeddings"].to(device),
             face_keep=(~drop_face).to(device),
             conditioning_scale=self.cfg.hifinet.controlnet_conditioning_scale,
         )
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
-        return F.mse_loss(prediction.float(), target.float())
+        return F.mse_loss(prediction.float(), diffusion_target(self.noise_scheduler, latents, noise, timesteps).float())
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -340,23 +400,42 @@ class Trainer:
             },
         }
 
-    def save(self) -> Path | None:
+    def save(self) -> Path:
+        """A checkpoint of this step, written in the background by the main process (see
+        trainer/checkpoint.py): the other ranks pass one barrier and write their RNG file."""
         acc = self.accelerator
+        self.finish_writing()  # one checkpoint in flight at a time
         tmp = ckpt.checkpoint_root(self.output) / f".tmp-step-{self.step:07d}"
         if acc.is_main_process:
             ckpt.begin(self.output, self.step)
-            ckpt.save_main(tmp, acc.unwrap_model(self.model), self.optimizer.optimizer, self.state())
-        acc.wait_for_everyone()
+        acc.wait_for_everyone()  # the folder exists for every rank
         ckpt.save_rank_rng(tmp, self.rank, self.generator)
-        acc.wait_for_everyone()
-        final = None
         if acc.is_main_process:
-            final = ckpt.finish(self.output, tmp, self.step, self.cfg.train.keep_checkpoints)
-            log.info("checkpoint %s", final)
-        acc.wait_for_everyone()
-        return final
+            optimizer = None if self.sharded_optimizer else self.optimizer.optimizer
+            snap = ckpt.snapshot(acc.unwrap_model(self.model), optimizer, self.state())
+            self.writer = threading.Thread(target=self._write, args=(tmp, snap, self.step), name="checkpoint-writer")
+            self.writer.start()
+        return ckpt.checkpoint_root(self.output) / f"step-{self.step:07d}"
 
-    def resume(self, where: str) -> None:
+    def _write(self, tmp: Path, snap: dict, step: int) -> None:
+        try:
+            ckpt.write_snapshot(tmp, snap)
+            ckpt.wait_for_rank_files(tmp, self.world, timeout=60.0 * self.cfg.train.distributed_timeout_minutes)
+            final = ckpt.finish(self.output, tmp, step, self.cfg.train.keep_checkpoints)
+            log.info("checkpoint %s", final)
+        except Exception as exn:  # reported by finish_writing on the training thread
+            self.write_error = exn
+
+    def finish_writing(self) -> None:
+        writer = getattr(self, "writer", None)
+        if writer is not None:
+            writer.join()
+            self.writer = None
+        error, self.write_error = getattr(self, "write_error", None), None
+        if error is not None:
+            raise RuntimeError(f"writing a checkpoint failed: {error}") from error
+
+    def resume(self, where: str, relaxed: bool = False) -> None:
         try:
             folder = ckpt.resolve_checkpoint(where, self.output)
         except FileNotFoundError:
@@ -365,28 +444,53 @@ class Trainer:
                 return
             raise
         state = ckpt.load_state(folder)
-        if state["world_size"] != self.world or state["epoch_length"] != self.stream.epoch_length:
+        changed = []
+        if state["world_size"] != self.world:
+            changed.append(f"{state['world_size']} -> {self.world} processes")
+        if state["epoch_length"] != self.stream.epoch_length:
+            changed.append(f"{state['epoch_length']} -> {self.stream.epoch_length} batches per epoch (num_workers, batches_per_epoch)")
+        if not (folder / "optimizer.safetensors").is_file():
+            changed.append("no optimizer state in the checkpoint (written under DeepSpeed/FSDP): AdamW's moments restart")
+        if changed and not relaxed:
             raise ValueError(
-                f"{folder} was written by {state['world_size']} process(es) with {state['epoch_length']} batches "
-                f"per epoch; this run has {self.world} and {self.stream.epoch_length}: the data position "
-                "cannot continue exactly (use the same process count, num_workers and batches_per_epoch)"
+                f"{folder} cannot continue exactly: {'; '.join(changed)}. Use the same layout, or add --relaxed "
+                "to continue anyway, or --init-from to start from its weights"
             )
-        ckpt.load_trained_parts(self.accelerator.unwrap_model(self.model), folder)
-        self.optimizer.load_state_dict(ckpt.optimizer_from_files(*self._optimizer_files(folder)))
+        self._load_weights(folder)
+        if (folder / "optimizer.safetensors").is_file() and not self.sharded_optimizer:
+            ckpt.load_optimizer(folder, self.optimizer.optimizer, self.device)
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if state["scaler"] is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
-        ckpt.load_rank_rng(folder, self.rank, self.generator)
         self.step, self.batches_seen = state["step"], state["batches_seen"]
         self.data_counts = dict(state.get("data_counts") or {})
+        if changed:
+            # a fresh, rank-specific noise stream; the data stream restarts at the same batch count in the new layout
+            self.generator.manual_seed(mix_seed(self.cfg.train.seed, "noise", self.rank, "resumed", self.step) % 2**63)
+            if self.accelerator.is_main_process:
+                log.warning(
+                    "--relaxed resume from %s at step %d with %s: weights, optimizer, LR schedule and step continue; "
+                    "the data order and the noise differ from an uninterrupted run (not exact)",
+                    folder, self.step, "; ".join(changed),
+                )
+        else:
+            ckpt.load_rank_rng(folder, self.rank, self.generator)
         if self.accelerator.is_main_process:
             log.info("resumed from %s at step %d", folder, self.step)
 
-    @staticmethod
-    def _optimizer_files(folder: Path) -> tuple[dict, dict]:
-        from safetensors.torch import load_file
+    def init_from(self, where: str) -> None:
+        """The trained weights of a checkpoint, nothing else: step 0, fresh optimizer and schedule."""
+        folder = ckpt.resolve_checkpoint(where, self.output)
+        self._load_weights(folder)
+        if self.accelerator.is_main_process:
+            log.info("initialised the trained parts from %s (weights only; starting at step 0)", folder)
 
-        return load_file(folder / "optimizer.safetensors"), json.loads((folder / "optimizer.json").read_text())
+    def _load_weights(self, folder: Path) -> None:
+        try:
+            ckpt.load_trained_parts(self.accelerator.unwrap_model(self.model), folder)
+        except RuntimeError as exn:  # shape or key mismatch from load_state_dict
+            first = str(exn).splitlines()
+            raise ValueError(f"{folder}: weights do not fit this config ({' '.join(first[:2])[:300]})") from None
 
     # ------------------------------------------------------------------ validation
 
@@ -405,6 +509,15 @@ class Trainer:
         pipe.clip_layer = self.cfg.refiner.clip_layer
         pipe.conditioning_scale = self.cfg.hifinet.controlnet_conditioning_scale
         return pipe
+
+    def export_pipeline(self, folder: Path) -> Path:
+        """The finished model as a complete diffusers pipeline folder (HiFiPortraitPipeline.from_pretrained)."""
+        pipe = self.pipeline()
+        pipe.landmark_points = self.probe["landmark_points"]
+        pipe.training_resolution = self.cfg.data.resolution
+        pipe.save_pretrained(folder)
+        log.info("pipeline folder %s", folder)
+        return folder
 
     def _examples(self, heldout: bool | None) -> list[dict]:
         d = self.cfg.data
@@ -468,7 +581,7 @@ class Trainer:
             self.data_counts[reason] = self.data_counts.get(reason, 0) + count
         self.shards_read.update(batch["shards"])
 
-    def _write_rank_file(self, finished: bool) -> None:
+    def _write_rank_file(self, finished: bool, digest: str) -> None:
         folder = self.output / "ranks"
         folder.mkdir(exist_ok=True)
         (folder / f"rank{self.rank}.json").write_text(
@@ -481,11 +594,38 @@ class Trainer:
                     "finished": finished,
                     "shards_read": sorted(self.shards_read),
                     "data_counts": self.data_counts,
+                    "parameter_digest": digest,
                 },
                 indent=1,
             )
             + "\n"
         )
+
+    def parameter_digest(self) -> str:
+        """sha256 of the trained parameters: equal on every rank while DDP keeps them in sync."""
+        digest = hashlib.sha256()
+        for name, value in sorted(self.accelerator.unwrap_model(self.model).state_dict().items()):
+            digest.update(name.encode())
+            digest.update(value.detach().float().cpu().numpy().tobytes())
+        return digest.hexdigest()
+
+    def _check_ranks_agree(self, digest: str) -> None:
+        """Ranks whose trained weights differ have stopped synchronising gradients: say so loudly."""
+        from accelerate.utils import gather_object
+
+        digests = gather_object([digest]) if self.world > 1 else [digest]
+        if len(set(digests)) > 1 and self.accelerator.is_main_process:
+            log.error("trained parameters differ between ranks (digests %s): gradients were not synchronised", digests)
+
+    def _report_upsampling(self) -> None:
+        upsampled = self.data_counts.get("upsampled_target", 0)
+        if upsampled and self.accelerator.is_main_process:
+            examples = self.batches_seen * self.cfg.data.batch_size
+            log.warning(
+                "%d of ~%d targets on rank 0 were upsampled to %d px (their face crop is smaller): store "
+                "images with the short side >= the training resolution (shard stage resize: short_side)",
+                upsampled, examples, self.cfg.data.resolution,
+            )
 
     # ------------------------------------------------------------------ the loop
 
@@ -525,8 +665,12 @@ class Trainer:
         self.bar.close()
         if self.last_saved != self.step:
             self.save()
+        self.finish_writing()
         finished = self.step >= t.max_steps
-        self._write_rank_file(finished)
+        digest = self.parameter_digest()
+        self._write_rank_file(finished, digest)
+        self._check_ranks_agree(digest)
+        self._report_upsampling()
         summary = {"step": self.step, "finished": finished, "data_counts": self.data_counts}
         if finished and acc.is_main_process:
             summary.update(self._final_outputs())
@@ -582,6 +726,8 @@ class Trainer:
     def _final_outputs(self) -> dict:
         metrics, images = self.validate()
         out = {"validation": metrics, "loss_curve": str(loss_curve(self.output / "metrics.jsonl", self.output / "loss.png"))}
+        if self.cfg.train.export_pipeline:
+            out["pipeline"] = str(self.export_pipeline(self.output / "pipeline"))
         examples = self.validator.examples if self.validator and self.validator.examples else []
         if self.cfg.train.val_identities == 0:
             log.info("train.val_identities is 0: no validation and no sample grid")
@@ -633,8 +779,14 @@ def main(argv=None) -> dict:
     trainer = Trainer(cfg, output, args.shards, threads=args.threads, faces=args.faces)
     try:
         trainer.setup()
+        if args.resume and args.init_from:
+            raise ValueError("--resume and --init-from exclude each other")
+        if args.relaxed and not args.resume:
+            raise ValueError("--relaxed goes with --resume")
         if args.resume:
-            trainer.resume(args.resume)
+            trainer.resume(args.resume, relaxed=args.relaxed)
+        elif args.init_from:
+            trainer.init_from(args.init_from)
     except (FileNotFoundError, ValueError) as exn:
         raise SystemExit(f"error: {exn}") from None
     return trainer.train(stop_after=args.stop_after)

@@ -15,11 +15,12 @@ import math
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from datakit import registry, schema
 from datakit.audit.folder import IDENTITIES, IMAGES, MEMBERS, SHARDS, AuditError, OutputFolder
-from datakit.store import BULK_COLUMNS, ITEMS, read_schema, read_table
+from datakit.store import ITEMS, read_schema, read_table
 
 DECISIONS = ("status", "drop_stage", "reason", "detail")
 # where a column comes from when only images.parquet is there
@@ -129,17 +130,19 @@ def stages_from_work(folder: OutputFolder, image_id: str) -> list[dict]:
         return []
     part, index = where
     out, status_before = [], schema.KEPT
-    for stage in registry.STAGES:
+    for stage in registry.STEPS:
         path = folder.work.part_path(stage, part)
         if not path.is_file():
             continue
-        names = read_schema(path).names
-        plain = [c for c in names if c not in BULK_COLUMNS]
+        file_schema = read_schema(path)
+        names = file_schema.names
+        bulky = [f.name for f in file_schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)]
+        plain = [c for c in names if c not in bulky]
         row = read_table(path, columns=plain).slice(index, 1).to_pylist()[0]
         if row.get("image_id") not in (None, image_id):
             raise AuditError(f"{path}: row {index} is {row.get('image_id')}, not {image_id}; the work folder is inconsistent")
         values = {k: v for k, v in row.items() if k not in DECISIONS and k not in ("image_id", "redacted_at", "redaction_reason")}
-        for bulk in (c for c in BULK_COLUMNS if c in names):
+        for bulk in bulky:
             cell = read_table(path, columns=[bulk]).column(0)[index].as_py()
             values[bulk] = None if cell is None else f"{len(cell)} bytes in the work folder"
         out.append(_stage_entry(stage, status_before, row, values, from_work=True))

@@ -57,11 +57,12 @@ import pyarrow.parquet as pq
 from datakit import registry, schema
 from datakit.audit.folder import AUDIT_DIR, IDENTITIES, IMAGES, MEMBERS, REDACTIONS, SHARDS, AuditError, OutputFolder
 from datakit.audit.sheets import normalize
+from datakit.engine.manifests import identities_table, write_table
+from datakit.engine.settle import clear_columns, redact_rows
 from datakit.store import TMP_PREFIX, atomic_write_table, file_sha256
 from portrait import shardio
 
 BIOMETRIC_COLUMNS = ("embedding", "landmarks5", "landmarks68")
-DECISION_COLUMNS = ("status", "drop_stage", "reason", "detail")
 REDACT_STAGE = "redact"
 
 
@@ -298,7 +299,7 @@ def update_shard_manifests(folder: OutputFolder, p: Plan, rewritten: dict[str, d
         gone = pc.and_(pc.is_in(members["shard"], value_set=pa.array(sorted(rewritten), pa.string())),
                        pc.is_in(members["key"], value_set=pa.array(sorted(leaving), pa.string())))  # fmt: skip
         members = members.filter(pc.invert(gone))
-        atomic_write_table(folder.path(MEMBERS), members)
+        write_table(folder.root, MEMBERS, members)
     images = folder.read(IMAGES, columns=["image_id", "status", "identity_id"]).to_pylist()
     identity_of = {r["image_id"]: r["identity_id"] for r in images if r["status"] == schema.KEPT and r["image_id"] not in leaving}
     keys_in: dict[str, set[str]] = defaultdict(set)
@@ -314,56 +315,22 @@ def update_shard_manifests(folder: OutputFolder, p: Plan, rewritten: dict[str, d
             keys = keys_in[row["path"]]
             row.update(info, samples=len(keys), identities=len({identity_of.get(k) for k in keys if identity_of.get(k)}))
         rows.append(row)
-    atomic_write_table(folder.path(SHARDS), pa.Table.from_pylist(rows, schema=folder.read(SHARDS).schema))
+    write_table(folder.root, SHARDS, pa.Table.from_pylist(rows, schema=folder.read(SHARDS).schema))
 
 
 def update_images(folder: OutputFolder, p: Plan, reason: str, stamp: str) -> pa.Table:
-    table = folder.read(IMAGES)
-    ids = table["image_id"].to_pylist()
-    targets, dropped = set(p.redact), p.also_drop
-    cols = {c: table[c].to_pylist() for c in ("status", "drop_stage", "reason", "detail", "redacted_at", "redaction_reason")}
-    for i, image in enumerate(ids):
-        if image in targets:
-            cols["status"][i], cols["redacted_at"][i], cols["redaction_reason"][i] = schema.REDACTED, stamp, reason
-        elif image in dropped:
-            cols["status"][i], cols["drop_stage"][i] = schema.DROPPED, REDACT_STAGE
-            cols["reason"][i], cols["detail"][i] = schema.check_reason("identity_too_small"), dropped[image]
-    for name, values in cols.items():
-        table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, table.schema.field(name).type))
-    mask = pa.array([image in targets for image in ids])
+    table = redact_rows(folder.read(IMAGES), set(p.redact), p.also_drop, reason, stamp, REDACT_STAGE)
+    mask = pa.array([image in set(p.redact) for image in table["image_id"].to_pylist()])
     table = clear_columns(table, mask, BIOMETRIC_COLUMNS)
-    atomic_write_table(folder.path(IMAGES), table)
-    return table
-
-
-def clear_columns(table: pa.Table, mask: pa.Array, names) -> pa.Table:
-    for name in names:
-        if name in table.column_names:
-            col = table[name]
-            table = table.set_column(table.column_names.index(name), name, pc.if_else(mask, pa.nulls(len(table), col.type), col))
+    write_table(folder.root, IMAGES, table)
     return table
 
 
 def update_identities(folder: OutputFolder, images: pa.Table, affected: set[str]) -> None:
-    """Recount the identities that lost images (the definitions of schema.IDENTITY_COLUMNS)."""
+    """Recount the identities from the redacted images.parquet, as the build counted them."""
     if not folder.has(IDENTITIES) or not affected:
         return
-    t = folder.read(IDENTITIES)
-    cols = ["image_id", "status", "identity_id", "label", "source", "gender", "age", "shard"]
-    kept = [r for r in images.select(cols).to_pylist() if r["status"] == schema.KEPT and r["identity_id"] in affected]
-    by_ident: dict[str, list[dict]] = defaultdict(list)
-    for r in kept:
-        by_ident[r["identity_id"]].append(r)
-    rows = []
-    for row in t.to_pylist():
-        ident = row["identity_id"]
-        if ident in affected:
-            items = by_ident.get(ident, [])
-            if not items:
-                continue
-            row.update(schema.identity_row(items))
-        rows.append(row)
-    atomic_write_table(folder.path(IDENTITIES), pa.Table.from_pylist(rows, schema=t.schema))
+    write_table(folder.root, IDENTITIES, identities_table(images))
 
 
 # ---------------------------------------------------------------- work folder
@@ -386,14 +353,14 @@ def scrub_work(folder: OutputFolder, p: Plan, reason: str, stamp: str) -> int:
             continue
         ids = pq.read_table(path, columns=[id_col])[id_col]
         mask = pc.fill_null(pc.is_in(ids, value_set=targets), False)
-        is_last = last is not None and path.parent == folder.work.stage_dir(last)
+        is_last = last is not None and path.parent == folder.work.stage_dir(last) and path.name.startswith("part-")
         if not pc.any(mask).as_py() and not (is_last and _touches(ids, p.also_drop)):
             continue
         table = pq.read_table(path)
         bulky = [f.name for f in table.schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)]
         table = clear_columns(table, mask, [*bulky, *BIOMETRIC_COLUMNS])
-        if is_last:
-            table = mark_decisions(table, p, reason, stamp)
+        if is_last:  # what images.parquet is made from carries the redaction too
+            table = redact_rows(table, set(p.redact), p.also_drop, reason, stamp, REDACT_STAGE)
         atomic_write_table(path, table)
         changed += 1
     return changed
@@ -404,28 +371,8 @@ def _touches(ids: pa.ChunkedArray, also_drop: dict) -> bool:
 
 
 def _last_stage(folder: OutputFolder) -> str | None:
-    done = [s for s in registry.STAGES if folder.work.stage_dir(s).is_dir()]
+    done = [s for s in registry.STEPS if folder.work.stage_dir(s).is_dir()]
     return done[-1] if done else None
-
-
-def mark_decisions(table: pa.Table, p: Plan, reason: str, stamp: str) -> pa.Table:
-    """Carry the redaction into the last stage's decision columns (what images.parquet is made from)."""
-    ids = table["image_id"].to_pylist()
-    targets = set(p.redact)
-    values = {c: (table[c].to_pylist() if c in table.column_names else [None] * len(ids)) for c in (*DECISION_COLUMNS, "redacted_at", "redaction_reason")}
-    for i, image in enumerate(ids):
-        if image in targets:
-            values["status"][i], values["redacted_at"][i], values["redaction_reason"][i] = schema.REDACTED, stamp, reason
-        elif image in p.also_drop:
-            values["status"][i], values["drop_stage"][i] = schema.DROPPED, REDACT_STAGE
-            values["reason"][i], values["detail"][i] = "identity_too_small", p.also_drop[image]
-    for name, vals in values.items():
-        arr = pa.array(vals, pa.string())
-        if name in table.column_names:
-            table = table.set_column(table.column_names.index(name), name, arr)
-        else:
-            table = table.append_column(name, arr)
-    return table
 
 
 # ---------------------------------------------------------------- log and derived files

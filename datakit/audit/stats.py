@@ -208,8 +208,8 @@ def gender_identities(con, folder: OutputFolder) -> dict[str, int]:
 
 
 def stage_order(stages) -> list[str]:
-    known = [s for s in registry.STAGES if s in stages]
-    return known + sorted(s for s in stages if s not in registry.STAGES and s is not None)
+    known = [s for s in registry.STEPS if s in stages]
+    return known + sorted(s for s in stages if s not in registry.STEPS and s is not None)
 
 
 def drops(con) -> list[dict]:

@@ -64,7 +64,7 @@ RETINAFACE_MAPPING = {
 #   0.42 (two people merge); 0.39 sits in that band on the side of splitting, since merging two
 #   people is the worse error for training. tests/test_cluster.py re-measures both bounds.
 # - attach 0.415 (label-guided: a photo stays with its own name's identity when that is its
-#   nearest; datakit/cluster.py says how it is chosen): one photo's linkage to the other photos of
+#   nearest; datakit/stages/cluster.py says how it is chosen): one photo's linkage to the other photos of
 #   its person, over the dev photos and their five re-encoded variants, is 0.307 at the median,
 #   0.39 at the 99th percentile, 0.479 at most; the nearest stranger (negatives) is at 0.418.
 THRESHOLDS = {"dlib": {"dedup": 0.3, "cluster": 0.39, "attach": 0.415}}

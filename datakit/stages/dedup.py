@@ -27,41 +27,31 @@ Candidate search is not all-pairs: the 64 bits are cut into ``phash_threshold + 
 two hashes within the threshold agree exactly on at least one band (pigeonhole), so only images
 sharing a band value are compared (vectorised popcounts per bucket).
 
-The phash needs the pixels: it is computed here in one pass over the partitions' image bytes
-(Ray tasks when Ray is running, else in process), from a reduced JPEG decode (Pillow's draft
-mode: 3x faster, and every copy is hashed the same way).
+The phash needs the pixels: the partition step ``phash`` (datakit/stages/phash.py) computes it
+before this step, which reads only narrow columns.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 
-import imagehash
 import numpy as np
 import pyarrow as pa
-from PIL import Image, ImageOps
+import pyarrow.compute  # noqa: F401  (pa.compute)
 from pydantic import Field
-from tqdm import tqdm
 
-from datakit import schema
-from datakit.stage import Stage, StageSettings
 from portrait.faces import default_thresholds
+from datakit.stage import Output, Stage, StageSettings, column
 
 log = logging.getLogger(__name__)
 
 HASH_BITS = 64
-PHASH_INPUT = 32  # imagehash.phash's default: 32x32 grayscale, DCT, top-left 8x8
 
 # L2 distance between L2-normalised embeddings under which two faces are the same picture,
 # per embedding model (set and explained beside each face backend in portrait/faces/).
 DEFAULT_MAX_EMBEDDING_DISTANCE = default_thresholds("dedup")
 
-READ_COLUMNS = [
-    "image_id", "source", "status", "drop_stage", "reason", "detail", "duplicate_of",
-    "sha256", "width", "height", "embedding", "embedding_model",
-]  # fmt: skip
-OUTPUT_COLUMNS = ["image_id", "status", "drop_stage", "reason", "detail", "duplicate_of", "phash", "phash_mirror"]
+READ_COLUMNS = ("source", "sha256", "width", "height", "embedding", "embedding_model", "phash", "phash_mirror")
 
 
 class DedupSettings(StageSettings):
@@ -71,59 +61,7 @@ class DedupSettings(StageSettings):
     max_embedding_distance: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_MAX_EMBEDDING_DISTANCE))
 
 
-# ---------------------------------------------------------------- hashing
-
-
-def phash_pair(data: bytes) -> tuple[str, str]:
-    """(phash of the image, phash of its mirror image) as 16-hex-digit strings."""
-    img = Image.open(io.BytesIO(data))
-    img.draft("L", (4 * PHASH_INPUT, 4 * PHASH_INPUT))  # JPEG only: decode at a reduced scale
-    img = ImageOps.exif_transpose(img)
-    small = img.convert("L").resize((PHASH_INPUT, PHASH_INPUT), Image.Resampling.LANCZOS)
-    mirror = small.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return str(imagehash.phash(small)), str(imagehash.phash(mirror))
-
-
-def phash_table(view: pa.Table) -> pa.Table:
-    """phash and phash_mirror for the kept rows of one partition view (others null)."""
-    hashes, mirrors = [], []
-    ids = view.column("image_id").to_pylist()
-    for image_id, status, data in zip(ids, view.column("status").to_pylist(), view.column("image_bytes").to_pylist()):
-        h = m = None
-        if status == schema.KEPT and data:
-            try:
-                h, m = phash_pair(data)
-            except Exception as e:  # these bytes passed decode once; a failure only costs the near check
-                log.warning("dedup: no phash for %s: %s: %s", image_id, type(e).__name__, e)
-        hashes.append(h)
-        mirrors.append(m)
-    return pa.table(
-        {"image_id": ids, "phash": pa.array(hashes, pa.string()), "phash_mirror": pa.array(mirrors, pa.string())}
-    )
-
-
-def _phash_partition(output, part: int, upstream: list[str]) -> pa.Table:
-    from datakit.store import WorkDir
-
-    view = WorkDir(output).read_view(part, upstream, columns=["image_id", "status", "image_bytes"])
-    return phash_table(view)
-
-
-def compute_phashes(work, upstream: list[str], num_cpus: float) -> pa.Table:
-    """phash and phash_mirror of every row, partitions in order: one Ray task per partition when
-    Ray is running (the runner runs this stage inside a Ray task), else one after the other."""
-    import ray
-
-    parts = range(work.num_parts())
-    progress = dict(desc="dedup: phash", unit="part", total=len(parts))
-    if ray.is_initialized():
-        task = ray.remote(num_cpus=num_cpus)(_phash_partition)
-        refs = [task.remote(work.output, part, upstream) for part in parts]
-        tables = [ray.get(ref) for ref in tqdm(refs, **progress)]
-    else:
-        tables = [_phash_partition(work.output, part, upstream) for part in tqdm(parts, **progress)]
-    empty = pa.table({c: pa.array([], pa.string()) for c in ("image_id", "phash", "phash_mirror")})
-    return pa.concat_tables(tables) if tables else empty
+# ---------------------------------------------------------------- hashes
 
 
 def hex_to_u64(values: list[str | None]) -> tuple[np.ndarray, np.ndarray]:
@@ -221,47 +159,32 @@ class DedupStage(Stage):
     name = "dedup"
     kind = "global"
     Settings = DedupSettings
+    reads = READ_COLUMNS
+    adds = ("duplicate_of",)
 
-    def process_global(self, work, upstream: list[str]) -> pa.Table:
-        table = work.read_all(upstream, columns=READ_COLUMNS)
-        # the decision columns as they stand; rows this stage does not drop keep their values
-        out = {
-            c: table.column(c).to_pylist() if c in table.column_names else [None] * table.num_rows
-            for c in ("image_id", "status", "drop_stage", "reason", "detail", "duplicate_of")
-        }
+    def process(self, table: pa.Table) -> Output:
+        out = Output({"duplicate_of": [None] * table.num_rows})
         source_order = list(self.context.get("source_order") or []) + sources_in_order(table)
         rank = keep_order(table, list(dict.fromkeys(source_order)))
-        live = np.array([s == schema.KEPT for s in out["status"]], dtype=bool)
-
-        exact = self._exact(table, live, rank, out)
+        exact = self._exact(table, rank, out)
         log.info("dedup: %d exact duplicates", exact)
-        live = np.array([s == schema.KEPT for s in out["status"]], dtype=bool)
-
-        phashes = compute_phashes(work, upstream, self.settings.num_cpus)
-        if phashes.column("image_id") != table.column("image_id"):
-            raise ValueError("dedup: the phash pass read the partitions in a different order")
-        out["phash"] = phashes.column("phash").to_pylist()
-        out["phash_mirror"] = phashes.column("phash_mirror").to_pylist()
-        if self.settings.near and "embedding" in table.column_names:
-            near = self._near(table, live, rank, out)
+        if self.settings.near and pa.compute.any(pa.compute.is_valid(table.column("embedding"))).as_py():
+            near = self._near(table, rank, out)
             log.info("dedup: %d near duplicates", near)
         elif self.settings.near:
-            log.info("dedup: no embedding column (face stages did not run): exact duplicates only")
-        return pa.table({c: pa.array(out[c], type=schema.IMAGE_COLUMNS[c][0]) for c in OUTPUT_COLUMNS})
+            log.info("dedup: no embeddings (face stages did not run): exact duplicates only")
+        return out
 
-    def _drop(self, out: dict, i: int, reason: str, kept_id: str, detail: str) -> None:
-        out["status"][i] = schema.DROPPED
-        out["drop_stage"][i] = self.name
-        out["reason"][i] = schema.check_reason(reason)
-        out["detail"][i] = detail
-        out["duplicate_of"][i] = kept_id
+    def _drop(self, out: Output, i: int, reason: str, kept_id: str, detail: str) -> None:
+        out.drops[i] = (reason, detail)
+        out.values["duplicate_of"][i] = kept_id
 
-    def _exact(self, table: pa.Table, live: np.ndarray, rank: np.ndarray, out: dict) -> int:
+    def _exact(self, table: pa.Table, rank: np.ndarray, out: Output) -> int:
         groups: dict[str, list[int]] = {}
         for i, digest in enumerate(table.column("sha256").to_pylist()):
-            if live[i] and digest:
+            if digest:
                 groups.setdefault(digest, []).append(i)
-        ids = out["image_id"]
+        ids = table.column("image_id").to_pylist()
         dropped = 0
         for digest, rows in groups.items():
             if len(rows) < 2:
@@ -274,9 +197,10 @@ class DedupStage(Stage):
                 dropped += 1
         return dropped
 
-    def _near(self, table: pa.Table, live: np.ndarray, rank: np.ndarray, out: dict) -> int:
-        hashes, has_hash = hex_to_u64(out["phash"])
-        mirrors, _ = hex_to_u64(out["phash_mirror"])
+    def _near(self, table: pa.Table, rank: np.ndarray, out: Output) -> int:
+        live = np.array([i not in out.drops for i in range(table.num_rows)], dtype=bool)
+        hashes, has_hash = hex_to_u64(column(table, "phash"))
+        mirrors, _ = hex_to_u64(column(table, "phash_mirror"))
         rows = np.flatnonzero(live & has_hash)
         pairs = near_hash_pairs(hashes[rows], mirrors[rows], self.settings.phash_threshold)
         if len(pairs) == 0:
@@ -291,10 +215,10 @@ class DedupStage(Stage):
         for a, b, d_bits, dist in zip(i[confirmed], j[confirmed], bits[confirmed], distances[confirmed]):
             twins.setdefault(int(a), []).append((int(b), int(d_bits), float(dist)))
             twins.setdefault(int(b), []).append((int(a), int(d_bits), float(dist)))
-        ids = out["image_id"]
+        ids = table.column("image_id").to_pylist()
         dropped = 0
         for row in sorted(twins, key=rank.__getitem__):
-            better = [t for t in twins[row] if rank[t[0]] < rank[row] and out["status"][t[0]] == schema.KEPT]
+            better = [t for t in twins[row] if rank[t[0]] < rank[row] and t[0] not in out.drops]
             if not better:
                 continue
             kept, d_bits, dist = min(better, key=lambda t: rank[t[0]])

@@ -1,8 +1,7 @@
-"""What the face stages share: reading their input rows and building the update table.
+"""What the face stages share: the face backend of a worker and the per-row loop.
 
-Each face stage returns ``image_id``, the drop columns (``status``, ``drop_stage``, ``reason``,
-``detail``) and the columns it adds, one row per input row. Rows an earlier stage dropped keep
-their drop columns and get nulls in the new ones.
+A face stage reads the image bytes and the columns it ``NEEDS`` and adds its ``COLUMNS``; the
+engine hands it the live rows only and settles the rest.
 """
 
 from __future__ import annotations
@@ -10,27 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from datakit import schema
 from portrait.faces import FaceSettings, load_backend, model_provenance
 from portrait.faces.base import Face
-from datakit.stage import Stage
-
-DROP_COLUMNS = ("status", "drop_stage", "reason", "detail")
-
-
-def input_rows(table: pa.Table, columns: tuple[str, ...]) -> list[dict]:
-    """The drop columns and ``columns`` of every row, as dicts (missing columns read as null)."""
-    names = ("image_id", *DROP_COLUMNS, *columns)
-    data = {n: table.column(n).to_pylist() if n in table.column_names else [None] * table.num_rows for n in names}
-    return [{n: data[n][i] for n in names} for i in range(table.num_rows)]
-
-
-def update_table(rows: list[dict], columns: tuple[str, ...]) -> pa.Table:
-    """``image_id``, the drop columns and ``columns``, typed as in the manifest schema."""
-    types = {n: t for n, (t, _) in schema.IMAGE_COLUMNS.items()}
-    types["face_crop"] = pa.binary()
-    names = ("image_id", *DROP_COLUMNS, *columns)
-    return pa.table({n: pa.array([r.get(n) for r in rows], type=types[n]) for n in names})
+from datakit.stage import Drop, Output, Stage, map_rows
 
 
 def face_settings(context: dict) -> FaceSettings:
@@ -68,15 +49,20 @@ def face_from_row(row: dict) -> Face:
 
 
 class FaceModelStage(Stage):
-    """A partition stage that runs the face backend on each kept row's image.
+    """A partition stage that runs the face backend on each row's image.
 
-    Subclasses name the columns they read (``NEEDS``) and write (``COLUMNS``) and implement
-    ``process_row(row, image_bytes)``, which fills the row in place (or drops it).
+    Subclasses name the columns they read besides the image (``NEEDS``) and add (``COLUMNS``)
+    and implement ``process_row(row, out)``: it fills ``out`` and returns a drop or None.
     """
 
     uses_model = True
     NEEDS: tuple[str, ...] = ()
     COLUMNS: tuple[str, ...] = ()
+
+    def __init__(self, settings, context):
+        super().__init__(settings, context)
+        self.reads = ("image_bytes", *self.NEEDS)
+        self.adds = self.COLUMNS
 
     @classmethod
     def provenance(cls, settings, context) -> dict:
@@ -85,13 +71,8 @@ class FaceModelStage(Stage):
     def setup(self) -> None:
         self.backend = backend_from_context(self.context, self.settings.num_cpus)
 
-    def process(self, table: pa.Table) -> pa.Table:
-        rows = input_rows(table, self.NEEDS)
-        blobs = table.column("image_bytes").to_pylist()
-        for row, blob in zip(rows, blobs):
-            if row["status"] == schema.KEPT:
-                self.process_row(row, blob)
-        return update_table(rows, self.COLUMNS)
+    def process(self, rows: pa.Table) -> Output:
+        return map_rows(rows, self.adds, self.process_row)
 
-    def process_row(self, row: dict, blob: bytes) -> None:
+    def process_row(self, row: dict, out: dict) -> Drop | None:
         raise NotImplementedError

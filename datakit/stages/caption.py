@@ -29,10 +29,9 @@ from typing import Literal
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from datakit import schema
-from datakit.store import file_sha256
 from portrait.decode import load_rgb
-from datakit.stage import Stage, StageSettings, live_mask
+from datakit.stage import Output, Stage, StageSettings, column
+from datakit.store import file_sha256
 
 TEMPLATE = "template"
 
@@ -159,11 +158,14 @@ class CaptionStage(Stage):
     uses_model = True  # the vlm mode's model; the template mode is cheap either way
     Settings = CaptionSettings
 
-    OUTPUT = ("image_id", "status", "drop_stage", "reason", "detail", "caption", "caption_source")
+    adds = ("caption", "caption_source")
 
     def __init__(self, settings, context):
         super().__init__(settings, context)
         self.captioner: VlmCaptioner | None = None
+        template = ("gender", "age", "face_area_fraction")
+        # vlm: the label to catch a caption naming the person, the template's columns to fall back
+        self.reads = template if settings.mode == "template" else ("image_bytes", "label", *template)
 
     @classmethod
     def provenance(cls, settings, context) -> dict:
@@ -177,48 +179,42 @@ class CaptionStage(Stage):
         if self.settings.mode == "vlm" and self.captioner is None:
             self.captioner = VlmCaptioner(self.settings, self.context.get("recipe_dir"))
 
-    def process(self, table: pa.Table) -> pa.Table:
-        columns = {c: column(table, c) for c in self.OUTPUT}
-        live = live_mask(table)
+    def process(self, rows: pa.Table) -> Output:
         if self.settings.mode == "template":
-            self._template(table, live, columns)
-        else:
-            self.setup()
-            self._vlm(table, live, columns)
-        return pa.table({c: pa.array(columns[c], type=schema.IMAGE_COLUMNS[c][0]) for c in self.OUTPUT})
+            return self._template(rows)
+        self.setup()
+        return self._vlm(rows)
 
-    def _template(self, table, live, out) -> None:
-        genders, ages, areas = column(table, "gender"), column(table, "age"), column(table, "face_area_fraction")
-        for i, is_live in enumerate(live):
-            if is_live:
-                out["caption"][i] = template_caption(genders[i], ages[i], areas[i], self.settings.closeup_area_fraction)
-                out["caption_source"][i] = TEMPLATE
+    def _template(self, rows: pa.Table) -> Output:
+        genders, ages, areas = column(rows, "gender"), column(rows, "age"), column(rows, "face_area_fraction")
+        close = self.settings.closeup_area_fraction
+        captions = [template_caption(g, a, f, close) for g, a, f in zip(genders, ages, areas)]
+        return Output({"caption": captions, "caption_source": [TEMPLATE] * len(captions)})
 
-    def _vlm(self, table, live, out) -> None:
-        """Caption live rows in batches; an image that will not decode is dropped as stage_error."""
-        data = table.column("image_bytes")
+    def _vlm(self, rows: pa.Table) -> Output:
+        """Caption in batches; an image that will not decode is dropped as stage_error."""
+        out = Output({c: [None] * rows.num_rows for c in self.adds})
         images = {}
-        for i, is_live in enumerate(live):
-            if not is_live:
-                continue
+        for i, data in enumerate(rows.column("image_bytes").to_pylist()):
             try:
-                images[i] = load_rgb(data[i].as_py())
+                images[i] = load_rgb(data)
             except Exception as e:  # download accepted these bytes, so this is rare; never silent
-                out["status"][i], out["drop_stage"][i], out["reason"][i] = schema.DROPPED, self.name, "stage_error"
-                out["detail"][i] = f"decoding for the caption model: {type(e).__name__}: {e}"
-        rows = list(images)
+                out.drops[i] = ("stage_error", f"decoding for the caption model: {type(e).__name__}: {e}")
+        order = list(images)
         size = self.settings.batch_size
-        labels = column(table, "label")
-        genders, ages, areas = column(table, "gender"), column(table, "age"), column(table, "face_area_fraction")
-        for start in range(0, len(rows), size):
-            batch = rows[start : start + size]
+        labels = column(rows, "label")
+        genders, ages, areas = column(rows, "gender"), column(rows, "age"), column(rows, "face_area_fraction")
+        close = self.settings.closeup_area_fraction
+        for start in range(0, len(order), size):
+            batch = order[start : start + size]
             for i, text in zip(batch, self.captioner.caption([images[i] for i in batch])):
                 problem = caption_problem(text, labels[i])
                 if problem is None:
-                    out["caption"][i], out["caption_source"][i] = text, f"vlm:{self.captioner.name}"
+                    out.values["caption"][i], out.values["caption_source"][i] = text, f"vlm:{self.captioner.name}"
                 else:
-                    out["caption"][i] = template_caption(genders[i], ages[i], areas[i], self.settings.closeup_area_fraction)
-                    out["caption_source"][i] = f"{TEMPLATE}:fallback:{problem}"
+                    out.values["caption"][i] = template_caption(genders[i], ages[i], areas[i], close)
+                    out.values["caption_source"][i] = f"{TEMPLATE}:fallback:{problem}"
+        return out
 
 
 def caption_problem(text: str | None, label: str | None) -> str | None:
@@ -228,7 +224,3 @@ def caption_problem(text: str | None, label: str | None) -> str | None:
     words = {w.casefold() for w in re.findall(r"[^\W\d_]+", text)}
     name_words = {w.casefold() for w in re.findall(r"[^\W\d_]+", label or "") if len(w) >= 3}
     return "vlm_names_person" if words & name_words else None
-
-
-def column(table: pa.Table, name: str) -> list:
-    return table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows

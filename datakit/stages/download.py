@@ -47,9 +47,9 @@ import pyarrow as pa
 import yarl
 from pydantic import Field, field_validator
 
-from datakit import netguard, schema
+from datakit import netguard
 from portrait.decode import DEFAULT_MAX_PIXELS, DecodeError, check_image, decode_image
-from datakit.stage import Stage, StageSettings, drop
+from datakit.stage import Output, Stage, StageSettings
 
 STAGE = "download"
 DEFAULT_USER_AGENT = "hifi-portrait-datakit/0.1 (research dataset builder; honours X-Robots-Tag noai)"
@@ -57,11 +57,9 @@ REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 OPT_OUT_TOKENS = ("noai", "noimageai")
 READ_CHUNK = 1 << 16
 
-# Columns this stage returns, in order; types from the manifest schema, plus the bulk bytes.
-OUTPUT_COLUMNS = ["image_id", "status", "drop_stage", "reason", "detail", "http_status", "attempts",
-                  "final_url", "content_type", "sha256", "bytes", "format", "width", "height", "mode"]
-OUTPUT_SCHEMA = pa.schema([pa.field(n, schema.IMAGE_COLUMNS[n][0]) for n in OUTPUT_COLUMNS]
-                         + [pa.field("image_bytes", pa.binary())])
+# Columns this stage adds (typed by the manifest schema), plus the bulk bytes.
+ADDS = ("http_status", "attempts", "final_url", "content_type", "sha256", "bytes", "format", "width", "height",
+        "mode", "image_bytes")
 
 
 class Settings(StageSettings):
@@ -129,38 +127,27 @@ class DownloadStage(Stage):
     kind = "partition"
     Settings = Settings
 
+    reads = ("source_kind", "fetch_uri")
+    adds = ADDS
+
     def __init__(self, settings: Settings | None = None, context: dict | None = None):
         super().__init__(settings if settings is not None else Settings(), context or {})
-        # The recipe may allow private addresses for every stage at once.
-        self.policy = netguard.Policy.of(
-            self.settings.allow_private_addresses or bool(self.context.get("allow_private_addresses", False)),
-            self.settings.allowed_networks)
+        self.policy = netguard.Policy.of(self.settings.allow_private_addresses, self.settings.allowed_networks)
 
-    def process(self, table: pa.Table) -> pa.Table:
-        rows = table.select(["image_id", "source_kind", "fetch_uri", "status", "drop_stage", "reason",
-                             "detail"]).to_pylist()
-        live = [i for i, r in enumerate(rows) if r["status"] == schema.KEPT]
-        outcomes = _run_sync(lambda: _Partition(self.settings, self.policy).run([rows[i] for i in live]))
-        by_row = dict(zip(live, outcomes))
-        out = [_output_row(r, by_row.get(i)) for i, r in enumerate(rows)]
-        return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
-
-
-def _output_row(row: dict, outcome: Outcome | None) -> dict:
-    out = {name: None for name in OUTPUT_SCHEMA.names}
-    out["image_id"] = row["image_id"]
-    if outcome is None:  # dropped by an earlier stage: pass through untouched
-        for name in ("status", "drop_stage", "reason", "detail"):
-            out[name] = row[name]
+    def process(self, rows: pa.Table) -> Output:
+        items = rows.select(["source_kind", "fetch_uri"]).to_pylist()
+        outcomes = _run_sync(lambda: _Partition(self.settings, self.policy).run(items))
+        out = Output({c: [None] * len(items) for c in ADDS})
+        for i, outcome in enumerate(outcomes):
+            values = dict(http_status=outcome.http_status, attempts=outcome.attempts, final_url=outcome.final_url,
+                          content_type=outcome.content_type, **outcome.info)
+            if outcome.reason is None:
+                values["image_bytes"] = outcome.body
+            else:
+                out.drops[i] = (outcome.reason, outcome.detail)
+            for name, value in values.items():
+                out.values[name][i] = value
         return out
-    out.update(http_status=outcome.http_status, attempts=outcome.attempts, final_url=outcome.final_url,
-               content_type=outcome.content_type, **outcome.info)
-    if outcome.reason is None:
-        out["status"] = schema.KEPT
-        out["image_bytes"] = outcome.body
-    else:
-        drop(out, STAGE, outcome.reason, outcome.detail)
-    return out
 
 
 def _run_sync(make_coro):

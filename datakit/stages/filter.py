@@ -31,9 +31,7 @@ import json
 import pyarrow as pa
 from pydantic import Field
 
-from datakit import schema
-from datakit.faces.stageio import input_rows, update_table
-from datakit.stage import Stage, StageSettings, drop
+from datakit.stage import Drop, Output, Stage, StageSettings, map_rows
 
 NEEDS = ("face_count", "face_box", "face_area_fraction", "sharpness", "other_faces", "hint_iou")
 
@@ -49,38 +47,32 @@ class FilterStage(Stage):
     name = "filter"
     Settings = Settings
 
-    def process(self, table: pa.Table) -> pa.Table:
-        rows = input_rows(table, NEEDS)
-        for row in rows:
-            if row["status"] == schema.KEPT:
-                self.check(row)
-        return update_table(rows, ())
+    reads = NEEDS
 
-    def check(self, row: dict) -> None:
+    def process(self, rows: pa.Table) -> Output:
+        return map_rows(rows, (), self.check)
+
+    def check(self, row: dict, out: dict) -> Drop | None:
         s = self.settings
         if row["face_box"] is None or row["face_area_fraction"] is None:
             raise ValueError(f"row {row['image_id']}: no face columns; the detect stage must run before filter")
         area = row["face_area_fraction"]
         if area < s.min_area_fraction:
-            drop(row, self.name, "face_too_small_area",
-                 f"the face box covers {area:.1%} of the image; the minimum is {s.min_area_fraction:.1%}")
-            return
+            return "face_too_small_area", f"the face box covers {area:.1%} of the image; the minimum is {s.min_area_fraction:.1%}"
         # detections under detect's score floor are recorded but never compete with the subject
         others = [o for o in json.loads(row["other_faces"] or "[]") if not o.get("weak")]
         # a subject the source pointed at (IMDb-Face's rect) needs no dominance over the others
         if others and row.get("hint_iou") is None:
             next_area = max(o["area_fraction"] for o in others)
             if area < s.dominance_ratio * next_area:
-                drop(row, self.name, "multiple_faces",
-                     f"{len(others) + 1} faces; the largest covers {area:.1%} of the image and the next "
-                     f"{next_area:.1%}, so none is {s.dominance_ratio:g}x larger than the rest")
-                return
+                return "multiple_faces", (
+                    f"{len(others) + 1} faces; the largest covers {area:.1%} of the image and the next "
+                    f"{next_area:.1%}, so none is {s.dominance_ratio:g}x larger than the rest"
+                )
         x0, y0, x1, y1 = row["face_box"]
         side = min(x1 - x0, y1 - y0)
         if side < s.min_face_px:
-            drop(row, self.name, "face_too_small_px",
-                 f"the face box is {side:.0f} px on its shorter side; the minimum is {s.min_face_px:g}")
-            return
+            return "face_too_small_px", f"the face box is {side:.0f} px on its shorter side; the minimum is {s.min_face_px:g}"
         if row["sharpness"] is not None and row["sharpness"] < s.min_sharpness:
-            drop(row, self.name, "face_blurry",
-                 f"face sharpness {row['sharpness']:.1f} is under the minimum {s.min_sharpness:g}")
+            return "face_blurry", f"face sharpness {row['sharpness']:.1f} is under the minimum {s.min_sharpness:g}"
+        return None

@@ -36,7 +36,7 @@ the attach distance never merges two people.
 
 How the thresholds are chosen (the procedure; re-run it for a new embedding model):
 1. Embed labelled photos of known people (here the 293 dev photos, 30 people) and the same
-   photos re-encoded as the web serves them (datakit/testing/reencode.py: grayscale, CMYK,
+   photos re-encoded as the web serves them (devtools/reencode.py: grayscale, CMYK,
    JPEG 40, EXIF-rotated, a 112 px face crop; re-encoding moves a dlib embedding by 0.07 at the
    median, 0.19 at the 99th percentile), and photos of strangers (the negatives).
 2. Linkage threshold: between ``linkage_bounds``' same_max and different_min, on the side of
@@ -67,9 +67,9 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from datakit import graph, schema
-from datakit.stage import Stage, StageSettings
+from datakit import graph
 from portrait.faces import default_thresholds
+from datakit.stage import Output, Stage, StageSettings, column
 
 # pattern found in the embedding model's name (case-insensitive) -> linkage threshold
 DEFAULT_THRESHOLDS: dict[str, float] = default_thresholds("cluster")
@@ -77,10 +77,7 @@ DEFAULT_THRESHOLDS: dict[str, float] = default_thresholds("cluster")
 # own name's identity when that identity is its nearest and within this linkage (see above)
 DEFAULT_ATTACH_THRESHOLDS: dict[str, float] = default_thresholds("attach")
 
-INPUT_COLUMNS = [
-    "image_id", "source", "label", "status", "drop_stage", "reason", "detail",
-    "embedding", "embedding_model", "review_flag", "person_key",
-]  # fmt: skip
+INPUT_COLUMNS = ("source", "label", "person_key", "embedding", "embedding_model", "review_flag")
 
 
 class Settings(StageSettings):
@@ -423,30 +420,23 @@ class ClusterStage(Stage):
     name = "cluster"
     kind = "global"
     Settings = Settings
+    reads = INPUT_COLUMNS
+    adds = ("identity_id", "identity_distance", "review_flag", "detail")
 
-    def process_global(self, work, upstream: list[str]) -> pa.Table:
-        table = work.read_all(upstream, columns=INPUT_COLUMNS)
-        return self.decide(table)
-
-    def decide(self, table: pa.Table) -> pa.Table:
-        """The update table (one row per input row, same order) for a table of items."""
+    def process(self, table: pa.Table) -> Output:
+        """Identity of every row (the live rows of the build), or why it has none."""
         s: Settings = self.settings
         n = table.num_rows
-        col = {c: (table.column(c).to_pylist() if c in table.column_names else [None] * n) for c in INPUT_COLUMNS if c != "embedding"}
-        status = list(col["status"])
-        drop_stage, reason, detail = list(col["drop_stage"]), list(col["reason"]), list(col["detail"])
-        review = list(col["review_flag"])
-        identity: list = [None] * n
+        col = {c: column(table, c) for c in ("image_id", "source", "label", "embedding_model")}
+        out = Output({"identity_id": [None] * n, "review_flag": column(table, "review_flag"), "detail": [None] * n})
         distance = np.full(n, np.nan, dtype=np.float32)
-        embeddings = table.column("embedding") if "embedding" in table.column_names else pa.nulls(n, schema.LIST_F32)
-        live = [i for i in range(n) if status[i] == schema.KEPT]
+        embeddings = table.column("embedding")
         spaces: dict[str, list[int]] = {}
-        for i in live:
+        for i in range(n):
             if embeddings[i].is_valid and col["embedding_model"][i]:
                 spaces.setdefault(col["embedding_model"][i], []).append(i)
             else:
-                status[i], drop_stage[i], reason[i] = schema.DROPPED, self.name, "unclustered"
-                detail[i] = "kept by earlier stages but has no embedding"
+                out.drops[i] = ("unclustered", "kept by earlier stages but has no embedding")
         for model in sorted(spaces):
             rows = spaces[model]
             p = Params(
@@ -460,25 +450,14 @@ class ClusterStage(Stage):
             labels = [_name_key(col["person_key"][i], col["label"][i]) for i in rows]
             d = cluster_space([col["image_id"][i] for i in rows], [col["source"][i] or "" for i in rows], labels, emb, p)
             for j, i in enumerate(rows):
-                review[i] = _join(review[i], d.review[j])
+                out.values["review_flag"][i] = _join(out.values["review_flag"][i], d.review[j])
                 if d.reason[j] is None:
-                    identity[i], distance[i] = d.identity[j], d.distance[j]
-                    detail[i] = d.detail[j] if d.detail[j] else detail[i]
+                    out.values["identity_id"][i], distance[i] = d.identity[j], d.distance[j]
+                    out.values["detail"][i] = d.detail[j] or None
                 else:
-                    status[i], drop_stage[i], reason[i] = schema.DROPPED, self.name, schema.check_reason(d.reason[j])
-                    detail[i] = d.detail[j]
-        return pa.table(
-            {
-                "image_id": table.column("image_id"),
-                "status": pa.array(status, pa.string()),
-                "drop_stage": pa.array(drop_stage, pa.string()),
-                "reason": pa.array(reason, pa.string()),
-                "detail": pa.array(detail, pa.string()),
-                "identity_id": pa.array(identity, pa.string()),
-                "identity_distance": pa.array(distance, pa.float32(), mask=np.isnan(distance)),
-                "review_flag": pa.array(review, pa.string()),
-            }
-        )
+                    out.drops[i] = (d.reason[j], d.detail[j])
+        out.values["identity_distance"] = [None if np.isnan(v) else float(v) for v in distance]
+        return out
 
 
 def _name_key(person_key: str | None, label: str | None) -> str | None:

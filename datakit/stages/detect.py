@@ -20,8 +20,8 @@ from pydantic import Field
 
 from portrait.decode import DecodeError, load_rgb
 from portrait.faces import geometry, subject
-from datakit.faces.stageio import FaceModelStage, floats
-from datakit.stage import StageSettings, drop
+from datakit.stage import Drop, StageSettings
+from datakit.stages.face_model import FaceModelStage, floats
 
 COLUMNS = (
     "face_backend",
@@ -35,8 +35,6 @@ COLUMNS = (
     "other_faces",
     "hint_iou",
 )
-
-
 
 
 class Settings(StageSettings):
@@ -56,19 +54,17 @@ class DetectStage(FaceModelStage):
     COLUMNS = COLUMNS
     NEEDS = ("subject_hint",)
 
-    def process_row(self, row: dict, blob: bytes) -> None:
+    def process_row(self, row: dict, out: dict) -> Drop | None:
         try:
-            pixels = np.array(load_rgb(blob), dtype=np.uint8)
+            pixels = np.array(load_rgb(row["image_bytes"]), dtype=np.uint8)
         except DecodeError as e:  # download decodes first; this guards work folders made otherwise
-            drop(row, self.name, e.reason, e.detail)
-            return
+            return e.reason, e.detail
         height, width = pixels.shape[:2]
         faces = self.backend.detect(pixels)
-        row["face_backend"] = self.backend.name
-        row["face_count"] = len(faces)
+        out["face_backend"] = self.backend.name
+        out["face_count"] = len(faces)
         if not faces:
-            drop(row, self.name, "no_face", f"{self.backend.name} found no face in the {width}x{height} image")
-            return
+            return "no_face", f"{self.backend.name} found no face in the {width}x{height} image"
         s = self.settings
         hint_box = subject.scaled_hint(row.get("subject_hint"), height, width)
         choice = subject.choose(
@@ -78,29 +74,30 @@ class DetectStage(FaceModelStage):
             hint_box=hint_box, hint_min_iou=s.hint_min_iou,
         )  # fmt: skip
         image_area = float(width * height)
-        row["other_faces"] = json.dumps([self._other(f, choice, height, width, image_area) for f in choice.others])
-        row["hint_iou"] = choice.hint_iou
+        out["other_faces"] = json.dumps([self._other(f, choice, height, width, image_area) for f in choice.others])
+        out["hint_iou"] = choice.hint_iou
         if choice.subject is None:
             box = ", ".join(f"{v:.0f}" for v in hint_box)
-            drop(row, self.name, "no_face_matches_hint",
-                 f"none of the {len(faces)} faces overlaps the source's box for the labelled person ({box} in this "
-                 f"image) by IoU {s.hint_min_iou:g} or more; the best overlaps {choice.hint_iou:.2f}")  # fmt: skip
-            return
+            return "no_face_matches_hint", (
+                f"none of the {len(faces)} faces overlaps the source's box for the labelled person ({box} in this "
+                f"image) by IoU {s.hint_min_iou:g} or more; the best overlaps {choice.hint_iou:.2f}"
+            )
         subject_face = choice.subject
-        row["face_box"] = floats(subject_face.box)
-        row["face_score"] = float(subject_face.score)
-        row["face_area_fraction"] = geometry.clipped_area(subject_face.box, height, width) / image_area
-        row["landmarks5"] = floats(subject_face.landmarks5)
-        row["landmarks68"] = None if subject_face.landmarks68 is None else floats(subject_face.landmarks68)
-        row["sharpness"] = geometry.aligned_sharpness(pixels, subject_face.landmarks5, s.sharpness_size)
+        out["face_box"] = floats(subject_face.box)
+        out["face_score"] = float(subject_face.score)
+        out["face_area_fraction"] = geometry.clipped_area(subject_face.box, height, width) / image_area
+        out["landmarks5"] = floats(subject_face.landmarks5)
+        out["landmarks68"] = None if subject_face.landmarks68 is None else floats(subject_face.landmarks68)
+        out["sharpness"] = geometry.aligned_sharpness(pixels, subject_face.landmarks5, s.sharpness_size)
+        return None
 
     @staticmethod
     def _other(face, choice, height: int, width: int, image_area: float) -> dict:
-        out = {
+        entry = {
             "box": [round(v, 2) for v in floats(face.box)],
             "score": round(float(face.score), 4),
             "area_fraction": round(geometry.clipped_area(face.box, height, width) / image_area, 5),
         }
         if id(face) in choice.weak:
-            out["weak"] = True  # under the score floor: recorded, never competes with the subject
-        return out
+            entry["weak"] = True  # under the score floor: recorded, never competes with the subject
+        return entry

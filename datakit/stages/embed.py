@@ -13,9 +13,9 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
+from datakit.stage import Drop, StageSettings
+from datakit.stages.face_model import FaceModelStage, face_from_row, floats
 from portrait.decode import load_rgb
-from datakit.faces.stageio import FaceModelStage, face_from_row, floats
-from datakit.stage import StageSettings
 from portrait.faces.reader import CropSettings, embed_face
 
 CROP = CropSettings()
@@ -36,15 +36,14 @@ class EmbedStage(FaceModelStage):
     NEEDS = NEEDS
     COLUMNS = COLUMNS
 
-    def process_row(self, row: dict, blob: bytes) -> None:
+    def process_row(self, row: dict, out: dict) -> Drop | None:
         if row["face_backend"] != self.backend.name:
             raise ValueError(
                 f"row {row['image_id']}: its face was detected by {row['face_backend']!r} but the "
                 f"embed stage runs {self.backend.name!r}; one build uses one face backend"
             )
-        face = face_from_row(row)
-        pixels = np.array(load_rgb(blob), dtype=np.uint8)
+        pixels = np.array(load_rgb(row["image_bytes"]), dtype=np.uint8)
         s = self.settings
-        vector, row["face_crop"] = embed_face(self.backend, pixels, face, CropSettings(s.crop_size, s.crop_padding, s.jpeg_quality))
-        row["embedding"] = floats(vector)
-        row["embedding_model"] = self.backend.embedding_model
+        vector, out["face_crop"] = embed_face(self.backend, pixels, face_from_row(row), CropSettings(s.crop_size, s.crop_padding, s.jpeg_quality))
+        out["embedding"] = floats(vector)
+        out["embedding_model"] = self.backend.embedding_model

@@ -27,10 +27,9 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 
-from datakit import schema
 from portrait.decode import load_rgb
 from portrait.faces.base import Face, FaceBackend
-from datakit.stage import Stage, StageSettings, drop, live_mask
+from datakit.stage import Drop, Output, Stage, StageSettings
 
 NAMES_PACKAGE = "gender-guesser"
 NAME_GENDERS = {"female": "female", "male": "male"}
@@ -110,6 +109,16 @@ class AttributesStage(Stage):
     kind = "partition"
     uses_model = True  # the face backend's age/gender model, when configured
     Settings = AttributesSettings
+    adds = ("age", "age_source", "gender", "gender_source")
+
+    def __init__(self, settings, context):
+        super().__init__(settings, context)
+        # the image only when a face model will look at it
+        wants_model = settings.use_model is not False and (context.get("faces") is not None or "face_backend" in context)
+        # gender and gender_source: what the source itself said (a names file), kept first
+        self.reads = ("label", "gender", "gender_source", "face_box", "face_score", "landmarks5") + (
+            ("image_bytes",) if wants_model else ()
+        )
 
     @classmethod
     def provenance(cls, settings, context) -> dict:
@@ -154,58 +163,51 @@ class AttributesStage(Stage):
             )
         return None
 
-    def process(self, table: pa.Table) -> pa.Table:
+    def process(self, rows: pa.Table) -> Output:
         if not hasattr(self, "names"):
             self.setup()
-        rows = table.to_pylist()
-        live = live_mask(table)
-        out = [self._attributes(row) if keep else self._passthrough(row) for row, keep in zip(rows, live)]
+        values = {c: [None] * rows.num_rows for c in self.adds}
+        drops: dict[int, Drop] = {}
+        for i, row in enumerate(rows.to_pylist()):
+            for column, value in self._known_gender(row).items():
+                values[column][i] = value
         if self.backend is not None:
-            self._model_attributes([(r, o) for r, o, keep in zip(rows, out, live) if keep])
-        columns = ["image_id", "status", "drop_stage", "reason", "detail", "age", "age_source", "gender", "gender_source"]
-        types = {c: schema.IMAGE_COLUMNS[c][0] for c in columns}
-        return pa.table({c: pa.array([r[c] for r in out], type=types[c]) for c in columns})
+            self._model_attributes(rows, values, drops)
+        return Output(values, drops)
 
-    def _passthrough(self, row: dict) -> dict:
-        out = {c: row.get(c) for c in ("image_id", "status", "drop_stage", "reason", "detail")}
-        for c in ("age", "age_source", "gender", "gender_source"):
-            out[c] = row.get(c)
-        return out
-
-    def _attributes(self, row: dict) -> dict:
-        out = self._passthrough(row)
-        out.update(age=None, age_source=None, gender=None, gender_source=None)
+    def _known_gender(self, row: dict) -> dict:
+        """The source's own gender first, then the name list's."""
         if row.get("gender") in ("female", "male") and (row.get("gender_source") or "").startswith("source:"):
-            out.update(gender=row["gender"], gender_source=row["gender_source"])
-        elif self.names is not None:
+            return {"gender": row["gender"], "gender_source": row["gender_source"]}
+        if self.names is not None:
             gender = self.names.gender(row.get("label"))
             if gender is not None:
-                out.update(gender=gender, gender_source=f"names:{NAMES_PACKAGE}")
-        return out
+                return {"gender": gender, "gender_source": f"names:{NAMES_PACKAGE}"}
+        return {}
 
-    def _model_attributes(self, pairs: list[tuple[dict, dict]]) -> None:
+    def _model_attributes(self, rows: pa.Table, values: dict[str, list], drops: dict[int, Drop]) -> None:
         """Age (and gender where still unknown) from the face model, all faces in one batch."""
         ready, inputs = [], []
-        for row, out in pairs:
+        for i, row in enumerate(rows.to_pylist()):
             try:
                 inputs.append((np.asarray(load_rgb(row["image_bytes"])), face_from_row(row)))
-                ready.append(out)
+                ready.append(i)
             except Exception as e:  # one bad row must not stop the partition
-                drop(out, self.name, "stage_error", f"age/gender model: {type(e).__name__}: {e}")
+                drops[i] = ("stage_error", f"age/gender model: {type(e).__name__}: {e}")
         if not inputs:
             return
         try:
             results = self.backend.age_gender_many(inputs)
         except Exception:  # find the row that fails, keep the others
             results = []
-            for (rgb, face), out in zip(inputs, ready):
+            for (rgb, face), i in zip(inputs, ready):
                 try:
                     results.append(self.backend.age_gender(rgb, face))
                 except Exception as e:
-                    drop(out, self.name, "stage_error", f"age/gender model: {type(e).__name__}: {e}")
+                    drops[i] = ("stage_error", f"age/gender model: {type(e).__name__}: {e}")
                     results.append((None, None))
-        for out, (age, gender) in zip(ready, results):
+        for i, (age, gender) in zip(ready, results):
             if age is not None:
-                out.update(age=float(age), age_source=self.source)
-            if out["gender"] is None and gender in ("female", "male"):
-                out.update(gender=gender, gender_source=self.source)
+                values["age"][i], values["age_source"][i] = float(age), self.source
+            if values["gender"][i] is None and gender in ("female", "male"):
+                values["gender"][i], values["gender_source"][i] = gender, self.source

@@ -317,12 +317,12 @@ def _bound_socket(port: int = 0) -> socket.socket:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m datakit.testing.httpserver [FOLDER]``: serve until interrupted. Prints
+    """``python -m devtools.photoserver [FOLDER]``: serve until interrupted. Prints
     ``PORT <n>`` on its first line of output once it listens (PhotoServer(in_process=False)
     reads it)."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m datakit.testing.httpserver", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m devtools.photoserver", description=main.__doc__)
     parser.add_argument("folder", nargs="?", type=Path, help="folder served under /files/")
     parser.add_argument("--port", type=int, default=0, help="port to listen on (default: a free one)")
     args = parser.parse_args(argv)
@@ -434,7 +434,7 @@ class PhotoServer:
     def _start_process(self) -> None:
         # A fresh interpreter (not multiprocessing): callers need no __main__ guard, and the
         # server shares no GIL with the client under test.
-        cmd = [sys.executable, "-m", "datakit.testing.httpserver", "--port", str(self.fixed_port)]
+        cmd = [sys.executable, "-m", "devtools.photoserver", "--port", str(self.fixed_port)]
         cmd += [str(self.folder)] if self.folder else []
         self._process = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         line = self._process.stdout.readline()  # blocks until it listens or dies

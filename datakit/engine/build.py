@@ -1,0 +1,222 @@
+"""Run a recipe: enumerate items, run the plan's steps on an executor, write the manifests.
+
+The rows an executor moves are partition numbers; the data itself moves through the work folder
+(``datakit.store``), one atomic file per step and partition. That file is the checkpoint: a run
+started again (after a crash, a SIGKILL, a lost node) skips every partition whose file exists
+and ends with the same manifests. Consecutive partition steps run as one segment (see
+``datakit.engine.plan``); a global step starts when everything before it is done.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from datakit import schema
+from datakit.engine import manifests
+from datakit.engine.display import Display
+from datakit.engine.plan import Step, segments, steps
+from datakit.recipe import Recipe
+from datakit.sources import apply_redactions, items_table, iter_items, read_redactions
+from datakit.store import ITEMS, Location, WorkDir, atomic_write_json, atomic_write_table, is_local, remove_tree
+from datakit.watchdog import Stalled, StallWatch
+
+log = logging.getLogger("datakit")
+
+
+class BuildMismatch(RuntimeError):
+    """The output folder holds a build of a different recipe."""
+
+
+@dataclass
+class RunResult:
+    output: Location
+    items: int
+    kept: int
+    dropped_by_reason: dict[str, int]
+    stages: dict[str, dict] = field(default_factory=dict)
+    wall_seconds: float = 0.0
+    stall_restarts: int = 0  # pipelines the stall watchdog restarted during this run
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def make_executor(name: str, verbose: bool = False):
+    if name == "local":
+        from datakit.engine.local_executor import LocalExecutor
+
+        return LocalExecutor()
+    from datakit.engine.ray_executor import RayExecutor
+
+    return RayExecutor(verbose=verbose)
+
+
+def run(recipe: Recipe, address: str | None = None, restart: bool = False, quiet: bool = False,
+        verbose: bool = False, executor: str = "ray") -> RunResult:
+    started = time.time()
+    work = WorkDir(recipe.output, recipe.storage_options)
+    prepare_output(work, recipe, restart)
+    enumerate_items(work, recipe)
+    context = stage_context(recipe, work)
+    runner = make_executor(executor, verbose)
+    plan = steps(recipe)
+    names = [s.name for s in plan]
+    display = Display(work, names, enabled=not quiet)
+    # a finished shard step's manifests stand as written (a redaction may have rewritten them since)
+    shards_done_before = work.is_done(manifests.SHARD_STEP)
+    restarts = 0
+    with runner.session(address or recipe.ray.address, recipe.ray.num_cpus, log_folder(work)), display:
+        for segment in segments(plan):
+            upstream = names[: names.index(segment[0].name)]
+            if segment[0].kind == "global":
+                run_global(work, runner, segment[0], upstream, context, display)
+            else:
+                restarts += run_partition_segment(work, recipe, runner, segment, upstream, context, display)
+    images = manifests.write_images(work, names)
+    if not shards_done_before:
+        manifests.write_shard_manifests(work, images)
+    result = summarize(work, images, names, time.time() - started)
+    result.stall_restarts = restarts
+    manifests.write_build_json(work, recipe, result, started, model_provenance(recipe, context))
+    return result
+
+
+def log_folder(work: WorkDir) -> Path:
+    """OUTPUT/logs for a local output; a local temporary folder for an object store's."""
+    if is_local(work.output):
+        return work.output / "logs"
+    return Path(tempfile.gettempdir()) / "datakit-logs" / work.output.name
+
+
+def prepare_output(work: WorkDir, recipe: Recipe, restart: bool) -> None:
+    recorded = work.root / "recipe.json"
+    if restart and work.output.exists():
+        remove_tree(work.root)
+        for name in ("images.parquet", "build.json"):
+            (work.output / name).unlink(missing_ok=True)
+    if recorded.exists():
+        previous = json.loads(recorded.read_text())
+        if previous["hash"] != recipe.hash():
+            raise BuildMismatch(
+                f"{work.output} holds a build of a different recipe ({previous.get('file')}, "
+                f"hash {previous['hash'][:12]}); the recipe's settings changed since. Use another "
+                f"output folder, or --restart to discard that build."
+            )
+    else:
+        atomic_write_json(recorded, {"hash": recipe.hash(), "file": str(recipe.path), "recipe": recipe.canonical()})
+    removed = work.remove_temporaries()
+    if removed:
+        log.info("removed %d half-written files left by an interrupted run", removed)
+
+
+def enumerate_items(work: WorkDir, recipe: Recipe) -> None:
+    """Write the input items as fixed partitions, once; a resumed run reuses them."""
+    if work.is_done(ITEMS):
+        return
+    rows = list(iter_items(recipe.sources, recipe.path))
+    logs = list(recipe.redactions)
+    if (work.output / "redactions.jsonl").exists():  # kept by --restart: an opt-out outlives the build
+        logs.append(work.output / "redactions.jsonl")
+    redacted = apply_redactions(rows, read_redactions(logs))
+    if redacted:
+        log.info("%d items were redacted in an earlier build and will not be fetched", redacted)
+    size = recipe.ray.partition_size
+    parts = max(1, (len(rows) + size - 1) // size)
+    for part in range(parts):
+        table = items_table(rows[part * size : (part + 1) * size])
+        atomic_write_table(work.part_path(ITEMS, part), table)
+    by_source = Counter(r["source"] for r in rows)
+    work.mark_done(ITEMS, {"partitions": parts, "items": len(rows), "by_source": dict(by_source), "redacted": redacted})
+
+
+def stage_context(recipe: Recipe, work: WorkDir | None = None) -> dict:
+    needs_faces = recipe.faces is not None or any(n in recipe.stages for n in ("detect", "embed"))
+    return {
+        "output_dir": str(recipe.output),
+        "output": work.output if work is not None else None,  # a location object (with storage options)
+        "recipe_dir": str(recipe.path.parent) if recipe.path else None,
+        "recipe_name": recipe.name,
+        "sources": {s.name: s.model_dump(mode="json") for s in recipe.sources},
+        "source_order": [s.name for s in recipe.sources],
+        "faces": recipe.face_settings() if needs_faces else None,
+    }
+
+
+# ---------------------------------------------------------------- segments
+
+
+def run_partition_segment(work, recipe, executor, segment: list[Step], upstream, context, display) -> int:
+    """Run consecutive partition steps to the end; returns how often a stall restarted them."""
+    restarts = 0
+    parts = range(work.num_parts())
+    names = [s.name for s in segment]
+    what = f"stage {'/'.join(names)}"
+    for attempt in range(recipe.ray.stall_restarts + 1):
+        done = {name: work.done_parts(name) for name in names}
+        pending = [p for p in parts if not all(p in done[name] for name in names)]
+        if not pending:
+            break
+        # The watch interrupts the main thread; a run started from another thread goes without it.
+        timeout = recipe.ray.stall_timeout if threading.current_thread() is threading.main_thread() else None
+        watch = StallWatch(lambda: sum(len(work.done_parts(name)) for name in names), timeout, what)
+        try:
+            with watch, display.watching(names):
+                executor.run_partitions(work, segment, upstream, context, pending)
+            break
+        except KeyboardInterrupt:
+            if not watch.fired:
+                raise  # the user's Ctrl-C
+            restarts += 1
+    else:
+        raise Stalled(
+            f"{what}: no partition finished within {recipe.ray.stall_timeout:g} s, "
+            f"{recipe.ray.stall_restarts + 1} times; run the same command again to resume"
+        )
+    for name in names:
+        finished = work.done_parts(name)
+        missing = [p for p in parts if p not in finished]
+        if missing:
+            raise RuntimeError(f"stage {name}: partitions {missing[:10]} did not finish")
+        work.mark_done(name, {"partitions": len(parts)})
+    return restarts
+
+
+def run_global(work, executor, step: Step, upstream, context, display) -> None:
+    if work.is_done(step.name):
+        return
+    log.info("stage %s: running over all %d partitions", step.name, work.num_parts())
+    with display.watching([step.name]):
+        executor.run_global(work, step, upstream, context)
+
+
+# ---------------------------------------------------------------- results
+
+
+def summarize(work: WorkDir, images, names: list[str], wall: float) -> RunResult:
+    status = images.column("status").to_pylist()
+    # a redacted item has no drop reason; it is counted under its status
+    reasons = Counter(r if s == schema.DROPPED else s for s, r in zip(status, images.column("reason").to_pylist()) if s != schema.KEPT)
+    return RunResult(
+        output=work.output,
+        items=len(status),
+        kept=status.count(schema.KEPT),
+        dropped_by_reason=dict(sorted(reasons.items())),
+        stages=manifests.stage_summaries(work, names),
+        wall_seconds=round(wall, 3),
+    )
+
+
+def model_provenance(recipe: Recipe, context: dict) -> dict:
+    out = {}
+    for step in steps(recipe):
+        info = step.cls.provenance(step.settings, context)
+        if info:
+            out[step.cls.step_of or step.name] = info
+    return out

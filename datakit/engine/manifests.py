@@ -1,0 +1,121 @@
+"""The only writer of the build's manifests: images, identities, shards, shard_members, build.json.
+
+``images.parquet`` is the work folder's last view of every row (bulk bytes left out), typed by
+``datakit.schema``. ``shards.parquet`` and ``shard_members.parquet`` come from what the shard step
+recorded about the tars it wrote; ``identities.parquet`` is derived from images.parquet (the
+kept, sharded images of each identity), so a redaction recomputes it the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter, defaultdict
+
+import pyarrow as pa
+
+from datakit import __version__, schema
+from datakit.store import ITEMS, Location, WorkDir, atomic_write_json, atomic_write_table, read_table
+
+IMAGES = "images.parquet"
+IDENTITIES = "identities.parquet"
+SHARDS = "shards.parquet"
+MEMBERS = "shard_members.parquet"
+BUILD = "build.json"
+SHARD_STEP = "shard"  # its work folder holds the shard and member tables
+
+
+def write_images(work: WorkDir, steps: list[str]) -> pa.Table:
+    table = schema.conform(work.read_all(steps, columns=list(schema.IMAGE_COLUMNS)))
+    atomic_write_table(work.output / IMAGES, table)
+    return table
+
+
+def write_shard_manifests(work: WorkDir, images: pa.Table) -> None:
+    """shards.parquet and shard_members.parquet as the shard step recorded them; identities.parquet."""
+    folder = work.stage_dir(SHARD_STEP)
+    if not (folder / f"{SHARDS}").exists():
+        return
+    atomic_write_table(work.output / SHARDS, read_table(folder / SHARDS).cast(schema.SHARDS_SCHEMA))
+    atomic_write_table(work.output / MEMBERS, read_table(folder / MEMBERS).cast(schema.SHARD_MEMBERS_SCHEMA))
+    atomic_write_table(work.output / IDENTITIES, identities_table(images))
+
+
+def identities_table(images: pa.Table, only: set[str] | None = None) -> pa.Table:
+    """One row per identity with kept, sharded images (``only``: just those identities)."""
+    cols = ["status", "identity_id", "label", "source", "gender", "age", "shard"]
+    per: dict[str, list[dict]] = defaultdict(list)
+    for r in images.select(cols).to_pylist():
+        if r["status"] == schema.KEPT and r["identity_id"] and r["shard"] and (only is None or r["identity_id"] in only):
+            per[r["identity_id"]].append(r)
+    return pa.Table.from_pylist([{"identity_id": i, **schema.identity_row(per[i])} for i in sorted(per)], schema=schema.IDENTITIES_SCHEMA)
+
+
+def write_table(output: Location, name: str, table: pa.Table) -> None:
+    """A manifest rewritten in place (a redaction), atomically."""
+    atomic_write_table(output / name, table)
+
+
+def stage_summaries(work: WorkDir, steps: list[str]) -> dict[str, dict]:
+    stages = {}
+    for name in steps:
+        stats = work.read_stats(name)
+        dropped: Counter = Counter()
+        for s in stats:
+            dropped.update(s["dropped"])
+        stages[name] = {
+            "items_in": sum(s["items_in"] for s in stats),
+            "kept": sum(s["kept"] for s in stats),
+            "dropped": dict(sorted(dropped.items())),
+            "seconds": round(sum(s["seconds"] for s in stats), 3),
+        }
+    return stages
+
+
+def write_build_json(work: WorkDir, recipe, result, started: float, models: dict) -> None:
+    items_info = json.loads(work.success_path(ITEMS).read_text())
+    runs_path = work.root / "runs.json"
+    runs = json.loads(runs_path.read_text()) if runs_path.exists() else []
+    runs.append(
+        {"started": _iso(started), "finished": _iso(time.time()), "wall_seconds": result.wall_seconds, "stall_restarts": result.stall_restarts}
+    )
+    atomic_write_json(runs_path, runs)
+    build = {
+        "datakit_version": __version__,
+        "schema_version": schema.SCHEMA_VERSION,
+        "recipe_file": str(recipe.path),
+        "recipe_hash": recipe.hash(),
+        "recipe": recipe.canonical(),
+        "packages": package_versions(),
+        "models": models,
+        "counts": {
+            "items": result.items,
+            "kept": result.kept,
+            "dropped": result.items - result.kept,
+            "dropped_by_reason": result.dropped_by_reason,
+            "items_by_source": items_info.get("by_source", {}),
+        },
+        "stages": result.stages,
+        "runs": runs,
+    }
+    atomic_write_json(work.output / BUILD, build)
+
+
+def package_versions() -> dict:
+    from importlib import metadata
+
+    names = [
+        "ray", "pyarrow", "pillow", "aiohttp", "numpy", "dlib-bin", "face-recognition-models",
+        "insightface", "onnxruntime", "webdataset", "transformers", "torch", "imagehash", "gender-guesser",
+    ]  # fmt: skip
+    versions = {}
+    for n in names:
+        try:
+            versions[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))

@@ -1,0 +1,144 @@
+"""Run one step on the work folder: read what it declares, call it, settle, write.
+
+``run_partition`` does one partition of a partition step (any executor calls it, in a Ray actor
+or in this process); ``run_global`` does a global step over every partition at once. Both read
+only the columns the step declares (plus the decision columns), hand the step the rows still in
+play, settle its answer (``datakit.engine.settle``) and write one file per partition with its
+stats. A partition step that raises on a partition is run again row by row, so one bad item
+ends as a ``stage_error`` row instead of stopping the build.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+
+import pyarrow as pa
+
+from datakit import schema
+from datakit.engine.settle import DECISION_COLUMNS, check_output, column_type, live_positions, settle, stage_error
+from datakit.stage import Output, Stage
+from datakit.store import WorkDir, atomic_write_table
+
+log = logging.getLogger("datakit")
+
+WRITE_ATTEMPTS = 4
+
+
+def view_columns(stage: Stage) -> list[str]:
+    """What the engine reads for a step: ids, decisions, what it reads and what it adds
+    (an added column keeps its earlier value in rows the step does not see)."""
+    return list(dict.fromkeys(["image_id", *DECISION_COLUMNS, *stage.reads, *stage.adds]))
+
+
+def live_rows(stage: Stage, view: pa.Table, live: list[int]) -> pa.Table:
+    """The rows a step sees: ``image_id`` and its ``reads``, live rows only; a column no earlier
+    step wrote comes as typed nulls."""
+    taken = view.take(pa.array(live, pa.int64()))
+    columns = {"image_id": taken.column("image_id")}
+    for name in stage.reads:
+        if name in taken.column_names:
+            columns[name] = taken.column(name)
+        else:
+            try:
+                kind = column_type(name)
+            except ValueError:
+                kind = pa.null()
+            columns[name] = pa.nulls(len(live), kind)
+    return pa.table(columns)
+
+
+def decide(stage: Stage, view: pa.Table) -> pa.Table:
+    live = live_positions(view)
+    rows = live_rows(stage, view, live)
+    try:
+        return settle(stage, view, live, stage.process(rows))
+    except Exception as error:  # noqa: BLE001 - one bad item must not stop the run
+        log.warning("stage %s failed on a partition as a whole (%s); retrying item by item", stage.name, error)
+        return settle(stage, view, live, item_by_item(stage, rows))
+
+
+def item_by_item(stage: Stage, rows: pa.Table) -> Output:
+    """The step on one row at a time; a row that raises is dropped with stage_error."""
+    merged = Output(values={c: [None] * rows.num_rows for c in stage.adds})
+    for j in range(rows.num_rows):
+        try:
+            out = stage.process(rows.slice(j, 1))
+            check_output(stage, out, 1)
+        except Exception as error:  # noqa: BLE001
+            merged.drops[j] = stage_error(stage, error)
+            continue
+        for name, values in out.values.items():
+            merged.values[name][j] = values[0]
+        if 0 in out.drops:
+            merged.drops[j] = out.drops[0]
+    return merged
+
+
+def run_partition(stage: Stage, work: WorkDir, part: int, upstream: list[str]) -> None:
+    if work.part_done(stage.name, part):
+        return
+    view = work.read_view(part, upstream, columns=view_columns(stage))
+    t0 = time.perf_counter()
+    table = decide(stage, view)
+    seconds = time.perf_counter() - t0
+    write_with_retries(work, stage.name, part, table, partition_stats(stage.name, part, view, table, seconds))
+
+
+def run_global(stage: Stage, work: WorkDir, upstream: list[str]) -> None:
+    if work.is_done(stage.name):
+        return
+    views = list(work.iter_views(upstream, columns=view_columns(stage)))
+    if "part" in stage.reads:  # where each row's work files are, for the step's fan-out
+        views = [v.append_column("part", pa.array([p] * v.num_rows, pa.int64())) for p, v in enumerate(views)]
+    bulky = [f.name for v in views[:1] for f in v.schema if pa.types.is_binary(f.type) and f.name in stage.reads]
+    if bulky:
+        raise ValueError(f"global stage {stage.name} reads bulk columns {bulky}; a partition step must reduce them first")
+    view = pa.concat_tables(views, promote_options="permissive")
+    t0 = time.perf_counter()
+    live = live_positions(view)
+    output = stage.process(live_rows(stage, view, live))
+    table = settle(stage, view, live, output)
+    seconds = time.perf_counter() - t0
+    write_extra_tables(work, stage.name, output.tables)
+    offset = 0
+    for part, piece_view in enumerate(views):
+        piece = table.slice(offset, piece_view.num_rows)
+        offset += piece_view.num_rows
+        share = seconds * piece_view.num_rows / max(1, view.num_rows)
+        write_with_retries(work, stage.name, part, piece, partition_stats(stage.name, part, piece_view, piece, share))
+    work.mark_done(stage.name, {"partitions": len(views), "seconds": round(seconds, 3)})
+
+
+def write_with_retries(work: WorkDir, stage: str, part: int, table: pa.Table, stats: dict) -> None:
+    """A flaky disk or network file system gets a few tries before the partition fails."""
+    for attempt in range(1, WRITE_ATTEMPTS + 1):
+        try:
+            work.write_part(stage, part, table, stats)
+            return
+        except OSError as error:
+            if attempt == WRITE_ATTEMPTS:
+                raise
+            log.warning("stage %s part %d: write failed (%s); trying again", stage, part, error)
+            time.sleep(0.5 * 2 ** (attempt - 1))
+
+
+def write_extra_tables(work: WorkDir, stage: str, tables: dict[str, pa.Table]) -> None:
+    for name, table in tables.items():
+        atomic_write_table(work.stage_dir(stage) / f"{name}.parquet", table)
+
+
+def partition_stats(stage: str, part: int, view: pa.Table, update: pa.Table, seconds: float) -> dict:
+    before = view.column("status").to_pylist()
+    after = update.column("status").to_pylist()
+    reasons = update.column("reason").to_pylist()
+    dropped = Counter(r for b, a, r in zip(before, after, reasons) if b == schema.KEPT and a != schema.KEPT)
+    return {
+        "stage": stage,
+        "part": part,
+        "items_in": sum(1 for b in before if b == schema.KEPT),
+        "kept": sum(1 for a in after if a == schema.KEPT),
+        "dropped": dict(sorted(dropped.items())),
+        "seconds": round(seconds, 4),
+    }

@@ -1,1 +1,0 @@
-"""The face stages' glue (``stageio``); the face toolkit itself is ``portrait.faces``."""

@@ -1,1 +1,0 @@
-"""Helpers that tests, the demo and the benchmarks share (a real local HTTP server)."""
