@@ -21,7 +21,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from datakit import runner, schema
+from datakit import schema
+from datakit.engine import build as runner
 from datakit.recipe import FolderSource, NamesFile, RecipeError, UrlSource, load_recipe, validate_recipe
 from datakit.sources import iter_items, read_names_file
 from devtools.photoserver import PhotoServer

@@ -427,7 +427,7 @@ class ClusterStage(Stage):
         """Identity of every row (the live rows of the build), or why it has none."""
         s: Settings = self.settings
         n = table.num_rows
-        col = {c: column(table, c) for c in ("image_id", "source", "label", "embedding_model")}
+        col = {c: column(table, c) for c in ("image_id", "source", "label", "person_key", "embedding_model")}
         out = Output({"identity_id": [None] * n, "review_flag": column(table, "review_flag"), "detail": [None] * n})
         distance = np.full(n, np.nan, dtype=np.float32)
         embeddings = table.column("embedding")
