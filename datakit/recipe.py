@@ -16,10 +16,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from datakit import registry
 from datakit.store import is_url
+
+# source keys added after recipes were first hashed; left out of the hash when unset
+OPTIONAL_SOURCE_KEYS = ("roots", "names_file", "person_key_column", "subject_box_column", "subject_frame_column")
 
 ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -39,13 +42,48 @@ class SourceBase(_Strict):
     homepage: str | None = None
 
 
+class NamesFile(_Strict):
+    """A table naming each identity folder, e.g. VGGFace2's ``identity_meta.csv``
+    (``Class_ID, Name, Sample_Num, Flag, Gender``: header fields after a comma start with a
+    space, names are quoted and may hold commas, gender is ``m`` / ``f``)."""
+
+    path: Path
+    id_column: str = "Class_ID"  # the folder name: kept as the item's person_key
+    name_column: str = "Name"  # becomes the label
+    gender_column: str | None = "Gender"  # m / f (also male / female); null: no gender
+    # VGGFace2 writes names with underscores ("A_Fine_Frenzy"); labels keep them as written
+
+
 class FolderSource(SourceBase):
-    """``ROOT/<label>/<file>``: the VGGFace2-HQ layout; the folder name is the identity."""
+    """``ROOT/<label>/<file>``: the VGGFace2-HQ layout; the folder name is the identity.
+
+    ``roots`` lists several roots of one source (VGGFace2's train/ and test/); each item's
+    locator then starts with its root's folder name, so the roots' names must differ. With a
+    ``names_file`` the folder name is the person key and the label comes from the file."""
 
     kind: Literal["folder"]
-    root: Path
+    root: Path | None = None
+    roots: list[Path] = Field(default_factory=list)
+    names_file: NamesFile | None = None
     # null takes every file: a non-image must still become a manifest row (undecodable)
     extensions: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _one_way_to_give_roots(self) -> FolderSource:
+        if (self.root is None) == (not self.roots):
+            raise ValueError("give either root (one folder) or roots (a list of folders), not both or neither")
+        if self.roots:
+            names = [Path(r).name for r in self.roots]
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"roots must have different folder names (locators start with them); repeated: {', '.join(dupes)}")
+        return self
+
+    def all_roots(self) -> list[tuple[str, Path]]:
+        """(locator prefix, folder) of each root; a single ``root`` has no prefix."""
+        if self.root is not None:
+            return [("", self.root)]
+        return [(f"{Path(r).name}/", r) for r in self.roots]
 
 
 class UrlSource(SourceBase):
@@ -59,6 +97,21 @@ class UrlSource(SourceBase):
     # Relative URLs are fetched from base_url (a mirror); the manifest keeps them as listed,
     # so image ids do not change with the mirror's address.
     base_url: str | None = None
+    # The column identifying the person (IMDb-Face: ``index``, the IMDb id nm...): names spelled
+    # two ways under one key are one identity. A value like nm0000001_rm..._1899 keeps its
+    # leading run of letters and digits (the id).
+    person_key_column: str | None = None
+    # The labelled person's face box "x0 y0 x1 y1" (IMDb-Face: ``rect``), measured in an image of
+    # the size in subject_frame_column ("height width", IMDb-Face: ``height width``); detect
+    # scales it to the image as served and takes the face that matches it.
+    subject_box_column: str | None = None
+    subject_frame_column: str | None = None
+
+    @model_validator(mode="after")
+    def _box_needs_frame(self) -> UrlSource:
+        if (self.subject_box_column is None) != (self.subject_frame_column is None):
+            raise ValueError("subject_box_column and subject_frame_column go together (the box is measured in that frame)")
+        return self
 
 
 Source = Annotated[FolderSource | UrlSource, Field(discriminator="kind")]
@@ -134,6 +187,9 @@ class Recipe(_Strict):
             del data["redactions"]  # so recipes without it keep the hash they had before it existed
         for source in data["sources"]:
             source.pop("base_url", None)  # a mirror's address; locators are kept as listed
+            for key in OPTIONAL_SOURCE_KEYS:  # unset: recipes without them keep their hash
+                if source.get(key) in (None, []):
+                    source.pop(key, None)
         data["stages"] = {n: self.stage_settings(n).model_dump(mode="json") for n in self.stage_names()}
         return data
 
@@ -173,9 +229,18 @@ def validate_recipe(raw: dict, path: Path) -> Recipe:
             raise RecipeError(f"{path}: redactions[{i}]: file not found: {recipe.redactions[i]}")
     for i, source in enumerate(recipe.sources):
         if isinstance(source, FolderSource):
-            source.root = _resolve(base, source.root)
-            if not source.root.is_dir():
-                raise RecipeError(f"{path}: sources[{i}].root: folder not found: {source.root}")
+            if source.root is not None:
+                source.root = _resolve(base, source.root)
+                if not source.root.is_dir():
+                    raise RecipeError(f"{path}: sources[{i}].root: folder not found: {source.root}")
+            for j, root in enumerate(source.roots):
+                source.roots[j] = _resolve(base, root)
+                if not source.roots[j].is_dir():
+                    raise RecipeError(f"{path}: sources[{i}].roots[{j}]: folder not found: {source.roots[j]}")
+            if source.names_file is not None:
+                source.names_file.path = _resolve(base, source.names_file.path)
+                if not source.names_file.path.is_file():
+                    raise RecipeError(f"{path}: sources[{i}].names_file.path: file not found: {source.names_file.path}")
         else:
             source.path = _resolve(base, source.path)
             if not source.path.is_file():

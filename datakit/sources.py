@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote, urljoin
@@ -20,7 +21,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from datakit import schema
-from datakit.recipe import FolderSource, RecipeError, UrlSource
+from datakit.recipe import FolderSource, NamesFile, RecipeError, UrlSource
 
 ITEM_SCHEMA = pa.schema(
     [
@@ -37,8 +38,19 @@ ITEM_SCHEMA = pa.schema(
         ("detail", pa.string()),
         ("redacted_at", pa.string()),  # set for an item an earlier build's redaction log names
         ("redaction_reason", pa.string()),
+        ("person_key", pa.string()),  # the source's id for the person (VGGFace2 class id, IMDb nm id)
+        ("gender", pa.string()),  # given by the source (a names file's gender column)
+        ("gender_source", pa.string()),
+        ("review_flag", pa.string()),  # e.g. a folder the names file does not list
+        # {"box": [x0, y0, x1, y1], "frame": [width, height]}: the labelled face, for detect;
+        # not part of images.parquet (the raw columns are in ``extra``)
+        ("subject_hint", pa.string()),
     ]
 )
+
+# VGGFace2's m / f, and the words themselves
+GENDER_WORDS = {"m": "male", "male": "male", "f": "female", "female": "female"}
+PERSON_KEY = re.compile(r"^[A-Za-z0-9]+")
 
 
 def iter_items(sources, recipe_path: Path | None = None) -> Iterator[dict]:
@@ -53,6 +65,8 @@ def iter_items(sources, recipe_path: Path | None = None) -> Iterator[dict]:
             row["source"] = source.name
             row["status"] = schema.KEPT
             row["drop_stage"] = row["reason"] = row["detail"] = None
+            for key in ("person_key", "gender", "gender_source", "review_flag", "subject_hint"):
+                row.setdefault(key, None)
             yield row
 
 
@@ -106,9 +120,29 @@ def items_table(rows: list[dict]) -> pa.Table:
 
 
 def _folder_rows(source: FolderSource) -> Iterator[dict]:
-    """ROOT/<label>/<file>, sorted by relative path; files directly under ROOT have no label."""
-    exts = {e.lower().lstrip(".") for e in source.extensions} if source.extensions else None
-    root = source.root
+    """ROOT/<label>/<file> of each root, sorted by relative path; files directly under a root
+    have no label. With a names file the folder is the person key and the file gives the label
+    (and gender); a folder the file does not list keeps its name, and says so in review_flag."""
+    names = read_names_file(source.names_file) if source.names_file else None
+    for prefix, root in source.all_roots():
+        for rel in _files_under(root, source.extensions):
+            locator = _readable(rel)
+            parts = locator.split("/")
+            folder = parts[0] if len(parts) > 1 else None
+            row = {
+                "source_kind": "folder",
+                "locator": prefix + locator,
+                "label": folder,
+                "extra": None,
+                "fetch_uri": _file_uri(root / rel),
+            }
+            if names is not None and folder is not None:
+                _apply_names_entry(row, folder, names, source)
+            yield row
+
+
+def _files_under(root: Path, extensions: list[str] | None) -> list[str]:
+    exts = {e.lower().lstrip(".") for e in extensions} if extensions else None
     found = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
@@ -118,16 +152,49 @@ def _folder_rows(source: FolderSource) -> Iterator[dict]:
             if exts is not None and name.rsplit(".", 1)[-1].lower() not in exts:
                 continue
             found.append((Path(dirpath) / name).relative_to(root).as_posix())
-    for rel in sorted(found):
-        locator = _readable(rel)
-        parts = locator.split("/")
-        yield {
-            "source_kind": "folder",
-            "locator": locator,
-            "label": parts[0] if len(parts) > 1 else None,
-            "extra": None,
-            "fetch_uri": _file_uri(root / rel),
-        }
+    return sorted(found)
+
+
+def _apply_names_entry(row: dict, folder: str, names: dict[str, tuple[str, str | None]], source: FolderSource) -> None:
+    row["person_key"] = folder
+    entry = names.get(folder)
+    if entry is None:
+        row["review_flag"] = (f"folder {folder!r} has no entry in {source.names_file.path.name}; "
+                              "the label is the folder name")  # fmt: skip
+        return
+    row["label"], gender = entry
+    if gender is not None:
+        row["gender"], row["gender_source"] = gender, f"source:{source.name}/{source.names_file.path.name}"
+
+
+def read_names_file(spec: NamesFile) -> dict[str, tuple[str, str | None]]:
+    """folder id -> (name, gender or None) from a names table such as VGGFace2's
+    identity_meta.csv. Its quirks: a space after each comma, header included
+    (``Class_ID, Name, ...``), and quoted names that may hold commas."""
+    path = spec.path
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f, skipinitialspace=True)
+        header = [h.strip() for h in next(reader, [])]
+        wanted = [c for c in (spec.id_column, spec.name_column, spec.gender_column) if c]
+        missing = [c for c in wanted if c not in header]
+        if missing:
+            raise RecipeError(f"{path}: names file lacks column {missing[0]!r} (its columns: {', '.join(header)})")
+        at = {c: header.index(c) for c in wanted}
+        out: dict[str, tuple[str, str | None]] = {}
+        for line_no, cells in enumerate(reader, start=2):
+            if not cells or not any(c.strip() for c in cells):
+                continue
+            if len(cells) < len(header):
+                raise RecipeError(f"{path} line {line_no}: {len(cells)} cells, the header has {len(header)}")
+            key, name = cells[at[spec.id_column]].strip(), cells[at[spec.name_column]].strip()
+            gender = None
+            if spec.gender_column:
+                raw = cells[at[spec.gender_column]].strip().lower()
+                gender = GENDER_WORDS.get(raw)
+                if raw and gender is None:
+                    raise RecipeError(f"{path} line {line_no}: gender {raw!r}; expected m or f")
+            out[key] = (name or key, gender)
+    return out
 
 
 def _readable(name: str) -> str:
@@ -157,7 +224,8 @@ def read_url_table(source: UrlSource, recipe_path: Path | None = None) -> pa.Tab
             table = _read_jsonl(source.path)
     except (ValueError, OSError, csv.Error) as e:  # pyarrow's ArrowInvalid and UnicodeDecodeError are ValueErrors
         raise RecipeError(f"{where}: cannot read {source.path} as {fmt}: {e}") from e
-    for key, col in (("url_column", source.url_column), ("name_column", source.name_column)):
+    for key in ("url_column", "name_column", "person_key_column", "subject_box_column", "subject_frame_column"):
+        col = getattr(source, key)
         if col is not None and col not in table.column_names:
             raise RecipeError(
                 f"{where}: sources[{source.name}].{key}: column {col!r} not in {source.path} "
@@ -217,13 +285,36 @@ def _url_rows(source: UrlSource, recipe_path: Path | None) -> Iterator[dict]:
         name = None if name is None or str(name).strip() == "" else str(name).strip()
         extra = {"row": i + 1}
         extra.update({c: _jsonable(row[c]) for c in extra_cols})
-        yield {
+        item = {
             "source_kind": "urls",
             "locator": locator,
             "label": name,
             "extra": json.dumps(extra, sort_keys=True, ensure_ascii=False),
             "fetch_uri": fetch_uri,
         }
+        if source.person_key_column:
+            key = PERSON_KEY.match(str(row.get(source.person_key_column) or "").strip())
+            item["person_key"] = key.group(0) if key else None
+        if source.subject_box_column:
+            item["subject_hint"], item["review_flag"] = _subject_hint(
+                row.get(source.subject_box_column), row.get(source.subject_frame_column), source
+            )
+        yield item
+
+
+def _subject_hint(box_text, frame_text, source: UrlSource) -> tuple[str | None, str | None]:
+    """(hint JSON, None), or (None, why) when the cells are not a box and a frame size: the
+    item is still fetched and its subject chosen without the hint."""
+    try:
+        box = [float(v) for v in str(box_text or "").split()]
+        frame = [float(v) for v in str(frame_text or "").split()]
+    except ValueError:
+        box, frame = [], []
+    if len(box) != 4 or len(frame) != 2 or min(frame) <= 0 or box[2] <= box[0] or box[3] <= box[1]:
+        return None, (f"{source.subject_box_column} {box_text!r} / {source.subject_frame_column} {frame_text!r} "
+                      "is not a box x0 y0 x1 y1 in a frame 'height width'; subject chosen without it")  # fmt: skip
+    height, width = frame
+    return json.dumps({"box": box, "frame": [width, height]}), None
 
 
 def _jsonable(v):

@@ -133,6 +133,33 @@ def negative_embeddings(cache_dir: Path | None = None) -> DevEmbeddings:
     return DevEmbeddings(files=rel, labels=[f"negative:{r}" for r in rel], embeddings=emb[found])
 
 
+def variant_embeddings(cache_dir: Path | None = None, step: int = 3) -> DevEmbeddings:
+    """Every ``step``-th dev photo re-encoded the way the web serves it (devtools/reencode.py:
+    grayscale, CMYK, JPEG quality 40, EXIF-rotated, a 112 px face crop), embedded like the others."""
+    from portrait.decode import load_rgb
+    from devtools.reencode import VARIANTS, reencode
+
+    files = dev_files()[::step]
+    cache = cache_dir / f"variants{step}-{_cache_key(files)}.npy" if cache_dir is not None else None
+    if cache is not None and cache.exists():
+        emb = np.load(cache, allow_pickle=False)
+    else:
+        model = _Dlib()
+        emb = np.full((len(files) * len(VARIANTS), 128), np.nan, dtype=np.float32)
+        for i, path in enumerate(files):
+            rgb = np.asarray(load_rgb(path.read_bytes()))
+            image, rect = model.largest_face(rgb)
+            pad = (image.shape[0] - rgb.shape[0]) // 2  # largest_face may have padded the photo
+            box = (rect.left() - pad, rect.top() - pad, rect.right() - pad, rect.bottom() - pad)
+            for j, variant in enumerate(VARIANTS):
+                emb[i * len(VARIANTS) + j] = model.embed(np.asarray(load_rgb(reencode(rgb, variant, box))))
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            np.save(cache, emb, allow_pickle=False)
+    rel = [f"{p.relative_to(DEV_DIR)}#{v}" for p in files for v in VARIANTS]
+    return DevEmbeddings(files=rel, labels=[p.parent.name for p in files for _ in VARIANTS], embeddings=emb)
+
+
 if __name__ == "__main__":
     import time
 

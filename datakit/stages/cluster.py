@@ -5,7 +5,7 @@ root mean squared embedding distance over all pairs between them (datakit/graph.
 the embedding model's threshold. Faces are compared only with faces embedded by the same model.
 
 Label-guided (rows with a label):
-1. Within each name (source + label) the faces are agglomerated; the largest group is the
+1. Within each name (source + person key when the source gives one, else source + label) the faces are agglomerated; the largest group is the
    name's dominant face and the rest are outliers (a co-star, a mislabel, someone else).
    A name whose second group is nearly as large is kept but flagged for review.
 2. Dominant groups of names and the clusters of unlabeled faces (below) are agglomerated
@@ -26,6 +26,29 @@ Thresholds (linkage, Euclidean on L2-normalised embeddings) are per embedding mo
 live beside the backend that makes the embedding, with how each was set: dlib's 0.39 in
 portrait/faces/dlib_backend.py (measured on the dev photos), ArcFace's 1.15 in
 portrait/faces/insightface_backend.py (from published operating points, not measured here).
+
+Attach distances (``cluster.attach_thresholds``), label-guided mode only: a labelled photo
+outside its name's dominant group (a re-encoded copy, an odd pose or light: same person, just
+past the threshold) stays with its own name's identity when that identity is the nearest of all
+and its linkage to it is under the attach distance; a photo nearer to another identity is moved
+there (under the threshold) or dropped, and identities still merge only under the threshold, so
+the attach distance never merges two people.
+
+How the thresholds are chosen (the procedure; re-run it for a new embedding model):
+1. Embed labelled photos of known people (here the 293 dev photos, 30 people) and the same
+   photos re-encoded as the web serves them (devtools/reencode.py: grayscale, CMYK,
+   JPEG 40, EXIF-rotated, a 112 px face crop; re-encoding moves a dlib embedding by 0.07 at the
+   median, 0.19 at the 99th percentile), and photos of strangers (the negatives).
+2. Linkage threshold: between ``linkage_bounds``' same_max and different_min, on the side of
+   splitting (merging two people is the worse error for training): dlib 0.39 in [0.363, 0.411].
+3. Attach distance: the linkage of one photo to the other photos of its person, over the photos
+   and their variants, measured 0.307 median, 0.39 at the 99th percentile, 0.479 at most; the
+   nearest stranger to any person lies at 0.418. The attach distance is the largest value that
+   keeps a margin below that: dlib 0.415 (its value lives with the others in ``THRESHOLDS`` of
+   portrait/faces/dlib_backend.py). With it, the dev photos + variants + 10% misfiled +
+   negatives keep 99.9% of correctly labelled photos (98.9-99.4% with the threshold alone),
+   merge nobody and remove or move every misfiled photo (tests/test_cluster.py, make bench-quality).
+4. ArcFace: not measured here (no weights offline); attach equals the threshold until it is.
 
 Stable identity ids: the first 16 hex of sha1 of a key. For an identity holding names, the
 key is the smallest ``family NUL source NUL label`` among its names, so a name keeps its id
@@ -50,8 +73,11 @@ from datakit.stage import Output, Stage, StageSettings, column
 
 # pattern found in the embedding model's name (case-insensitive) -> linkage threshold
 DEFAULT_THRESHOLDS: dict[str, float] = default_thresholds("cluster")
+# pattern -> attach distance: a labelled photo outside its name's dominant group stays with its
+# own name's identity when that identity is its nearest and within this linkage (see above)
+DEFAULT_ATTACH_THRESHOLDS: dict[str, float] = default_thresholds("attach")
 
-INPUT_COLUMNS = ("source", "label", "embedding", "embedding_model", "review_flag")
+INPUT_COLUMNS = ("source", "label", "person_key", "embedding", "embedding_model", "review_flag")
 
 
 class Settings(StageSettings):
@@ -60,6 +86,11 @@ class Settings(StageSettings):
     thresholds: dict[str, float] = Field(
         default_factory=lambda: dict(DEFAULT_THRESHOLDS),
         description="embedding-model name pattern -> linkage threshold (first match wins)",
+    )
+    attach_thresholds: dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_ATTACH_THRESHOLDS),
+        description="embedding-model name pattern -> the looser distance at which a labelled photo "
+        "stays with its own name's identity when that is its nearest (never below the linkage threshold)",
     )
     reassign_outliers: bool = True
     review_group_ratio: float = Field(
@@ -78,6 +109,10 @@ def threshold_for(model: str, thresholds: dict[str, float]) -> float:
         f"cluster: no linkage threshold for embedding model {model!r}; add a pattern that matches it "
         f"under cluster.thresholds (known patterns: {', '.join(thresholds)})"
     )
+
+
+def _attach_for(model: str, attach: dict[str, float]) -> float | None:
+    return next((v for p, v in attach.items() if p.lower() in (model or "").lower()), None)
 
 
 def family_of(model: str, thresholds: dict[str, float]) -> str:
@@ -103,6 +138,7 @@ class Decisions:
 @dataclass
 class Params:
     threshold: float
+    attach: float | None = None  # None: the same as threshold (no looser attach)
     min_images: int = 5
     neighbors: int = 10
     reassign_outliers: bool = True
@@ -296,9 +332,14 @@ def _place_outliers(emb, lab_rows, name_of, names, own_identity, outlier_pos, id
             top = np.argmax(dots, axis=1)
             best[s : s + 4096] = top
             best_link[s : s + 4096] = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * dots[np.arange(top.size), top]))
+    attach = max(p.threshold, p.attach if p.attach is not None else p.threshold)
     for r, g, ident, link in zip(rows, name_of[outlier_pos], best, best_link):
         label = names[g].split("\0", 1)[1]
-        if link < p.threshold:
+        if ident == own_identity[g] and link < attach:
+            # its own name's identity is its nearest: a correctly labelled photo off the core
+            # (a re-encoded copy, an unusual pose); kept at the looser attach distance
+            identity_index[r] = ident
+        elif link < p.threshold:
             identity_index[r] = ident
             if ident != own_identity[g]:
                 detail[r] = f"face does not match the dominant faces of {label!r}; reassigned to the identity it matches (linkage {link:.3f})"
@@ -386,7 +427,7 @@ class ClusterStage(Stage):
         """Identity of every row (the live rows of the build), or why it has none."""
         s: Settings = self.settings
         n = table.num_rows
-        col = {c: column(table, c) for c in ("image_id", "source", "label", "embedding_model")}
+        col = {c: column(table, c) for c in ("image_id", "source", "label", "person_key", "embedding_model")}
         out = Output({"identity_id": [None] * n, "review_flag": column(table, "review_flag"), "detail": [None] * n})
         distance = np.full(n, np.nan, dtype=np.float32)
         embeddings = table.column("embedding")
@@ -400,12 +441,13 @@ class ClusterStage(Stage):
             rows = spaces[model]
             p = Params(
                 threshold=threshold_for(model, s.thresholds), family=family_of(model, s.thresholds),
+                attach=_attach_for(model, s.attach_thresholds),
                 min_images=s.min_images, neighbors=s.neighbors, reassign_outliers=s.reassign_outliers,
                 review_group_ratio=s.review_group_ratio, exact_knn_max=s.exact_knn_max,
                 ivf_cell_size=s.ivf_cell_size, ivf_probe=s.ivf_probe,
             )  # fmt: skip
             emb = _embedding_matrix(embeddings.take(rows), model)
-            labels = [_clean_label(col["label"][i]) for i in rows]
+            labels = [_name_key(col["person_key"][i], col["label"][i]) for i in rows]
             d = cluster_space([col["image_id"][i] for i in rows], [col["source"][i] or "" for i in rows], labels, emb, p)
             for j, i in enumerate(rows):
                 out.values["review_flag"][i] = _join(out.values["review_flag"][i], d.review[j])
@@ -416,6 +458,13 @@ class ClusterStage(Stage):
                     out.drops[i] = (d.reason[j], d.detail[j])
         out.values["identity_distance"] = [None if np.isnan(v) else float(v) for v in distance]
         return out
+
+
+def _name_key(person_key: str | None, label: str | None) -> str | None:
+    """What makes a name within a source: the source's person key when it has one (IMDb-Face's
+    nm id, VGGFace2's class id), so two spellings of one person's name are one name; else the label."""
+    key = _clean_label(person_key)
+    return f"key:{key}" if key is not None else _clean_label(label)
 
 
 def _clean_label(label: str | None) -> str | None:

@@ -1,11 +1,14 @@
 """detect: find every face, its box, score and landmarks; drop images without one.
 
-The subject is the largest face (by its box's area inside the image). Its box (RetinaFace
+The subject is chosen by portrait/faces/subject.py (the trainer's reader takes the same face): by score and size (detections under the score
+floor ``min_score`` never compete), or, when the source gives a box for the labelled person
+(IMDb-Face's ``rect``), the face matching that box (``hint_min_iou``). Its box (RetinaFace
 convention, may reach past the image's edge as RetinaFace's do), score, area fraction (the part
 of the box inside the image over the image's area), 5 and 68 landmarks and a sharpness figure
-(variance of the Laplacian on its box resized to ``sharpness_size`` grey pixels) go into the
-manifest; the other faces go into ``other_faces`` as JSON, largest first. The filter stage
-decides on them; this stage only drops images where the backend finds no face at all.
+(variance of the Laplacian on the aligned face at ``sharpness_size`` grey pixels) go into the
+manifest; the other faces go into ``other_faces`` as JSON, strongest first, weak ones marked.
+The filter stage decides on them; this stage drops images where the backend finds no face at
+all (``no_face``) or none matching the source's box (``no_face_matches_hint``).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import numpy as np
 from pydantic import Field
 
 from portrait.decode import DecodeError, load_rgb
-from portrait.faces import geometry
+from portrait.faces import geometry, subject
 from datakit.stage import Drop, StageSettings
 from datakit.stages.face_model import FaceModelStage, floats
 
@@ -30,17 +33,26 @@ COLUMNS = (
     "landmarks68",
     "sharpness",
     "other_faces",
+    "hint_iou",
 )
 
 
 class Settings(StageSettings):
-    sharpness_size: int = Field(default=128, ge=16, le=1024)
+    # the aligned face (no margin) is measured at this size (112: ArcFace's crop)
+    sharpness_size: int = Field(default=112, ge=16, le=1024)
+    # detections scoring under this never compete with the subject; null: the backend's floor
+    min_score: float | None = None
+    # a face scoring this or more counts at its full size when choosing the subject; null: per backend
+    full_score: float | None = Field(default=None, gt=0)
+    # with a subject hint: the least overlap (IoU) of the chosen face with the hinted box
+    hint_min_iou: float = Field(default=0.3, ge=0.0, le=1.0)
 
 
 class DetectStage(FaceModelStage):
     name = "detect"
     Settings = Settings
     COLUMNS = COLUMNS
+    NEEDS = ("subject_hint",)
 
     def process_row(self, row: dict, out: dict) -> Drop | None:
         try:
@@ -49,27 +61,43 @@ class DetectStage(FaceModelStage):
             return e.reason, e.detail
         height, width = pixels.shape[:2]
         faces = self.backend.detect(pixels)
-        faces = geometry.subject_first(faces, height, width)
         out["face_backend"] = self.backend.name
         out["face_count"] = len(faces)
         if not faces:
             return "no_face", f"{self.backend.name} found no face in the {width}x{height} image"
+        s = self.settings
+        hint_box = subject.scaled_hint(row.get("subject_hint"), height, width)
+        choice = subject.choose(
+            faces, height, width,
+            min_score=s.min_score if s.min_score is not None else subject.DEFAULT_MIN_SCORE.get(self.backend.name, 0.0),
+            full_score=s.full_score if s.full_score is not None else subject.DEFAULT_FULL_SCORE.get(self.backend.name, 1.0),
+            hint_box=hint_box, hint_min_iou=s.hint_min_iou,
+        )  # fmt: skip
         image_area = float(width * height)
-        subject, others = faces[0], faces[1:]
-        out["face_box"] = floats(subject.box)
-        out["face_score"] = float(subject.score)
-        out["face_area_fraction"] = geometry.clipped_area(subject.box, height, width) / image_area
-        out["landmarks5"] = floats(subject.landmarks5)
-        out["landmarks68"] = None if subject.landmarks68 is None else floats(subject.landmarks68)
-        out["sharpness"] = geometry.sharpness(pixels, subject.box, self.settings.sharpness_size)
-        out["other_faces"] = json.dumps(
-            [
-                {
-                    "box": [round(v, 2) for v in floats(f.box)],
-                    "score": round(float(f.score), 4),
-                    "area_fraction": round(geometry.clipped_area(f.box, height, width) / image_area, 5),
-                }
-                for f in others
-            ]
-        )
+        out["other_faces"] = json.dumps([self._other(f, choice, height, width, image_area) for f in choice.others])
+        out["hint_iou"] = choice.hint_iou
+        if choice.subject is None:
+            box = ", ".join(f"{v:.0f}" for v in hint_box)
+            return "no_face_matches_hint", (
+                f"none of the {len(faces)} faces overlaps the source's box for the labelled person ({box} in this "
+                f"image) by IoU {s.hint_min_iou:g} or more; the best overlaps {choice.hint_iou:.2f}"
+            )
+        subject_face = choice.subject
+        out["face_box"] = floats(subject_face.box)
+        out["face_score"] = float(subject_face.score)
+        out["face_area_fraction"] = geometry.clipped_area(subject_face.box, height, width) / image_area
+        out["landmarks5"] = floats(subject_face.landmarks5)
+        out["landmarks68"] = None if subject_face.landmarks68 is None else floats(subject_face.landmarks68)
+        out["sharpness"] = geometry.aligned_sharpness(pixels, subject_face.landmarks5, s.sharpness_size)
         return None
+
+    @staticmethod
+    def _other(face, choice, height: int, width: int, image_area: float) -> dict:
+        entry = {
+            "box": [round(v, 2) for v in floats(face.box)],
+            "score": round(float(face.score), 4),
+            "area_fraction": round(geometry.clipped_area(face.box, height, width) / image_area, 5),
+        }
+        if id(face) in choice.weak:
+            entry["weak"] = True  # under the score floor: recorded, never competes with the subject
+        return entry

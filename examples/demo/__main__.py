@@ -3,7 +3,7 @@
 An example of driving datakit with the dev tools in the open: devtools' PhotoServer serves
 ``data/demo/web`` on 127.0.0.1 for the recipe's URL-list source, the recipe's
 ``${DATAKIT_DEMO_BASE_URL}`` points at it, ``datakit run`` builds, and the server stops whatever
-happens. Usage: ``python -m examples.demo [--output DIR] [--restart] [--quiet] [--port N]
+happens; then it prints Table 6 and the paper's figures of the corpus (Figs. 11-13, 16). Usage: ``python -m examples.demo [--output DIR] [--restart] [--quiet] [--port N]
 [--executor local]``.
 """
 
@@ -41,7 +41,19 @@ def main(argv: list[str] | None = None) -> int:
             cli_args.append("--restart")
         if args.quiet:
             cli_args.append("--quiet")
-        return cli_main(cli_args)
+        code = cli_main(cli_args)
+    if code == 0:
+        print_figures(args.output or str(REPO / "manifests" / "demo"))
+    return code
+
+
+def print_figures(output: str) -> None:
+    """Table 6 and the paper's figures of the corpus just built (Fig. 13 ages, Fig. 16 genders)."""
+    from datakit.audit.cli import print_stats
+    from datakit.audit.folder import OutputFolder
+    from datakit.audit.stats import compute
+
+    print_stats(compute(OutputFolder(output)))
 
 
 if __name__ == "__main__":

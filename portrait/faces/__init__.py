@@ -127,7 +127,7 @@ def _sha256(path: str) -> str:
 
 def default_thresholds(kind: str) -> dict[str, float]:
     """Identity-distance thresholds of every backend's embedding models, for ``kind`` "dedup"
-    (the same picture) or "cluster" (the same person): {pattern in the embedding_model name:
+    (the same picture), "cluster" (the same person) or "attach" (label-guided: a photo staying with its own name): {pattern in the embedding_model name:
     L2 distance between L2-normalised embeddings}. Each backend module states and explains its
     own (``THRESHOLDS``), beside the model that makes the embedding."""
     from portrait.faces import dlib_backend, insightface_backend

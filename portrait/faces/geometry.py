@@ -75,11 +75,14 @@ def detect_on_copy(
     return boxes, np.asarray(scores, dtype=np.float64).reshape(-1), points
 
 
-def subject_first(faces: list, height: int, width: int) -> list:
-    """The faces with the subject first: the largest box area inside the image, then the rest
-    by that area. The detect stage records ``[0]`` as the image's subject; inference and
-    validation take the same face."""
-    return sorted(faces, key=lambda f: clipped_area(f.box, height, width), reverse=True)
+def subject_first(faces: list, height: int, width: int, backend: str | None = None) -> list:
+    """The faces with the subject first, as the detect stage chooses it (portrait/faces/subject.py:
+    by score and size, detections under the backend's score floor never first unless alone);
+    without a backend name, by box area inside the image alone. Inference and validation take
+    the same face as the build."""
+    from portrait.faces import subject  # subject.py builds on this module
+
+    return subject.ranked(faces, height, width, backend)
 
 
 def five_from_68(points68: np.ndarray) -> np.ndarray:
@@ -121,6 +124,19 @@ def similarity_matrix(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     scale = (s * d).sum() / src_var
     shift = dst_mean - scale * rotation @ src_mean
     return np.hstack([scale * rotation, shift[:, None]])
+
+
+def aligned_sharpness(rgb: np.ndarray, landmarks5, size: int = 112) -> float:
+    """Variance of the Laplacian over the inner face (the central 60%: eyes, nose, mouth) of the
+    aligned face (ArcFace's template, no margin) at ``size`` x ``size`` grey pixels.
+
+    Only the face itself is measured: a large blurred face cannot borrow the sharpness of a
+    small sharp picture pasted inside its box (nor of hair or a collar at the crop's corners),
+    and every photo, whatever its resolution, is judged at the same scale."""
+    crop = similarity_crop(rgb, np.asarray(landmarks5, dtype=np.float64).reshape(5, 2), size, 0.0)
+    laplacian = cv2.Laplacian(cv2.cvtColor(crop, cv2.COLOR_RGB2GRAY), cv2.CV_64F)
+    inner = slice(round(0.2 * size), round(0.8 * size))
+    return float(laplacian[inner, inner].var())
 
 
 def sharpness(rgb: np.ndarray, box, size: int = 128) -> float:

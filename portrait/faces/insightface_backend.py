@@ -57,10 +57,11 @@ ROLE_WORDS = {
 # ArcFace's published verification operating points (same-person cosine mostly above 0.4,
 # different people mostly below 0.2 on LFW-like data). dedup 0.5 is a cosine of >= 0.875 (the
 # same picture); cluster 1.15 a mean cosine of 0.34 between two sets. Re-measure both with
-# datakit.stages.cluster.linkage_bounds on real ArcFace embeddings before a full run.
+# datakit.stages.cluster.linkage_bounds on real ArcFace embeddings before a full run. attach (the looser
+# distance of label-guided mode) equals cluster until measured by the procedure in datakit/stages/cluster.py.
 THRESHOLDS = {
-    "insightface": {"dedup": 0.5, "cluster": 1.15},
-    "arcface": {"dedup": 0.5, "cluster": 1.15},
+    "insightface": {"dedup": 0.5, "cluster": 1.15, "attach": 1.15},
+    "arcface": {"dedup": 0.5, "cluster": 1.15, "attach": 1.15},
 }
 DOWNLOAD_URL = "https://github.com/deepinsight/insightface/releases/download/model-zoo/{pack}.zip"
 

@@ -140,7 +140,7 @@ class FaceReader:
 
     def faces(self, rgb: np.ndarray) -> list[Face]:
         """Every face, the subject first (the detect stage's order)."""
-        return subject_first(self.backend.detect(rgb), rgb.shape[0], rgb.shape[1])
+        return subject_first(self.backend.detect(rgb), rgb.shape[0], rgb.shape[1], self.backend.name)
 
     def read(self, rgb: np.ndarray) -> FaceReading | None:
         """The subject's face, or None when the backend finds none."""
