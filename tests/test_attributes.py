@@ -10,6 +10,7 @@ from datakit import schema
 from datakit.engine.steps import decide
 from datakit.stages.attributes import AttributesSettings, AttributesStage, NameGenders, first_name
 from portrait.decode import load_rgb
+from portrait.faces import FaceSettings
 from portrait.faces.base import FaceBackend
 
 # The true gender of the 30 fixture identities (public figures), to check the name list's answers.
@@ -27,9 +28,14 @@ FIXTURE_GENDERS = {
 TRUE_GENDER = {label: g for g, labels in FIXTURE_GENDERS.items() for label in labels}
 
 
-def make_stage(**settings) -> AttributesStage:
+def make_stage(backend=None, **settings) -> AttributesStage:
+    """With ``backend``: a recipe that has a faces: section, whose backend is this test double."""
     context = settings.pop("context", {})
+    if backend is not None:
+        context = {**context, "faces": FaceSettings()}
     stage = AttributesStage(AttributesSettings(**settings), context)
+    if backend is not None:
+        stage._load_model_backend = lambda: backend
     stage.setup()
     return stage
 
@@ -150,7 +156,7 @@ def test_model_gives_age_and_fills_in_gender(demo_dir):
         labels, image_bytes=data, face_box=boxes, landmarks5=points, face_score=[0.9, 0.8, 0.7]
     )
     backend = FixedAgeGenderTestBackend(answer=(34.0, "male"))
-    out = decide(make_stage(use_model=True, context={"face_backend": backend}), table).to_pylist()
+    out = decide(make_stage(use_model=True, backend=backend), table).to_pylist()
 
     assert len(backend.calls) == 3
     for (shape, box, pts), (w, h), want_box, want_pts in zip(backend.calls, sizes, boxes, points):
@@ -169,7 +175,7 @@ def test_model_gives_age_and_fills_in_gender(demo_dir):
 def test_model_unknown_stays_null(demo_dir):
     data, _, boxes, points = photo_rows(demo_dir, ["Tony_Blair"])
     table = table_of([None], image_bytes=data, face_box=boxes, landmarks5=points, face_score=[0.9])
-    out = decide(make_stage(context={"face_backend": FixedAgeGenderTestBackend(answer=(None, None))}), table)
+    out = decide(make_stage(backend=FixedAgeGenderTestBackend(answer=(None, None))), table)
     row = out.to_pylist()[0]
     assert row["age"] is None and row["gender"] is None and row["age_source"] is None and row["gender_source"] is None
 
@@ -181,7 +187,7 @@ def test_bad_row_is_dropped_with_stage_error_and_the_rest_go_on(demo_dir):
         ["Tony_Blair", "Colin_Powell"], image_bytes=data, face_box=boxes, landmarks5=points, face_score=[0.9, 0.9]
     )
     backend = FixedAgeGenderTestBackend(answer=(50.0, "male"))
-    out = decide(make_stage(use_model=True, context={"face_backend": backend}), table).to_pylist()
+    out = decide(make_stage(use_model=True, backend=backend), table).to_pylist()
     assert out[0]["status"] == schema.KEPT and out[0]["age"] == 50.0
     assert out[1]["status"] == schema.DROPPED
     assert out[1]["reason"] == "stage_error" and out[1]["drop_stage"] == "attributes"
@@ -244,7 +250,7 @@ def test_source_gender_comes_before_the_name_and_the_model(demo_dir):
         ["Colin_Powell", "Laura_Bush"], image_bytes=data, face_box=boxes, landmarks5=points, face_score=[0.9, 0.9],
         gender=["female", None], gender_source=["source:vgg/identity_meta.csv", None],
     )  # fmt: skip
-    out = decide(make_stage(context={"face_backend": FixedAgeGenderTestBackend(answer=(40.0, "male"))}), table).to_pylist()
+    out = decide(make_stage(backend=FixedAgeGenderTestBackend(answer=(40.0, "male"))), table).to_pylist()
     assert (out[0]["gender"], out[0]["gender_source"]) == ("female", "source:vgg/identity_meta.csv")
     assert (out[1]["gender"], out[1]["gender_source"]) == ("female", "names:gender-guesser")
 

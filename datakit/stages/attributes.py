@@ -114,7 +114,7 @@ class AttributesStage(Stage):
     def __init__(self, settings, context):
         super().__init__(settings, context)
         # the image only when a face model will look at it
-        wants_model = settings.use_model is not False and (context.get("faces") is not None or "face_backend" in context)
+        wants_model = settings.use_model is not False and context.get("faces") is not None
         # gender and gender_source: what the source itself said (a names file), kept first
         self.reads = ("label", "gender", "gender_source", "face_box", "face_score", "landmarks5") + (
             ("image_bytes",) if wants_model else ()
@@ -146,9 +146,8 @@ class AttributesStage(Stage):
         if wanted is False:
             return None
         face_settings = self.context.get("faces")
-        # context["face_backend"]: a backend object built by the caller (one process, tests)
-        backend = self.context.get("face_backend")
-        if backend is None and face_settings is not None:
+        backend = None
+        if face_settings is not None:
             from portrait.faces import load_backend
 
             backend = load_backend(face_settings, self.context.get("recipe_dir"))
