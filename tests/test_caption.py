@@ -10,7 +10,7 @@ from datakit import schema
 from datakit.engine.steps import decide
 from portrait.decode import load_rgb
 from datakit.stages.caption import (
-    CHAT_PROMPT, CaptionSettings, CaptionStage, FirstNames, caption_problem, shrunk, template_caption,
+    CHAT_PROMPT, CaptionSettings, CaptionStage, caption_problem, first_names, shrunk, template_caption,
 )  # fmt: skip
 
 TINY_VOCAB = [
@@ -167,10 +167,9 @@ def test_vlm_needs_a_model_path():
 
 
 def test_caption_problem_catches_names_and_empty_captions():
-    first_names = FirstNames()
 
     def code(text, label=None):
-        problem = caption_problem(text, label, first_names)
+        problem = caption_problem(text, label, first_names())
         return problem and problem[0]
 
     assert code("a man in a grey suit, smiling", "Colin_Powell") is None
@@ -179,7 +178,7 @@ def test_caption_problem_catches_names_and_empty_captions():
     assert code("  ", "Colin_Powell") == "vlm_empty" and code("", None) == "vlm_empty"
     assert code("a woman with red hair", None) is None
     # somebody else's name: a first name and a capitalised word, or a title and a name
-    assert caption_problem("Smiling Tom Hanks at a premiere", "Ann_Lee", first_names) == (
+    assert caption_problem("Smiling Tom Hanks at a premiere", "Ann_Lee", first_names()) == (
         "vlm_names_someone", "the model's caption names 'Tom Hanks'")  # fmt: skip
     assert code("a man beside Dr. Smith") == "vlm_names_someone"
     # capitalised ordinary words are no name, title case included

@@ -33,6 +33,7 @@ says what was found.
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Literal
@@ -243,7 +244,7 @@ class CaptionStage(Stage):
     def setup(self) -> None:
         if self.settings.mode == "vlm" and self.captioner is None:
             self.captioner = VlmCaptioner(self.settings, self.context.get("recipe_dir"))
-            self.first_names = FirstNames()
+            self.first_names = first_names()
 
     def process(self, rows: pa.Table) -> Output:
         if self.settings.mode == "template":
@@ -325,6 +326,12 @@ class FirstNames:
     def __contains__(self, word: str) -> bool:
         first = word.split("-")[0]
         return first not in ORDINARY_WORDS and self._detector.get_gender(first) != "unknown"
+
+
+@functools.cache
+def first_names() -> FirstNames:
+    """One list per process (loading it takes about a second)."""
+    return FirstNames()
 
 
 def caption_problem(text: str | None, label: str | None, first_names=()) -> tuple[str, str] | None:
