@@ -256,7 +256,8 @@ class CaptionStage(Stage):
         genders, ages, areas = column(rows, "gender"), column(rows, "age"), column(rows, "face_area_fraction")
         close = self.settings.closeup_area_fraction
         captions = [template_caption(g, a, f, close) for g, a, f in zip(genders, ages, areas)]
-        return Output({"caption": captions, "caption_source": [TEMPLATE] * len(captions)})
+        n = len(captions)
+        return Output({"caption": captions, "caption_source": [TEMPLATE] * n, "caption_detail": [None] * n})
 
     def _vlm(self, rows: pa.Table) -> Output:
         """Caption in batches; an image that will not decode is dropped as stage_error."""
@@ -298,8 +299,8 @@ def shrunk(image, max_side: int):
 # ---------------------------------------------------------------- checking a model's caption
 
 WORD = re.compile(r"[^\W\d_]+")
-# a capitalised word followed by another (the first may be a first name), or a title and a name
-# (a lookahead, so that every pair is tried: "Smiling Tom Hanks")
+# a capitalised word followed by another: a name when the first is a first name (a lookahead, so
+# that every pair is tried: "Smiling Tom Hanks"); and a title followed by a capitalised word
 CAPITALISED_PAIR = re.compile(r"\b([A-Z][a-z]+(?:-[A-Z][a-z]+)?)(?=(\s+[A-Z][a-z]+(?:-[A-Z][a-z]+)?)\b)")
 TITLED_NAME = re.compile(
     r"\b(?:Mr|Mrs|Ms|Miss|Dr|Prof|Sir|Dame|Lady|Lord|President|Senator|Governor|Prince|Princess|King|Queen)"
