@@ -82,7 +82,7 @@ def conditioning_of(reader) -> dict:
             "recognition_sha256": provenance["files"].get("recognition", {}).get("sha256")}
 
 
-def generate(args, protocol, subjects, cases, folder: Path) -> tuple[dict, list[str]]:
+def generate(args, protocol, subjects, driving_photos, cases, folder: Path) -> tuple[dict, list[str]]:
     from trainer.pipeline import HiFiPortraitPipeline, analyse_photos, driving_landmarks
     from portrait.landmarks import render_landmarks
 
@@ -93,7 +93,7 @@ def generate(args, protocol, subjects, cases, folder: Path) -> tuple[dict, list[
     pipe.set_progress_bar_config(disable=True)
     size = protocol.generation.size or pipe.training_resolution
     by_slug = {s.identity.slug: s for s in subjects}
-    drivings = [np.asarray(Image.open(protocol.path(d)).convert("RGB")) for d in protocol.driving]
+    drivings = [scorer_driving.rgb for scorer_driving in driving_photos]
     inputs = {}
     folder.mkdir(parents=True, exist_ok=True)
     for case in cases:
@@ -206,7 +206,7 @@ def run(args) -> dict:
     out = Path(args.out)
     result = {}
     if args.checkpoint:
-        conditioning, notes = generate(args, protocol, subjects, cases, out / "images")
+        conditioning, notes = generate(args, protocol, subjects, drivings, cases, out / "images")
         result["evaluation"] = score_folder(scorers, protocol, subjects, left_out, drivings, cases, out / "images", out,
                                             mode="checkpoint", source=str(args.checkpoint), conditioning=conditioning, notes=notes)["summary"]
     elif args.images:

@@ -21,13 +21,16 @@ scored by which models. One case is one generated image: identity x prompt x dri
       clip: /models/clip-vit-large-patch14  # a local transformers CLIP folder; null: no CLIP-T/CLIP-I
       bootstrap: 2000                       # resamples for the 95% intervals
 
-Relative paths are taken from the protocol file's folder. A photo that no one could use (no face,
+Relative paths are taken from the protocol file's folder; ``${VARIABLE}`` is replaced from the
+environment (unset: an error naming the key); a ``driving`` entry that is a folder stands for
+every image in it, in name order. A photo that no one could use (no face,
 undecodable) is skipped when choosing references and said so; an identity with fewer than k + 1
 usable photos (k references and one for calibration) is left out and said so.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +40,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 class Identities(BaseModel):
@@ -105,6 +109,33 @@ class Protocol(BaseModel):
         path = Path(value).expanduser()
         return path if path.is_absolute() else self.base_dir / path
 
+    def driving_paths(self) -> list[Path]:
+        out = []
+        for value in self.driving:
+            path = self.path(value)
+            if path.is_dir():
+                out += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            else:
+                out.append(path)
+        return out
+
+
+def substitute_env(node, keys: tuple = ()):
+    """``${VAR}`` in every string of a YAML tree, from the environment; unset: KeyError(key)."""
+    if isinstance(node, dict):
+        return {k: substitute_env(v, keys + (str(k),)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [substitute_env(v, keys + (str(i),)) for i, v in enumerate(node)]
+    if not isinstance(node, str):
+        return node
+
+    def replace(match):
+        if match.group(1) not in os.environ:
+            raise KeyError(f"{'.'.join(keys)}: environment variable {match.group(1)} is not set")
+        return os.environ[match.group(1)]
+
+    return ENV_PATTERN.sub(replace, node)
+
 
 def load_protocol(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Protocol:
     """The protocol of a YAML file with ``section.key=value`` overrides (as ``trainer.train
@@ -120,8 +151,12 @@ def load_protocol(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
         raise ValueError(f"{path}: not valid YAML ({exn})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping (name, identities, prompts, driving, ...)")
-    for text in overrides:
-        _set_dotted(data, *parse_override(text))
+    try:
+        for text in overrides:
+            _set_dotted(data, *parse_override(text))
+        data = substitute_env(data)
+    except KeyError as exn:
+        raise ValueError(f"{path}: {exn.args[0]}") from None
     try:
         protocol = Protocol.model_validate({**data, "base_dir": path.resolve().parent})
     except ValidationError as exn:
@@ -129,8 +164,10 @@ def load_protocol(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
         key = ".".join(str(p) for p in first["loc"]) or "(top)"
         raise ValueError(f"{path}: {key}: {first['msg']}") from None
     for i, driving in enumerate(protocol.driving):
-        if not protocol.path(driving).is_file():
-            raise ValueError(f"{path}: driving.{i}: {protocol.path(driving)} is not a file")
+        if not protocol.path(driving).exists():
+            raise ValueError(f"{path}: driving.{i}: {protocol.path(driving)} does not exist")
+    if not protocol.driving_paths():
+        raise ValueError(f"{path}: driving: no photo found")
     return protocol
 
 
@@ -208,7 +245,7 @@ def cases_for(protocol: Protocol, identities: list[Identity]) -> list[Case]:
         Case(f"{ident.slug}__p{p}__d{d}__s{seed}", ident.slug, p, prompt, d, seed)
         for ident in identities
         for p, prompt in enumerate(protocol.prompts)
-        for d in range(len(protocol.driving))
+        for d in range(len(protocol.driving_paths()))
         for seed in protocol.seeds
     ]
 

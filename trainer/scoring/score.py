@@ -102,8 +102,7 @@ class Scorers:
 
     def driving(self) -> list[Driving]:
         out = []
-        for value in self.protocol.driving:
-            path = self.protocol.path(value)
+        for path in self.protocol.driving_paths():
             try:
                 rgb = decode(path.read_bytes())
             except DecodeError as exn:
