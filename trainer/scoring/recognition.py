@@ -45,11 +45,12 @@ class Recognizer:
 class DlibRecognizer(Recognizer):
     backend = "dlib"
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, backend=None):
+        """``backend``: a loaded dlib backend to share (the face reader's), else one is loaded."""
         from portrait.faces import load_backend, model_provenance
 
         self.name = name
-        self._backend = load_backend({"backend": "dlib"})
+        self._backend = backend if backend is not None and backend.name == "dlib" else load_backend({"backend": "dlib"})
         self.model = self._backend.embedding_model
         self.model_sha256 = model_provenance({"backend": "dlib"})["files"]["recognition"]["sha256"]
 
@@ -87,12 +88,13 @@ class ArcFaceRecognizer(Recognizer):
         return vector / max(float(np.linalg.norm(vector)), 1e-12)
 
 
-def load_recognizers(specs, resolve) -> list[Recognizer]:
-    """The protocol's recognizers; ``resolve`` turns a protocol path into a Path."""
+def load_recognizers(specs, resolve, backend=None) -> list[Recognizer]:
+    """The protocol's recognizers; ``resolve`` turns a protocol path into a Path; ``backend``: the
+    face reader's, shared when it is the same model."""
     out: list[Recognizer] = []
     for spec in specs:
         if spec.kind == "dlib":
-            out.append(DlibRecognizer(spec.name))
+            out.append(DlibRecognizer(spec.name, backend))
         else:
             out.append(ArcFaceRecognizer(spec.name, resolve(spec.model)))
     return out

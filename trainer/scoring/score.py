@@ -58,7 +58,7 @@ class Scorers:
     def __init__(self, protocol: Protocol, device: str = "cpu"):
         self.protocol = protocol
         self.reader = FaceReader(protocol.faces, base_dir=protocol.base_dir)
-        self.recognizers = load_recognizers(protocol.scorers.recognition, protocol.path)
+        self.recognizers = load_recognizers(protocol.scorers.recognition, protocol.path, self.reader.backend)
         self.clip = None
         if protocol.scorers.clip:
             from trainer.scoring.clip import ClipScorer
