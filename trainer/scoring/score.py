@@ -120,7 +120,10 @@ class Scorers:
         if face is None or face.landmarks68 is None:
             return None, None
         height, width = rgb.shape[:2]
-        return headpose.head_pose(face.landmarks68, width, height), headpose.expression(face.landmarks68, width, height)
+        try:
+            return headpose.head_pose(face.landmarks68, width, height), headpose.expression(face.landmarks68, width, height)
+        except ValueError:  # the mean face does not fit these landmarks: no pose, the case goes on
+            return None, None
 
     # ------------------------------------------------------------------ one case
 
