@@ -59,18 +59,28 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ------------------------------------------------------------------ generation
 
 
-def conditioning_reader(faces: str | None, checkpoint: str):
-    """(face reader the generator's inputs are read with, its record or None, a note)."""
-    from portrait.faces.reader import FaceReader
+def conditioning_reader(faces: str | None, checkpoint: str, scoring_reader):
+    """(face reader the generator's inputs are read with, a note): ``--faces``, else the run's
+    faces.json, else the default settings; the scoring reader itself when the settings are its."""
+    from portrait.faces import FaceSettings
+    from portrait.faces.reader import CropSettings, FaceReader, read_config
     from trainer.checkpoint import resolve_checkpoint
     from trainer.metrics import FACES_FILE
 
-    if faces:
-        return FaceReader.from_config(faces), f"generator's faces from {faces}"
     recorded = resolve_checkpoint(checkpoint).parent.parent / FACES_FILE
-    if recorded.is_file():
-        return FaceReader.from_record(json.loads(recorded.read_text())), f"generator's faces from {recorded}"
-    return FaceReader(), "the run has no faces.json (shards without a build.json): the generator's faces read with the default settings"
+    if faces:
+        settings, crop, base_dir = read_config(faces)
+        note = f"generator's faces from {faces}"
+    elif recorded.is_file():
+        record = json.loads(recorded.read_text())
+        settings, crop, base_dir = FaceSettings.model_validate(record["faces"]), CropSettings(**record["crop"]), None
+        note = f"generator's faces from {recorded}"
+    else:
+        settings, crop, base_dir = FaceSettings(), CropSettings(), None
+        note = "the run has no faces.json (shards without a build.json): the generator's faces read with the default settings"
+    if settings == scoring_reader.settings and crop == scoring_reader.crop and not settings.model_dir:
+        return scoring_reader, note
+    return FaceReader(settings, crop, base_dir), note
 
 
 def conditioning_of(reader) -> dict:
@@ -82,11 +92,11 @@ def conditioning_of(reader) -> dict:
             "recognition_sha256": provenance["files"].get("recognition", {}).get("sha256")}
 
 
-def generate(args, protocol, subjects, driving_photos, cases, folder: Path) -> tuple[dict, list[str]]:
+def generate(args, protocol, scorers, subjects, driving_photos, cases, folder: Path) -> tuple[dict, list[str]]:
     from trainer.pipeline import HiFiPortraitPipeline, analyse_photos, driving_landmarks
     from portrait.landmarks import render_landmarks
 
-    reader, note = conditioning_reader(args.faces, args.checkpoint)
+    reader, note = conditioning_reader(args.faces, args.checkpoint, scorers.reader)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     dtype = dtypes[args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
     pipe = HiFiPortraitPipeline.from_checkpoint(args.checkpoint, device=args.device, dtype=dtype)
@@ -94,15 +104,17 @@ def generate(args, protocol, subjects, driving_photos, cases, folder: Path) -> t
     size = protocol.generation.size or pipe.training_resolution
     by_slug = {s.identity.slug: s for s in subjects}
     drivings = [scorer_driving.rgb for scorer_driving in driving_photos]
-    inputs = {}
+    inputs, targets = {}, {}
     folder.mkdir(parents=True, exist_ok=True)
     for case in cases:
         subject = by_slug[case.identity]
         if case.identity not in inputs:
-            references = analyse_photos([r.rgb for r in subject.references], reader, names=[r.name for r in subject.references])
-            inputs[case.identity] = references
+            inputs[case.identity] = analyse_photos([r.rgb for r in subject.references], reader, names=[r.name for r in subject.references])
         references = inputs[case.identity]
-        landmarks = driving_landmarks(drivings[case.driving_index], references, size, pipe.landmark_points, reader)
+        target = (case.identity, case.driving_index)
+        if target not in targets:
+            targets[target] = driving_landmarks(drivings[case.driving_index], references, size, pipe.landmark_points, reader)
+        landmarks = targets[target]
         image = pipe(
             prompt=case.prompt,
             reference_faces=[r.crop_image() for r in references],
@@ -206,7 +218,7 @@ def run(args) -> dict:
     out = Path(args.out)
     result = {}
     if args.checkpoint:
-        conditioning, notes = generate(args, protocol, subjects, drivings, cases, out / "images")
+        conditioning, notes = generate(args, protocol, scorers, subjects, drivings, cases, out / "images")
         result["evaluation"] = score_folder(scorers, protocol, subjects, left_out, drivings, cases, out / "images", out,
                                             mode="checkpoint", source=str(args.checkpoint), conditioning=conditioning, notes=notes)["summary"]
     elif args.images:
