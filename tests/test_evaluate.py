@@ -161,6 +161,7 @@ def test_images_mode_counts_missing_and_faceless_outputs(calibrated, protocol_fi
     assert all(rows[k]["sim_dlib"] == same[k]["sim_dlib"] for k in rows if rows[k]["status"] == "scored")  # same code, same numbers
 
 
+@pytest.mark.timeout(1200)  # the first user of the session's demo build and tiny run pays for them
 def test_default_protocol_on_the_demo_heldout_identities_with_a_tiny_checkpoint(demo_build, tiny_run, tmp_path):
     from trainer.data import is_heldout
 

@@ -29,7 +29,7 @@ from PIL import Image
 
 from portrait.decode import DecodeError
 from trainer.scoring import outputs
-from trainer.scoring.intervals import auc, summarise
+from trainer.scoring.intervals import auc
 from trainer.scoring.protocol import cases_for, load_protocol, read_identities
 
 

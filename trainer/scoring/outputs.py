@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from portrait.faces.reader import load_photo
 from trainer.scoring import headpose
 from trainer.scoring.intervals import summarise
 
@@ -139,7 +140,8 @@ def report(rows: list[dict], info: dict, names: list[str], subjects: dict, drivi
     cases = []
     for row in rows:
         image_path = find_image(folder, row["case_id"]) if folder else None
-        output = thumb(Image.open(image_path)) if image_path and row["status"] != "missing_image" and not row["status"].startswith("undecodable") else ""
+        readable = image_path is not None and row["status"] in ("scored", "no_face")
+        output = thumb(load_photo(image_path.read_bytes())) if readable else ""  # decoded under the pixel limit
         scores = "".join(
             f"<tr><th class=l>{html.escape(n)}</th><td>{html.escape(_cell(row.get(n)))}</td></tr>"
             for n in names[len(FIXED_COLUMNS):] if row.get(n) is not None)
