@@ -85,11 +85,11 @@ def conditioning_reader(faces: str | None, checkpoint: str, scoring_reader):
 
 def conditioning_of(reader) -> dict:
     """What conditions the generator, to tell which similarity scorer is not independent of it."""
-    from portrait.faces import model_provenance
+    from trainer.scoring.recognition import sha256_file
 
-    provenance = model_provenance(reader.settings)
+    recognition = getattr(reader.backend, "files", {}).get("recognition")  # insightface's ArcFace file
     return {"backend": reader.backend.name, "embedding_model": reader.embedding_model,
-            "recognition_sha256": provenance["files"].get("recognition", {}).get("sha256")}
+            "recognition_sha256": sha256_file(recognition) if recognition else None}
 
 
 def generate(args, protocol, scorers, subjects, driving_photos, cases, folder: Path) -> tuple[dict, list[str]]:
@@ -102,6 +102,9 @@ def generate(args, protocol, scorers, subjects, driving_photos, cases, folder: P
     pipe = HiFiPortraitPipeline.from_checkpoint(args.checkpoint, device=args.device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     size = protocol.generation.size or pipe.training_resolution
+    if reader.embedding_dim != pipe.face_refiner.config.id_dim:
+        raise ValueError(f"the checkpoint expects {pipe.face_refiner.config.id_dim}-d identity embeddings, {reader.embedding_model} "
+                         f"gives {reader.embedding_dim}: give --faces of the build that made the training shards")
     by_slug = {s.identity.slug: s for s in subjects}
     drivings = [scorer_driving.rgb for scorer_driving in driving_photos]
     inputs, targets = {}, {}
