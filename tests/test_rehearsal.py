@@ -21,7 +21,7 @@ from devtools.rehearsal.servers import ALL_STAGES
 
 @pytest.mark.timeout(900)
 def test_faults_on_a_two_node_cluster_leave_the_build_unchanged(tmp_path):
-    result = rehearse(tmp_path, items=160, stages=ALL_STAGES, partition_size=16, label="ci")
+    result = rehearse(tmp_path, items=96, stages=ALL_STAGES, partition_size=12, label="ci")
 
     compare = result["compare"]
     assert compare["problems"] == [], "\n".join(compare["problems"])

@@ -201,8 +201,8 @@ def url_list(tmp_path: Path, server, n: int) -> Path:
     return path
 
 
-def cli_run(recipe: Path, output: Path, **popen) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "datakit", "run", str(recipe), "--output", str(output), "--quiet"]
+def cli_run(recipe: Path, output: Path, *args: str, **popen) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "datakit", "run", str(recipe), "--output", str(output), "--quiet", *args]
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
 
 
@@ -224,7 +224,8 @@ def test_sigkill_mid_download_then_rerun_gives_the_clean_manifest(tmp_path):
                 }
             )
         )
-        clean = cli_run(recipe, tmp_path / "clean")
+        # the reference build runs in process (test_demo shows both executors build the same)
+        clean = cli_run(recipe, tmp_path / "clean", "--executor", "local")
         assert clean.wait(timeout=300) == 0, clean.stdout.read().decode()
 
         killed_out = tmp_path / "killed"
