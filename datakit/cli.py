@@ -75,12 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_check(args) -> int:
     from datakit.recipe import RecipeError, load_recipe
 
+    from datakit.sources import open_lists
+
     try:
         recipe = load_recipe(args.recipe)
+        rows = open_lists(recipe.sources, recipe.path)  # the lists as run reads them
     except RecipeError as e:
         console.print(f"[red]recipe error[/red]\n{escape(str(e))}", highlight=False)
         return 2
-    console.print(f"{args.recipe}: ok ({len(recipe.sources)} sources; stages: {', '.join(recipe.stage_names())})",
+    lists = "".join(f"; {name}: {n} rows" for name, n in rows.items())
+    console.print(f"{args.recipe}: ok ({len(recipe.sources)} sources{lists}; stages: {', '.join(recipe.stage_names())})",
                   markup=False, highlight=False)
     return 0
 

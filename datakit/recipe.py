@@ -22,7 +22,7 @@ from datakit import registry
 from datakit.store import is_url
 
 # source keys added after recipes were first hashed; left out of the hash when unset
-OPTIONAL_SOURCE_KEYS = ("roots", "names_file", "person_key_column", "subject_box_column", "subject_frame_column")
+OPTIONAL_SOURCE_KEYS = ("roots", "names_file", "person_key_column", "subject_box_column", "subject_frame_column", "follow_symlinks")
 
 ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -67,6 +67,8 @@ class FolderSource(SourceBase):
     names_file: NamesFile | None = None
     # null takes every file: a non-image must still become a manifest row (undecodable)
     extensions: list[str] | None = None
+    # false: a symbolic link leading outside the root is not read (a dropped row, outside_root)
+    follow_symlinks: bool = False
 
     @model_validator(mode="after")
     def _one_way_to_give_roots(self) -> FolderSource:
@@ -188,7 +190,7 @@ class Recipe(_Strict):
         for source in data["sources"]:
             source.pop("base_url", None)  # a mirror's address; locators are kept as listed
             for key in OPTIONAL_SOURCE_KEYS:  # unset: recipes without them keep their hash
-                if source.get(key) in (None, []):
+                if source.get(key) in (None, [], False):
                     source.pop(key, None)
         data["stages"] = {n: self.stage_settings(n).model_dump(mode="json") for n in self.stage_names()}
         return data

@@ -78,6 +78,8 @@ def test_folder_build_accounts_for_every_item(tmp_path):
     rows = {r["locator"]: r for r in images.to_pylist()}
     assert len(rows) == images.num_rows == result.items == 10
     assert len(set(images.column("image_id").to_pylist())) == 10
+    recorded = json.loads((tmp_path / "out" / "build.json").read_text())["manifests"]  # for datakit verify
+    assert recorded["images.parquet"] == hashlib.sha256((tmp_path / "out" / "images.parquet").read_bytes()).hexdigest()
     assert rows["Tony_Blair/notes_explode.txt"]["reason"] == "undecodable"
     assert rows["Tony_Blair/empty.jpg"]["reason"] == "undecodable"
     photo = rows["Kofi_Annan/Kofi_Annan_0001.jpg"]
@@ -368,3 +370,20 @@ def test_a_file_name_that_is_not_utf8_is_built_like_any_other(tmp_path):
     assert odd["status"] == "kept" and odd["label"] == "Kofi_Annan"
     assert odd["sha256"] == hashlib.sha256(photo).hexdigest()  # the real file was read
     assert odd["image_id"] == schema.image_id("photos", "Kofi_Annan/bad\\xff.jpg")  # the id rule holds for the row
+
+
+def test_a_link_out_of_the_root_is_a_row_and_is_never_read(tmp_path):
+    """A folder source once read /etc/passwd through a link and put its first bytes in `detail`."""
+    root = make_folder(tmp_path)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0:secret")
+    (root / "Kofi_Annan" / "passwd.jpg").symlink_to(secret)
+    (root / ".cache").mkdir()
+    recipe = load_recipe(recipe_file(tmp_path, {"download": {}}, name="photos", kind="folder", root=str(root)))
+    result = runner.run(recipe, quiet=True, executor="local")
+    rows = {r["locator"]: r for r in pq.read_table(tmp_path / "out" / "images.parquet").to_pylist()}
+    assert result.items == len(rows) == 12
+    assert (rows["Kofi_Annan/passwd.jpg"]["reason"], rows[".cache/"]["reason"]) == ("outside_root", "hidden_file")
+    assert rows["Kofi_Annan/passwd.jpg"]["sha256"] is None and rows["Kofi_Annan/passwd.jpg"]["drop_stage"] == "sources"
+    assert "root:x" not in json.dumps(list(rows.values()), default=str)
+    assert result.dropped_by_reason["outside_root"] == 1
