@@ -268,3 +268,24 @@ def test_check_counts_the_rows_of_a_good_list(tmp_path, capsys):
 
     assert main(["check", str(write(tmp_path, base()))]) == 0
     assert "u: 1 rows" in capsys.readouterr().out
+
+
+def test_the_readmes_first_build_command_works_as_written(monkeypatch, capsys):
+    """It once failed: DATAKIT_DEMO_BASE_URL unset (issue 15 item 8)."""
+    import re
+    import shlex
+
+    from datakit.cli import main
+
+    text = (REPO / "README.md").read_text()
+    block = text[text.index("## Running a build") :]
+    line = re.search(r"```bash\n(.+?)\s+#", block).group(1)
+    words = shlex.split(line)
+    env = dict(w.split("=", 1) for w in words if re.match(r"^[A-Z_]+=", w))
+    command = [w for w in words if not re.match(r"^[A-Z_]+=", w)]
+    assert command[:2] == [".venv/bin/datakit", "check"]
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(REPO)
+    assert main(command[1:]) == 0, capsys.readouterr()
+    assert "pipelines/demo.yaml: ok" in capsys.readouterr().out
