@@ -167,7 +167,25 @@ def test_status_command(tmp_path, capsys):
     assert main(["status", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "download" in out and "4/4" in out and "10 rows" in out
-    assert main(["status", str(tmp_path / "nothing")]) == 1
+    assert main(["status", str(tmp_path / "nothing")]) == 2  # a user mistake: exit code 2 (issue 15)
+
+
+def test_a_mistake_exits_2_in_plain_words_and_a_bug_says_it_is_one(tmp_path, capsys, monkeypatch):
+    from datakit.cli import main
+
+    path = recipe_file(tmp_path, {"download": {}})
+    (tmp_path / "a_file").write_text("")
+    assert main(["run", str(path), "--executor", "local", "--quiet", "--output", str(tmp_path / "a_file" / "out")]) == 2
+    out = capsys.readouterr().out
+    assert "Not a directory" in out and "a_file" in out and "Traceback" not in out
+
+    def broken(*a, **kw):
+        raise RuntimeError("an engine bug")
+
+    monkeypatch.setattr(runner, "run", broken)
+    assert main(["run", str(path), "--executor", "local", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "an engine bug" in err and "This is a bug in datakit" in err
 
 
 def test_run_prints_user_text_as_written_never_as_markup(tmp_path, capsys):
