@@ -323,6 +323,8 @@ def _read_jsonl(path: Path) -> pa.Table:
     try:
         return pajson.read_json(path)
     except pa.ArrowInvalid as e:
+        if not path.read_bytes().strip():
+            raise ValueError("the file is empty (no JSON lines)") from e
         # pyarrow counts rows from 0 (and within a block): name the file's line, counted from 1.
         with open(path, encoding="utf-8") as f:
             for line_no, line in enumerate(f, start=1):

@@ -119,14 +119,17 @@ def test_stage_error_reason_for_an_item_that_raises(tmp_path, ray_local, test_st
     assert sum(1 for r in rows.values() if r["status"] == "kept") == 8
 
 
-def test_second_run_skips_finished_work_and_changed_recipe_is_refused(tmp_path):
+def test_second_run_skips_finished_work_and_changed_recipe_is_refused(tmp_path, caplog):
     path = recipe_file(tmp_path, {"download": {}})
     runner.run(load_recipe(path), quiet=True, executor="local")
     work = WorkDir(tmp_path / "out")
     parts = sorted(work.stage_dir("download").glob("part-*.parquet"))
     mtimes = [p.stat().st_mtime_ns for p in parts]
     first = (tmp_path / "out" / "images.parquet").read_bytes()
-    runner.run(load_recipe(path), quiet=True, executor="local")
+    (work.stage_dir("download") / ".tmp-1234-part-00009.parquet").write_bytes(b"half")  # as a killed run leaves it
+    with caplog.at_level("WARNING", logger="datakit"):
+        runner.run(load_recipe(path), quiet=True, executor="local")
+    assert "resuming: removed 1 half-written files" in caplog.text  # a repair is said, not silent
     assert [p.stat().st_mtime_ns for p in parts] == mtimes
     assert (tmp_path / "out" / "images.parquet").read_bytes() == first
     changed = yaml.safe_load(path.read_text())

@@ -56,21 +56,21 @@ def identities_table(images: pa.Table, only: set[str] | None = None) -> pa.Table
 def write_table(output: Location, name: str, table: pa.Table) -> None:
     """A manifest rewritten in place (a redaction), atomically; build.json records its new hash."""
     atomic_write_table(output / name, table)
-    record_manifest_hashes(output)
+    record_manifest_hashes(output, (name,))
 
 
-def manifest_hashes(output: Location) -> dict[str, str]:
+def manifest_hashes(output: Location, names=MANIFEST_FILES) -> dict[str, str]:
     """manifest file name -> sha256 of its bytes, for the manifests present."""
-    return {name: file_sha256(output / name)[0] for name in MANIFEST_FILES if (output / name).is_file()}
+    return {name: file_sha256(output / name)[0] for name in names if (output / name).is_file()}
 
 
-def record_manifest_hashes(output: Location) -> None:
-    """Bring build.json's ``manifests`` up to date with the files (after a redaction rewrote one)."""
+def record_manifest_hashes(output: Location, names=MANIFEST_FILES) -> None:
+    """Bring build.json's ``manifests`` up to date with the files ``names`` (a redaction rewrote them)."""
     path = output / BUILD
     if not path.is_file():
         return
     build = json.loads(path.read_text())
-    build["manifests"] = manifest_hashes(output)
+    build["manifests"] = {**build.get("manifests", {}), **manifest_hashes(output, names)}
     atomic_write_json(path, build)
 
 
