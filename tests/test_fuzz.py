@@ -24,7 +24,7 @@ from datakit.cli import main
 
 PHOTO = sorted((Path(__file__).resolve().parent.parent / "data" / "demo" / "folder" / "Colin_Powell").iterdir())[0].read_bytes()
 
-FUZZ = settings(max_examples=6, deadline=None, derandomize=True, database=None,
+FUZZ = settings(max_examples=10, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
 
 # names with the characters that once broke things: markup brackets, a leading dot, spaces,
@@ -41,8 +41,8 @@ CELL = st.text(alphabet="ab[/x],\"\n é", max_size=6)
 ROWS = st.lists(st.tuples(URL, CELL), min_size=0, max_size=5)
 LIST_FORMAT = st.sampled_from(["csv", "tsv", "jsonl", "dat"])
 
-RECIPE_CHANGES = st.sampled_from([
-    {}, {"name": "set [/x] one"}, {"ray": {"partition_size": 0}}, {"ray": {"partition_size": "two"}},
+RECIPE_CHANGES = st.sampled_from([  # half of them valid, so that half the examples are built
+    {}, {}, {}, {}, {"name": "set [/x] one"}, {"ray": {"partition_size": 0}}, {"ray": {"partition_size": "two"}},
     {"stages": {"download": {"timeout_s": -1}}}, {"stages": {"download": {"re[/x]tries": 1}}},
     {"stages": {"download": {"min_side": 8}}}, {"ouput": "x"}, {"sources": []},
 ])  # fmt: skip
@@ -82,11 +82,15 @@ def merge(base: dict, change: dict) -> dict:
 
 
 @FUZZ
-@given(tree=TREE, rows=ROWS, fmt=LIST_FORMAT, change=RECIPE_CHANGES)
-def test_check_and_run_never_crash_and_account_for_every_item(tree, rows, fmt, change):
+@given(tree=TREE, rows=ROWS, fmt=LIST_FORMAT, change=RECIPE_CHANGES, link_out=st.booleans())
+def test_check_and_run_never_crash_and_account_for_every_item(tree, rows, fmt, change, link_out):
     with tempfile.TemporaryDirectory(prefix="fuzz-[x]-") as tmp:
         tmp = Path(tmp)
         expected = write_tree(tmp / "photos", tree)
+        if link_out:  # a link out of the root: a row, never read
+            (tmp / "secret").write_text("root:x:0:0")
+            (tmp / "photos" / "link.jpg").symlink_to(tmp / "secret")
+            expected += 1
         write_list(tmp / f"list.{fmt}", rows, fmt)
         expected += len(rows)
         recipe = merge({
@@ -109,6 +113,7 @@ def test_check_and_run_never_crash_and_account_for_every_item(tree, rows, fmt, c
             assert images.num_rows == expected, run_out
             assert set(images.column("status").to_pylist()) <= {"kept", "dropped"}
             assert all(r for s, r in zip(images.column("status").to_pylist(), images.column("reason").to_pylist()) if s == "dropped")
+            assert "root:x" not in json.dumps(images.to_pylist(), default=str)
         else:
             assert "recipe.yaml" in check_out or "list." in check_out, check_out
 
