@@ -44,14 +44,16 @@ def render() -> str:
     out += section("`ray`", recipe.RaySettings, "ray.")
     out += section("`faces` (the face stages' backend)", FaceSettings, "faces.")
     for name in registry.STAGES:
-        out += section(f"`stages.{name}`", registry.stage_class(name).Settings, f"stages.{name}.")
+        cls = registry.stage_class(name)
+        about = (inspect.getdoc(sys.modules[cls.__module__]) or "").split("\n\n")[0]  # the stage module's first paragraph
+        out += section(f"`stages.{name}`", cls.Settings, f"stages.{name}.", about=about)
     return "\n".join(out).rstrip() + "\n"
 
 
-def section(title: str, model: type[BaseModel], prefix: str, skip: set[str] = frozenset()) -> list[str]:
+def section(title: str, model: type[BaseModel], prefix: str, skip: set[str] = frozenset(), about: str = "") -> list[str]:
     lines = [f"## {title}", ""]
-    doc = inspect.getdoc(model)
-    if doc and model.__module__ != "pydantic.main" and doc != inspect.getdoc(BaseModel):
+    doc = inspect.cleandoc(model.__dict__.get("__doc__") or "") or about  # its own, not a base class's
+    if doc:
         lines += [" ".join(doc.split()), ""]
     lines += ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
     for name, field in model.model_fields.items():
