@@ -393,7 +393,7 @@ def test_a_file_name_that_is_not_utf8_is_built_like_any_other(tmp_path):
     assert odd["image_id"] == schema.image_id("photos", "Kofi_Annan/bad\\xff.jpg")  # the id rule holds for the row
 
 
-def test_a_link_out_of_the_root_is_a_row_and_is_never_read(tmp_path):
+def test_a_link_out_of_the_root_is_a_row_and_is_never_read(tmp_path, capsys):
     """A folder source once read /etc/passwd through a link and put its first bytes in `detail`."""
     root = make_folder(tmp_path)
     secret = tmp_path / "secret.txt"
@@ -408,3 +408,8 @@ def test_a_link_out_of_the_root_is_a_row_and_is_never_read(tmp_path):
     assert rows["Kofi_Annan/passwd.jpg"]["sha256"] is None and rows["Kofi_Annan/passwd.jpg"]["drop_stage"] == "sources"
     assert "root:x" not in json.dumps(list(rows.values()), default=str)
     assert result.dropped_by_reason["outside_root"] == 1
+    from datakit.cli import main
+
+    assert main(["explain", str(tmp_path / "out"), "Kofi_Annan/passwd.jpg"]) == 0
+    explained = capsys.readouterr().out
+    assert "final: dropped at sources: outside_root" in explained and "download   not reached" in explained
