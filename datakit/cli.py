@@ -1,7 +1,9 @@
 """``datakit`` command line: ``run`` a recipe, see a build's ``status``.
 
-Also ``python -m datakit``. Exit codes: 0 done, 1 the build failed, 2 bad recipe or arguments,
-75 the build stalled (no partition finished within ``ray.stall_timeout``): run it again to resume.
+Also ``python -m datakit``. Exit codes: 0 done, 1 the build failed (a bug: its traceback, with a
+line saying so), 2 a user mistake (recipe, list, argument or output folder: one or two plain
+lines), 75 the build stalled (no partition finished within ``ray.stall_timeout``): run it again
+to resume.
 """
 
 from __future__ import annotations
@@ -39,6 +41,13 @@ def main(argv: list[str] | None = None) -> int:
         # stdout goes to /dev/null so the interpreter's final flush does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the pipe
+    except Exception:  # noqa: BLE001 - not a mistake of the user's: say so under the traceback
+        import traceback
+
+        traceback.print_exc()
+        print("This is a bug in datakit, not a mistake in what you gave it: please report it with the traceback above.",
+              file=sys.stderr)
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,12 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_check(args) -> int:
     from datakit.recipe import RecipeError, load_recipe
 
+    from datakit.sources import open_lists
+
     try:
         recipe = load_recipe(args.recipe)
+        rows = open_lists(recipe.sources, recipe.path)  # the lists as run reads them
     except RecipeError as e:
         console.print(f"[red]recipe error[/red]\n{escape(str(e))}", highlight=False)
         return 2
-    console.print(f"{args.recipe}: ok ({len(recipe.sources)} sources; stages: {', '.join(recipe.stage_names())})",
+    lists = "".join(f"; {name}: {n} rows" for name, n in rows.items())
+    console.print(f"{args.recipe}: ok ({len(recipe.sources)} sources{lists}; stages: {', '.join(recipe.stage_names())})",
                   markup=False, highlight=False)
     return 0
 
@@ -101,6 +114,9 @@ def cmd_run(args) -> int:
                            verbose=args.verbose, executor=args.executor)
     except (build.BuildMismatch, RecipeError) as e:
         console.print(f"[red]error[/red]: {escape(str(e))}", highlight=False)
+        return 2
+    except (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError) as e:  # the output folder given
+        console.print(f"[red]error[/red]: output {escape(str(recipe.output))}: {escape(str(e))}", highlight=False)
         return 2
     except Stalled as e:
         console.print(f"[red]stalled[/red]: {escape(str(e))}", highlight=False)
@@ -132,7 +148,7 @@ def cmd_status(args) -> int:
     recipe_file = work.root / "recipe.json"
     if not recipe_file.exists():
         console.print(f"[red]{escape(str(args.output))}[/red]: no build here (no _work/recipe.json)", highlight=False)
-        return 1
+        return 2
     recorded = json.loads(recipe_file.read_text())
     names = [cls.name for n in registry.STAGES if n in recorded["recipe"]["stages"] for cls in registry.step_classes(n)]
     table = Table(title=escape(f"{args.output}: {recorded['recipe']['name']} (recipe {recorded['hash'][:12]})"))

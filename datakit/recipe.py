@@ -22,7 +22,7 @@ from datakit import registry
 from datakit.store import is_url
 
 # source keys added after recipes were first hashed; left out of the hash when unset
-OPTIONAL_SOURCE_KEYS = ("roots", "names_file", "person_key_column", "subject_box_column", "subject_frame_column")
+OPTIONAL_SOURCE_KEYS = ("roots", "names_file", "person_key_column", "subject_box_column", "subject_frame_column", "follow_symlinks")
 
 ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -36,10 +36,10 @@ class _Strict(BaseModel):
 
 
 class SourceBase(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    license: str | None = None
-    intended_use: str | None = None
-    homepage: str | None = None
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # the source's name in the manifests (column source) and in image ids
+    license: str | None = None  # the source's licence, as its publisher states it: carried into the dataset card
+    intended_use: str | None = None  # what the publisher allows it to be used for (e.g. research only): into the dataset card
+    homepage: str | None = None  # where the source is published: into the dataset card
 
 
 class NamesFile(_Strict):
@@ -47,7 +47,7 @@ class NamesFile(_Strict):
     (``Class_ID, Name, Sample_Num, Flag, Gender``: header fields after a comma start with a
     space, names are quoted and may hold commas, gender is ``m`` / ``f``)."""
 
-    path: Path
+    path: Path  # the names table (CSV)
     id_column: str = "Class_ID"  # the folder name: kept as the item's person_key
     name_column: str = "Name"  # becomes the label
     gender_column: str | None = "Gender"  # m / f (also male / female); null: no gender
@@ -62,11 +62,13 @@ class FolderSource(SourceBase):
     ``names_file`` the folder name is the person key and the label comes from the file."""
 
     kind: Literal["folder"]
-    root: Path | None = None
-    roots: list[Path] = Field(default_factory=list)
+    root: Path | None = None  # ROOT/<identity>/<file>; give root or roots
+    roots: list[Path] = Field(default_factory=list)  # several roots of one source (locators start with each root's folder name)
     names_file: NamesFile | None = None
     # null takes every file: a non-image must still become a manifest row (undecodable)
     extensions: list[str] | None = None
+    # false: a symbolic link leading outside the root is not read (a dropped row, outside_root)
+    follow_symlinks: bool = False
 
     @model_validator(mode="after")
     def _one_way_to_give_roots(self) -> FolderSource:
@@ -90,10 +92,10 @@ class UrlSource(SourceBase):
     """A CSV, TSV, parquet or JSONL list of URLs, with an optional name column."""
 
     kind: Literal["urls"]
-    path: Path
+    path: Path  # the list file
     format: Literal["csv", "tsv", "parquet", "jsonl"] | None = None  # null: from the suffix
-    url_column: str = "url"
-    name_column: str | None = None
+    url_column: str = "url"  # the column holding each item's URL
+    name_column: str | None = None  # the column holding the person's name (the label); other columns go to extra
     # Relative URLs are fetched from base_url (a mirror); the manifest keeps them as listed,
     # so image ids do not change with the mirror's address.
     base_url: str | None = None
@@ -105,7 +107,7 @@ class UrlSource(SourceBase):
     # the size in subject_frame_column ("height width", IMDb-Face: ``height width``); detect
     # scales it to the image as served and takes the face that matches it.
     subject_box_column: str | None = None
-    subject_frame_column: str | None = None
+    subject_frame_column: str | None = None  # see subject_box_column
 
     @model_validator(mode="after")
     def _box_needs_frame(self) -> UrlSource:
@@ -128,8 +130,8 @@ class RaySettings(_Strict):
 
 
 class Recipe(_Strict):
-    name: str
-    description: str | None = None
+    name: str  # the build's name (dataset card, summary)
+    description: str | None = None  # a sentence for the dataset card
     output: Path | str  # a folder (relative to the recipe) or an fsspec URL such as s3://bucket/corpus
     # fsspec options for an output URL (endpoint_url, region, ...): not part of what is built,
     # so neither hashed nor written to recipe.json or build.json (they may hold credentials).
@@ -139,7 +141,7 @@ class Recipe(_Strict):
     redactions: list[Path] = Field(default_factory=list)
     sources: list[Source] = Field(min_length=1)
     faces: dict[str, Any] | None = None  # validated by portrait.faces.FaceSettings when used
-    stages: dict[str, dict[str, Any] | None]
+    stages: dict[str, dict[str, Any] | None]  # stage name -> its settings (sections stages.NAME below); download is required
     ray: RaySettings = RaySettings()
 
     # filled in after validation
@@ -188,7 +190,7 @@ class Recipe(_Strict):
         for source in data["sources"]:
             source.pop("base_url", None)  # a mirror's address; locators are kept as listed
             for key in OPTIONAL_SOURCE_KEYS:  # unset: recipes without them keep their hash
-                if source.get(key) in (None, []):
+                if source.get(key) in (None, [], False):
                     source.pop(key, None)
         data["stages"] = {n: self.stage_settings(n).model_dump(mode="json") for n in self.stage_names()}
         return data

@@ -41,6 +41,10 @@ REASONS: dict[str, tuple[str, str]] = {
     "too_large": ("download", "the body is larger than download.max_bytes"),
     "opted_out": ("download", "the server sent X-Robots-Tag noai or noimageai"),
     "file_missing": ("download", "a folder-source file vanished or cannot be read"),
+    # folder entries the source does not read (no bytes are read)
+    "outside_root": ("sources", "a symbolic link leading outside the folder source's root (follow_symlinks: true reads it)"),
+    "hidden_file": ("sources", "a file or folder whose name starts with a dot (a folder's row stands for all it holds)"),
+    "symlink_loop": ("sources", "a symbolic link to a folder that contains it"),
     # decode (both source kinds)
     "undecodable": ("download", "the bytes are not an image Pillow can fully decode"),
     "too_many_pixels": ("download", "the image declares more pixels than download.max_pixels"),

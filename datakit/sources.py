@@ -63,8 +63,9 @@ def iter_items(sources, recipe_path: Path | None = None) -> Iterator[dict]:
             key = row["locator"] if n == 1 else f"{row['locator']}#{n}"
             row["image_id"] = schema.image_id(source.name, key)
             row["source"] = source.name
-            row["status"] = schema.KEPT
-            row["drop_stage"] = row["reason"] = row["detail"] = None
+            row.setdefault("status", schema.KEPT)  # a folder entry not read comes dropped (see _folder_rows)
+            for key in ("drop_stage", "reason", "detail"):
+                row.setdefault(key, None)
             for key in ("person_key", "gender", "gender_source", "review_flag", "subject_hint"):
                 row.setdefault(key, None)
             yield row
@@ -122,37 +123,76 @@ def items_table(rows: list[dict]) -> pa.Table:
 def _folder_rows(source: FolderSource) -> Iterator[dict]:
     """ROOT/<label>/<file> of each root, sorted by relative path; files directly under a root
     have no label. With a names file the folder is the person key and the file gives the label
-    (and gender); a folder the file does not list keeps its name, and says so in review_flag."""
+    (and gender); a folder the file does not list keeps its name, and says so in review_flag.
+    An entry that is not read (a link out of the root, a hidden name) is a dropped row saying why."""
     names = read_names_file(source.names_file) if source.names_file else None
     for prefix, root in source.all_roots():
-        for rel in _files_under(root, source.extensions):
+        for rel, refusal in _entries_under(root, source.extensions, source.follow_symlinks):
             locator = _readable(rel)
-            parts = locator.split("/")
+            parts = locator.rstrip("/").split("/")
             folder = parts[0] if len(parts) > 1 else None
             row = {
                 "source_kind": "folder",
                 "locator": prefix + locator,
                 "label": folder,
                 "extra": None,
-                "fetch_uri": _file_uri(root / rel),
+                "fetch_uri": None if refusal else _file_uri(root / rel),
             }
+            if refusal:
+                row.update(status=schema.DROPPED, drop_stage=SOURCE_STAGE, reason=refusal[0], detail=refusal[1])
             if names is not None and folder is not None:
                 _apply_names_entry(row, folder, names, source)
             yield row
 
 
-def _files_under(root: Path, extensions: list[str] | None) -> list[str]:
+SOURCE_STAGE = "sources"  # drop_stage of a folder entry the source does not read
+OUTSIDE_ROOT = ("outside_root", "a symbolic link leading outside the source's root; not read "
+                "(follow_symlinks: true on the source reads it)")  # fmt: skip
+HIDDEN = ("hidden_file", "the name starts with a dot; not read")
+HIDDEN_FOLDER = ("hidden_file", "a folder whose name starts with a dot; nothing in it is read")
+LINK_LOOP = ("symlink_loop", "a symbolic link to a folder that contains it; not read again")
+
+
+def _entries_under(root: Path, extensions: list[str] | None, follow_symlinks: bool) -> list[tuple[str, tuple | None]]:
+    """(path relative to root, None or (reason, detail) when it is not read), sorted by path.
+
+    Nothing outside the root is read unless ``follow_symlinks``: a link (file or folder) whose
+    target lies outside is a refused entry, a link inside is followed (a link to a folder that
+    contains it is refused, else the walk would not end). Hidden entries (a leading dot) are
+    refused entries too, a hidden folder as one entry (``name/``): never silently skipped."""
     exts = {e.lower().lstrip(".") for e in extensions} if extensions else None
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            if name.startswith("."):
-                continue
-            if exts is not None and name.rsplit(".", 1)[-1].lower() not in exts:
-                continue
-            found.append((Path(dirpath) / name).relative_to(root).as_posix())
+    real_root = os.path.realpath(root)
+    found: list[tuple[str, tuple | None]] = []
+    pending = [(str(root), "")]
+    while pending:
+        folder, rel = pending.pop()
+        try:
+            with os.scandir(folder) as listing:
+                entries = list(listing)
+        except OSError as e:  # e.g. no permission: the folder is a row, the build goes on
+            found.append((rel, ("file_missing", f"the folder cannot be listed: {e.strerror}")))
+            continue
+        for entry in entries:
+            path = f"{rel}{entry.name}"
+            is_dir = entry.is_dir()  # follows a link: a link to a folder is a folder here
+            if not is_dir and exts is not None and entry.name.rsplit(".", 1)[-1].lower() not in exts:
+                continue  # the recipe asked for these extensions only
+            if entry.name.startswith("."):
+                found.append((path + "/", HIDDEN_FOLDER) if is_dir else (path, HIDDEN))
+            elif entry.is_symlink() and not follow_symlinks and not _inside(entry.path, real_root):
+                found.append((path + "/" if is_dir else path, OUTSIDE_ROOT))
+            elif is_dir and entry.is_symlink() and _inside(os.path.realpath(folder), os.path.realpath(entry.path)):
+                found.append((path + "/", LINK_LOOP))
+            elif is_dir:
+                pending.append((entry.path, path + "/"))
+            else:
+                found.append((path, None))
     return sorted(found)
+
+
+def _inside(path: str, real_root: str) -> bool:
+    real = os.path.realpath(path)
+    return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
 
 
 def _apply_names_entry(row: dict, folder: str, names: dict[str, tuple[str, str | None]], source: FolderSource) -> None:
@@ -171,6 +211,13 @@ def read_names_file(spec: NamesFile) -> dict[str, tuple[str, str | None]]:
     """folder id -> (name, gender or None) from a names table such as VGGFace2's
     identity_meta.csv. Its quirks: a space after each comma, header included
     (``Class_ID, Name, ...``), and quoted names that may hold commas."""
+    try:
+        return _read_names(spec)
+    except (csv.Error, UnicodeDecodeError) as e:
+        raise RecipeError(f"{spec.path}: cannot read the names file as CSV: {e}") from e
+
+
+def _read_names(spec: NamesFile) -> dict[str, tuple[str, str | None]]:
     path = spec.path
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f, skipinitialspace=True)
@@ -212,6 +259,19 @@ def _file_uri(path: Path) -> str:
     return "file://" + quote(os.fsencode(text))
 
 
+def open_lists(sources, recipe_path: Path | None = None) -> dict[str, int]:
+    """Read every URL list and names file as ``run`` reads them (``datakit check``): source name
+    -> rows of its list (a folder source: entries of its names file). RecipeError names the file,
+    the line or column and what is expected."""
+    rows = {}
+    for source in sources:
+        if isinstance(source, UrlSource):
+            rows[source.name] = read_url_table(source, recipe_path).num_rows
+        elif source.names_file is not None:
+            rows[source.name] = len(read_names_file(source.names_file))
+    return rows
+
+
 def read_url_table(source: UrlSource, recipe_path: Path | None = None) -> pa.Table:
     fmt = source.format or _format_from_suffix(source.path)
     where = f"{recipe_path}: sources[{source.name}].path" if recipe_path else str(source.path)
@@ -245,14 +305,17 @@ def _read_delimited(path: Path, delimiter: str) -> pa.Table:
         if twice:  # one would silently win over the other
             raise csv.Error(f"column {twice[0]!r} appears more than once in the header; give each column its own name")
         columns: list[list[str | None]] = [[] for _ in header]
-        for line_no, cells in enumerate(reader, start=2):
-            if not cells:
-                continue
-            if len(cells) > len(header):
-                raise csv.Error(f"line {line_no} has {len(cells)} cells, the header has {len(header)}")
-            cells = cells + [None] * (len(header) - len(cells))
-            for col, cell in zip(columns, cells):
-                col.append(cell)
+        try:
+            for cells in reader:
+                if not cells:
+                    continue
+                if len(cells) > len(header):
+                    raise csv.Error(f"{len(cells)} cells, the header has {len(header)}")
+                cells = cells + [None] * (len(header) - len(cells))
+                for col, cell in zip(columns, cells):
+                    col.append(cell)
+        except csv.Error as e:  # e.g. a field over csv's limit (131072 characters)
+            raise csv.Error(f"line {reader.line_num}: {e}") from e
     return pa.table({name: pa.array(col, pa.string()) for name, col in zip(header, columns)})
 
 
@@ -260,6 +323,8 @@ def _read_jsonl(path: Path) -> pa.Table:
     try:
         return pajson.read_json(path)
     except pa.ArrowInvalid as e:
+        if not path.read_bytes().strip():
+            raise ValueError("the file is empty (no JSON lines)") from e
         # pyarrow counts rows from 0 (and within a block): name the file's line, counted from 1.
         with open(path, encoding="utf-8") as f:
             for line_no, line in enumerate(f, start=1):

@@ -34,9 +34,9 @@ class StageSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    num_cpus: float = Field(default=0.5, gt=0)
-    num_gpus: float = Field(default=0.0, ge=0)
-    concurrency: int | None = Field(default=None, ge=1)
+    num_cpus: float = Field(default=0.5, gt=0)  # CPUs per worker; fractional (whole ones can deadlock a 2-CPU machine)
+    num_gpus: float = Field(default=0.0, ge=0)  # GPUs per worker (cluster runs)
+    concurrency: int | None = Field(default=None, ge=1)  # workers (actors or tasks); null: Ray decides
 
 
 Drop = tuple[str, "str | None"]  # (reason code from schema.REASONS, plain-words detail)

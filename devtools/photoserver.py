@@ -31,6 +31,7 @@ Routes (every response is deterministic except where a route says it sleeps):
 ``/fault/slow-headers?delay=S``       sleeps S seconds before answering
 ``/fault/slow-body?delay=S``          sends the headers and half the body, sleeps S, sends the rest
 ``/fault/cut-body``                   declares a Content-Length, sends half of it, closes
+``/fault/not-http``                   answers bytes that are not an HTTP response, closes
 ``/fault/truncated.jpg``              the first 60% of the JPEG, as image/jpeg
 ``/fault/html-as-jpeg``               an HTML page labelled image/jpeg
 ``/fault/huge.png``                   a PNG whose header declares 100000x100000 pixels
@@ -186,6 +187,11 @@ def build_app(folder: Path | None) -> web.Application:
         request.transport.close()  # flushes what was written, then hangs up mid-body
         raise asyncio.CancelledError  # nothing more to send; keeps aiohttp from finishing the body
 
+    async def not_http(request):
+        request.transport.write(b"SMTP ready\r\nnot: an http answer\r\n\r\n")
+        request.transport.close()
+        raise asyncio.CancelledError  # the answer was not HTTP; nothing more to send
+
     async def truncated(request):
         return web.Response(body=jpeg[: len(jpeg) * 6 // 10], content_type="image/jpeg")
 
@@ -252,6 +258,7 @@ def build_app(folder: Path | None) -> web.Application:
         web.get("/fault/slow-headers", slow_headers),
         web.get("/fault/slow-body", slow_body),
         web.get("/fault/cut-body", cut_body),
+        web.get("/fault/not-http", not_http),
         web.get("/fault/truncated.jpg", truncated),
         web.get("/fault/html-as-jpeg", html_as_jpeg),
         web.get("/fault/huge.png", huge),

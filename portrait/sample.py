@@ -54,6 +54,7 @@ FIELDS: dict[str, tuple[bool, str]] = {
     "source_width": (False, "width of the image the manifest's coordinates refer to"),
     "source_height": (False, "height of that image"),
 }
+TEXT_FIELDS = ("image_id", "identity_id", "label", "source", "locator", "gender", "caption")
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
@@ -175,8 +176,14 @@ def _meta(key: str, data: bytes) -> dict:
         raise SampleError(f"{key}.json lacks {', '.join(absent)}")
     if meta["image_id"] != key:
         raise SampleError(f"{key}.json has image_id {meta['image_id']!r}, not its key")
+    for name in TEXT_FIELDS:  # valid JSON of the wrong type once reached the trainer (a caption 5)
+        if meta.get(name) is not None and not isinstance(meta[name], str):
+            raise SampleError(f"{key}.json: {name} must be text or null, is {meta[name]!r}")
+    age = meta.get("age")
+    if age is not None and (isinstance(age, bool) or not isinstance(age, int | float)):
+        raise SampleError(f"{key}.json: age must be a number or null, is {age!r}")
     for name in ("width", "height", "source_width", "source_height"):
-        if not isinstance(meta[name], int) or meta[name] < 1:
+        if isinstance(meta[name], bool) or not isinstance(meta[name], int) or meta[name] < 1:
             raise SampleError(f"{key}.json: {name} must be a positive integer, is {meta[name]!r}")
     _points(key, meta, "box", (4,))
     _points(key, meta, "landmarks5", (5, 2))
@@ -190,6 +197,8 @@ def _points(key: str, meta: dict, name: str, shape: tuple) -> None:
         array = np.asarray(meta[name], dtype=np.float64)
     except (TypeError, ValueError):
         array = None
+    if array is not None and array.shape == shape and any(isinstance(v, bool) for v in np.asarray(meta[name], dtype=object).ravel()):
+        array = None  # true / false are not coordinates
     if array is None or array.shape != shape or not np.all(np.isfinite(array)):
         raise SampleError(f"{key}.json: {name} must be {'x'.join(map(str, shape))} finite numbers")
 

@@ -385,6 +385,7 @@ def write_build_json(dest: Path, recipe: dict, recipe_hash: str, table: pa.Table
                    "dropped_by_reason": dict(sorted(reasons.items())), "items_by_source": by_source},  # fmt: skip
         "stages": stages,
         "runs": [{"started": "2025-01-01T00:00:00Z", "finished": "2025-01-01T00:01:00Z", "wall_seconds": 60.0}],
+        "manifests": manifests.manifest_hashes(dest),
     }
     atomic_write_json(dest / "build.json", build)
 

@@ -238,6 +238,30 @@ def test_damaged_shard_is_not_blessed(audit_output):
     assert {n: (out / n).read_bytes() for n in manifests} == manifests
 
 
+def test_an_interrupted_redaction_says_it_finished_it_when_run_again(audit_output, monkeypatch, capsys):
+    """An interrupted redact once left rewritten shards and nothing saying so (issue 15 item 8)."""
+    out = audit_output.output
+    tiger = sorted(i.image_id for i in audit_output.items if i.label == "Tiger Woods")
+    real = redact_mod.scrub_work
+
+    def killed(*a, **kw):
+        raise KeyboardInterrupt  # after the shards and images.parquet, before the work folder and the log
+
+    monkeypatch.setattr(redact_mod, "scrub_work", killed)
+    try:
+        redact_mod.redact(OutputFolder(out), "takedown", identities=["Tiger Woods"], now=NOW)
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.setattr(redact_mod, "scrub_work", real)
+    assert audit_main(["redact", str(out), "--identity", "Tony Blair", "--reason", "other"]) == 2
+    assert "was interrupted (--identity 'Tiger Woods' --reason 'takedown')" in capsys.readouterr().err
+    assert audit_main(["redact", str(out), "--identity", "Tiger Woods", "--reason", "takedown"]) == 0
+    assert "finished a redaction that was interrupted" in capsys.readouterr().out
+    assert verify(OutputFolder(out)).ok and not (out / ".redact-pending.json").exists()
+    logged = [json.loads(line) for line in (out / "redactions.jsonl").read_text().splitlines()]
+    assert len(logged) == 1 and sorted(logged[0]["image_ids"]) == tiger  # logged once, with every image it took
+
+
 def test_an_interrupted_redaction_finishes_when_run_again(audit_output):
     out = audit_output.output
     folder = OutputFolder(out)

@@ -18,6 +18,7 @@ from datakit.audit.cli import main as audit_main
 from datakit.audit.folder import OutputFolder
 from datakit.audit.verify import verify
 from portrait.shardio import member_header as tar_info
+from datakit.engine.manifests import record_manifest_hashes
 from datakit.store import atomic_write_table
 
 
@@ -130,6 +131,7 @@ def rewrite_shard(out, shard: str, members: list[tuple[str, bytes]]) -> None:
     rows = [r for r in pq.read_table(out / "shard_members.parquet").to_pylist() if r["shard"] != shard]
     rows += [{"shard": shard, "key": n.split(".")[0], "member": n, "bytes": len(d), "sha256": hashlib.sha256(d).hexdigest()} for n, d in members]
     atomic_write_table(out / "shard_members.parquet", pa.Table.from_pylist(rows, schema=schema.SHARD_MEMBERS_SCHEMA))
+    record_manifest_hashes(out)
 
 
 def rewrite_with_extra(out, shard: str, extra: list[tuple[str, bytes]]) -> None:
@@ -228,3 +230,28 @@ def test_verify_reports_exactly_the_samples_the_trainer_skips(audit_output):
     assert "lacks identity_id" in skipped[keys[2]]
     detail = {p.key: p.detail for p in report.problems}
     assert "landmarks.npy must be 68x2 or 5x2" in detail[keys[0]] and "lacks identity_id" in detail[keys[2]]
+
+
+def test_an_edited_manifest_row_is_caught(audit_output, capsys):
+    """verify once passed after a kept row's caption, label or sha256 was edited (issue 15 item 4)."""
+    out = audit_output.output
+    rows = pq.read_table(out / "images.parquet").to_pylist()
+    kept = [r for r in rows if r["status"] == schema.KEPT]
+    kept[0]["caption"], kept[1]["label"], kept[2]["sha256"] = "a photo of someone else", "Someone Else", "0" * 64
+    atomic_write_table(out / "images.parquet", pa.Table.from_pylist(rows, schema=schema.IMAGES_SCHEMA))
+    report = verify(OutputFolder(out))
+    assert [p.shard for p in report.problems if p.kind == "manifest_changed"] == ["images.parquet"]
+    assert audit_main(["verify", str(out), "--quiet"]) == 1
+    assert "manifest_changed: images.parquet" in capsys.readouterr().out
+    # even with build.json's hashes made to match, each kept row is checked against its sample's JSON
+    record_manifest_hashes(out)
+    report = verify(OutputFolder(out))
+    mismatch = {p.key: p.detail for p in report.problems if p.kind == "sample_mismatch"}
+    assert kinds(report) == {"sample_mismatch"}
+    assert set(mismatch) == {kept[0]["key"], kept[1]["key"]}
+    assert "caption: images.parquet has 'a photo of someone else'" in mismatch[kept[0]["key"]]
+    assert "label: images.parquet has 'Someone Else'" in mismatch[kept[1]["key"]]
+    build = json.loads((out / "build.json").read_text())
+    del build["manifests"]
+    (out / "build.json").write_text(json.dumps(build))
+    assert "manifest_unrecorded" in kinds(verify(OutputFolder(out)))

@@ -121,6 +121,7 @@ def fault_urls(server) -> dict[str, str]:
         "slow_headers": u("/fault/slow-headers?delay=30"),
         "slow_body": u("/fault/slow-body?delay=30"),
         "cut_body": u("/fault/cut-body"),
+        "not_http": u("/fault/not-http"),
         "truncated_jpeg": u("/fault/truncated.jpg"),
         "html_as_jpeg": u("/fault/html-as-jpeg"),
         "huge_png": u("/fault/huge.png"),
@@ -181,6 +182,7 @@ def row(batch, name):
         ("slow_headers", "timeout", None, 2),
         ("slow_body", "timeout", None, 2),
         ("cut_body", "connection_error", None, 2),
+        ("not_http", "connection_error", None, 2),
         ("truncated_jpeg", "undecodable", 200, 1),
         ("html_as_jpeg", "undecodable", 200, 1),
         ("huge_png", "too_many_pixels", 200, 1),
@@ -221,6 +223,8 @@ def test_details_say_what_happened_in_plain_words(batch):
     assert "Content-Length 2000000" in row(batch, "too_large_declared")["detail"]
     assert "X-Robots-Tag: noai" in row(batch, "noai")["detail"]
     assert "no-such-host.invalid" in row(batch, "dns")["detail"]
+    # once "ClientResponseError: 400, message='Invalid constant string'", which reads like the server's 400
+    assert "the answer is not valid HTTP" in row(batch, "not_http")["detail"] and "400" not in row(batch, "not_http")["detail"]
 
 
 def test_no_retry_for_4xx_and_bounded_retries_for_5xx(batch, server):

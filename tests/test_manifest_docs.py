@@ -28,3 +28,18 @@ def test_every_column_is_documented():
     assert documented("identities.parquet") == set(schema.IDENTITY_COLUMNS)
     assert documented("shards.parquet") == set(schema.SHARD_COLUMNS)
     assert documented("shard_members.parquet") == set(schema.SHARD_MEMBER_COLUMNS)
+
+
+def test_the_recipe_key_reference_is_the_one_the_models_generate():
+    """pipelines/KEYS.md lists every recipe key from the settings models; regenerate it with
+    `python -m datakit.reference` when a key changes (issue 15)."""
+    from datakit import reference, registry
+    from datakit.recipe import FolderSource, RaySettings, UrlSource
+
+    page = reference.PAGE.read_text()
+    assert page == reference.render(), f"{reference.PAGE} is out of date: run `{reference.COMMAND}`"
+    keys = set(re.findall(r"^\| `([^`]+)` \|", page, flags=re.M))
+    assert {f"sources[].{k}" for k in (*FolderSource.model_fields, *UrlSource.model_fields) if k != "names_file"} <= keys
+    assert {f"ray.{k}" for k in RaySettings.model_fields} <= keys
+    for name in registry.STAGES:
+        assert {f"stages.{name}.{k}" for k in registry.stage_class(name).Settings.model_fields} <= keys

@@ -234,3 +234,58 @@ def test_cli_prints_user_text_as_written_never_as_markup(tmp_path, capsys):
     path = write(folder, r)
     assert main(["check", str(path)]) == 0
     assert f"{path}: ok" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "list_name, content, expected",
+    [
+        ("l.csv", "link,name\nhttp://example.org/a.jpg,A\n", "url_column: column 'url' not in"),
+        ("l.dat", "url\nhttp://example.org/a.jpg\n", "cannot tell the format from the suffix"),
+        ("l.jsonl", '{"url": "http://example.org/a.jpg"}\n{"url": oops}\n', "line 2 is not valid JSON"),
+        ("l.csv", "url,name\nhttp://example.org/a.jpg,A,B,C\n", "line 2: 4 cells, the header has 2"),
+        ("l.csv", "url,name\nhttp://example.org/a.jpg," + "x" * 1_000_000 + "\n", "line 2: field larger than field limit"),
+    ],
+    ids=["url-column-missing", "unknown-suffix", "broken-jsonl", "ragged-csv", "huge-field"],
+)
+def test_check_opens_the_lists_as_run_does(tmp_path, capsys, list_name, content, expected):
+    """`datakit check` once said ok for lists that `run` then refused: it never opened them (issue 15 item 5)."""
+    from datakit.cli import main
+
+    (tmp_path / list_name).write_text(content)
+    r = base()
+    r["sources"] = [{"name": "u", "kind": "urls", "path": list_name}]
+    path = write(tmp_path, r)
+    assert main(["check", str(path)]) == 2
+    checked = capsys.readouterr().out
+    assert expected in checked and list_name in checked and "Traceback" not in checked
+    assert main(["run", str(path), "--executor", "local", "--quiet"]) == 2
+    ran = capsys.readouterr().out
+    assert checked.splitlines()[-1].split(": ", 1)[1] in ran  # the same words, from the same code
+
+
+def test_check_counts_the_rows_of_a_good_list(tmp_path, capsys):
+    from datakit.cli import main
+
+    assert main(["check", str(write(tmp_path, base()))]) == 0
+    assert "u: 1 rows" in capsys.readouterr().out
+
+
+def test_the_readmes_first_build_command_works_as_written(monkeypatch, capsys):
+    """It once failed: DATAKIT_DEMO_BASE_URL unset (issue 15 item 8)."""
+    import re
+    import shlex
+
+    from datakit.cli import main
+
+    text = (REPO / "README.md").read_text()
+    block = text[text.index("## Running a build") :]
+    line = re.search(r"```bash\n(.+?)\s+#", block).group(1)
+    words = shlex.split(line)
+    env = dict(w.split("=", 1) for w in words if re.match(r"^[A-Z_]+=", w))
+    command = [w for w in words if not re.match(r"^[A-Z_]+=", w)]
+    assert command[:2] == [".venv/bin/datakit", "check"]
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(REPO)
+    assert main(command[1:]) == 0, capsys.readouterr()
+    assert "pipelines/demo.yaml: ok" in capsys.readouterr().out

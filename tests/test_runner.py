@@ -78,6 +78,8 @@ def test_folder_build_accounts_for_every_item(tmp_path):
     rows = {r["locator"]: r for r in images.to_pylist()}
     assert len(rows) == images.num_rows == result.items == 10
     assert len(set(images.column("image_id").to_pylist())) == 10
+    recorded = json.loads((tmp_path / "out" / "build.json").read_text())["manifests"]  # for datakit verify
+    assert recorded["images.parquet"] == hashlib.sha256((tmp_path / "out" / "images.parquet").read_bytes()).hexdigest()
     assert rows["Tony_Blair/notes_explode.txt"]["reason"] == "undecodable"
     assert rows["Tony_Blair/empty.jpg"]["reason"] == "undecodable"
     photo = rows["Kofi_Annan/Kofi_Annan_0001.jpg"]
@@ -117,14 +119,17 @@ def test_stage_error_reason_for_an_item_that_raises(tmp_path, ray_local, test_st
     assert sum(1 for r in rows.values() if r["status"] == "kept") == 8
 
 
-def test_second_run_skips_finished_work_and_changed_recipe_is_refused(tmp_path):
+def test_second_run_skips_finished_work_and_changed_recipe_is_refused(tmp_path, caplog):
     path = recipe_file(tmp_path, {"download": {}})
     runner.run(load_recipe(path), quiet=True, executor="local")
     work = WorkDir(tmp_path / "out")
     parts = sorted(work.stage_dir("download").glob("part-*.parquet"))
     mtimes = [p.stat().st_mtime_ns for p in parts]
     first = (tmp_path / "out" / "images.parquet").read_bytes()
-    runner.run(load_recipe(path), quiet=True, executor="local")
+    (work.stage_dir("download") / ".tmp-1234-part-00009.parquet").write_bytes(b"half")  # as a killed run leaves it
+    with caplog.at_level("WARNING", logger="datakit"):
+        runner.run(load_recipe(path), quiet=True, executor="local")
+    assert "resuming: removed 1 half-written files" in caplog.text  # a repair is said, not silent
     assert [p.stat().st_mtime_ns for p in parts] == mtimes
     assert (tmp_path / "out" / "images.parquet").read_bytes() == first
     changed = yaml.safe_load(path.read_text())
@@ -165,7 +170,25 @@ def test_status_command(tmp_path, capsys):
     assert main(["status", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "download" in out and "4/4" in out and "10 rows" in out
-    assert main(["status", str(tmp_path / "nothing")]) == 1
+    assert main(["status", str(tmp_path / "nothing")]) == 2  # a user mistake: exit code 2 (issue 15)
+
+
+def test_a_mistake_exits_2_in_plain_words_and_a_bug_says_it_is_one(tmp_path, capsys, monkeypatch):
+    from datakit.cli import main
+
+    path = recipe_file(tmp_path, {"download": {}})
+    (tmp_path / "a_file").write_text("")
+    assert main(["run", str(path), "--executor", "local", "--quiet", "--output", str(tmp_path / "a_file" / "out")]) == 2
+    out = capsys.readouterr().out
+    assert "Not a directory" in out and "a_file" in out and "Traceback" not in out
+
+    def broken(*a, **kw):
+        raise RuntimeError("an engine bug")
+
+    monkeypatch.setattr(runner, "run", broken)
+    assert main(["run", str(path), "--executor", "local", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "an engine bug" in err and "This is a bug in datakit" in err
 
 
 def test_run_prints_user_text_as_written_never_as_markup(tmp_path, capsys):
@@ -369,3 +392,25 @@ def test_a_file_name_that_is_not_utf8_is_built_like_any_other(tmp_path):
     assert odd["status"] == "kept" and odd["label"] == "Kofi_Annan"
     assert odd["sha256"] == hashlib.sha256(photo).hexdigest()  # the real file was read
     assert odd["image_id"] == schema.image_id("photos", "Kofi_Annan/bad\\xff.jpg")  # the id rule holds for the row
+
+
+def test_a_link_out_of_the_root_is_a_row_and_is_never_read(tmp_path, capsys):
+    """A folder source once read /etc/passwd through a link and put its first bytes in `detail`."""
+    root = make_folder(tmp_path)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0:secret")
+    (root / "Kofi_Annan" / "passwd.jpg").symlink_to(secret)
+    (root / ".cache").mkdir()
+    recipe = load_recipe(recipe_file(tmp_path, {"download": {}}, name="photos", kind="folder", root=str(root)))
+    result = runner.run(recipe, quiet=True, executor="local")
+    rows = {r["locator"]: r for r in pq.read_table(tmp_path / "out" / "images.parquet").to_pylist()}
+    assert result.items == len(rows) == 12
+    assert (rows["Kofi_Annan/passwd.jpg"]["reason"], rows[".cache/"]["reason"]) == ("outside_root", "hidden_file")
+    assert rows["Kofi_Annan/passwd.jpg"]["sha256"] is None and rows["Kofi_Annan/passwd.jpg"]["drop_stage"] == "sources"
+    assert "root:x" not in json.dumps(list(rows.values()), default=str)
+    assert result.dropped_by_reason["outside_root"] == 1
+    from datakit.cli import main
+
+    assert main(["explain", str(tmp_path / "out"), "Kofi_Annan/passwd.jpg"]) == 0
+    explained = capsys.readouterr().out
+    assert "final: dropped at sources: outside_root" in explained and "download   not reached" in explained

@@ -32,10 +32,38 @@ def test_folder_source_labels_and_order(tmp_path):
     (tmp_path / "A_person" / ".hidden.jpg").write_bytes(b"")
     (tmp_path / "loose.jpg").write_bytes(b"")
     rows = items(FolderSource(name="f", kind="folder", root=tmp_path))
-    assert [r["locator"] for r in rows] == ["A_person/x.png", "B_person/1.jpg", "B_person/2.jpg", "loose.jpg"]
-    assert [r["label"] for r in rows] == ["A_person", "B_person", "B_person", None]
-    assert rows[0]["fetch_uri"] == str(tmp_path / "A_person" / "x.png")
-    assert all(r["status"] == schema.KEPT and r["source_kind"] == "folder" for r in rows)
+    assert [r["locator"] for r in rows] == ["A_person/.hidden.jpg", "A_person/x.png", "B_person/1.jpg", "B_person/2.jpg", "loose.jpg"]
+    assert [r["label"] for r in rows] == ["A_person", "A_person", "B_person", "B_person", None]
+    assert rows[1]["fetch_uri"] == str(tmp_path / "A_person" / "x.png")
+    assert all(r["status"] == schema.KEPT and r["source_kind"] == "folder" for r in rows[1:])
+    assert (rows[0]["status"], rows[0]["reason"], rows[0]["fetch_uri"]) == (schema.DROPPED, "hidden_file", None)
+
+
+def test_folder_source_never_reads_outside_its_root_unless_told(tmp_path):
+    """Links out of ROOT were followed (/etc/passwd read); linked and hidden folders vanished
+    without a row (issue 15 item 3)."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "P").mkdir(parents=True)
+    (outside / "Q").mkdir(parents=True)
+    (outside / "secret.txt").write_text("root:x:0:0")
+    (outside / "Q" / "q.jpg").write_bytes(b"q")
+    (root / "P" / "a.jpg").write_bytes(b"a")
+    (root / "P" / "passwd.jpg").symlink_to(outside / "secret.txt")  # a file link out of the root
+    (root / "P" / "alias.jpg").symlink_to(root / "P" / "a.jpg")  # a link inside: followed
+    (root / "Q").symlink_to(outside / "Q")  # a folder link out of the root
+    (root / "P" / "again").symlink_to(root / "P")  # a loop
+    (root / ".thumbs").mkdir()
+    (root / ".thumbs" / "t.jpg").write_bytes(b"t")
+    rows = {r["locator"]: r for r in items(FolderSource(name="f", kind="folder", root=root))}
+    why = {loc: r["reason"] for loc, r in rows.items()}
+    assert why == {".thumbs/": "hidden_file", "P/a.jpg": None, "P/alias.jpg": None, "P/again/": "symlink_loop",
+                   "P/passwd.jpg": "outside_root", "Q/": "outside_root"}  # fmt: skip
+    for loc in (".thumbs/", "P/again/", "P/passwd.jpg", "Q/"):
+        assert rows[loc]["status"] == schema.DROPPED and rows[loc]["drop_stage"] == "sources" and rows[loc]["fetch_uri"] is None
+    assert "root:x" not in json.dumps(list(rows.values()))
+    followed = items(FolderSource(name="f", kind="folder", root=root, follow_symlinks=True))
+    ok = {r["locator"]: r["fetch_uri"] for r in followed if r["reason"] is None}
+    assert ok["P/passwd.jpg"] == str(root / "P" / "passwd.jpg") and "Q/q.jpg" in ok  # the recipe opted in
 
 
 def test_folder_source_keeps_non_images_so_they_are_accounted_for(tmp_path):

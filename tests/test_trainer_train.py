@@ -292,3 +292,65 @@ def test_pipeline_folder_round_trips_with_face_attention(full_run, tmp_path):
         HiFiPortraitPipeline.from_pretrained(folder)
     with pytest.raises(FileNotFoundError, match="not a HiFiPortraitPipeline folder"):
         HiFiPortraitPipeline.from_pretrained(out / "base")
+
+
+def _damaged(run: Path, dest: Path, damage) -> Path:
+    """A copy of the run (its base and checkpoints) with ``damage(latest step folder)`` done."""
+    import shutil
+
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns("pipeline", "logs", "*.png"))
+    damage(dest / "checkpoints" / (dest / "checkpoints" / "latest").read_text().strip())
+    return dest
+
+
+INFER_MISTAKES = {  # name -> (damage to the latest step folder, extra arguments, words the answer must hold)
+    "truncated safetensors": (lambda s: (s / "face_attention.safetensors").write_bytes((s / "face_attention.safetensors").read_bytes()[:900]), [],
+                              "face_attention.safetensors: not a readable safetensors file"),
+    "garbage safetensors": (lambda s: (s / "controlnet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x07garbage" * 100), [],
+                            "controlnet/diffusion_pytorch_model.safetensors"),
+    "bad config.json": (lambda s: (s.parent.parent / "base" / "unet" / "config.json").write_text("{oops"), [], "unet/config.json"),
+    "bad trainer_state.json": (lambda s: (s / "trainer_state.json").write_text("[]"), [], "trainer_state.json: lacks step"),
+    "size 7": (lambda s: None, ["--size", "7"], "--size 7: this model makes images whose side is a multiple of"),
+    "steps 0": (lambda s: None, ["--steps", "0"], "--steps: expected a whole number of at least 1, got 0"),
+}
+
+
+@pytest.mark.parametrize("mistake", INFER_MISTAKES)
+def test_infer_answers_a_user_mistake_in_one_line_with_exit_code_2(full_run, tmp_path, capsys, mistake):
+    """trainer.infer once printed 40-line tracebacks for these, and took --steps 0 (issue 15 item 7)."""
+    from trainer.infer import main as infer_main
+    from trainer.usage import run
+
+    damage, extra, words = INFER_MISTAKES[mistake]
+    case = _damaged(full_run[0], tmp_path / "run", damage)
+    np.save(tmp_path / "lm.npy", np.full((68, 2), 8.0, np.float32))
+    (tmp_path / "faces.yaml").write_text("faces:\n  backend: dlib\n")
+    argv = ["--checkpoint", str(case), "--reference", "a.jpg", "--landmarks", str(tmp_path / "lm.npy"), "--prompt", "x",
+            "--faces", str(tmp_path / "faces.yaml"), "--steps", "1", "--size", "32", *extra]  # fmt: skip
+    assert run(lambda: infer_main(argv)) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err and len(err.strip().splitlines()) <= 2, err
+
+
+def test_a_step_folder_moved_out_of_its_run_and_shards_that_are_not_tars_are_named(full_run, tmp_path, capsys):
+    import shutil
+
+    from trainer.infer import main as infer_main
+    from trainer.usage import run
+
+    run_dir = full_run[0]
+    moved = tmp_path / "moved"
+    shutil.copytree(run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip(), moved)
+    assert run(lambda: infer_main(["--checkpoint", str(moved), "--reference", "a.jpg", "--prompt", "x", "--faces", str(moved / "none.yaml")])) == 2
+    assert "none.yaml" in capsys.readouterr().err  # the faces settings are read first
+    (tmp_path / "faces.yaml").write_text("faces:\n  backend: dlib\n")
+    code = run(lambda: infer_main(["--checkpoint", str(moved), "--reference", "a.jpg", "--prompt", "x", "--faces", str(tmp_path / "faces.yaml")]))
+    err = capsys.readouterr().err
+    assert code == 2 and "its base model is kept in its run folder" in err and "SDXL" not in err, err
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "shard-00000.tar").write_bytes(b"")
+    (shards / "shard-00001.tar").write_bytes(b"\x00garbage" * 512)
+    assert run(lambda: main([*RUN, "--shards", str(shards), "--output", str(tmp_path / "out")])) == 2
+    err = capsys.readouterr().err
+    assert "no readable sample in 2 shard(s)" in err and "Traceback" not in err, err

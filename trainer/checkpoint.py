@@ -134,18 +134,25 @@ def _load_folder_weights(folder: Path) -> dict:
         raise FileNotFoundError(f"no .safetensors weights in {folder}")
     weights = {}
     for file in files:
-        weights.update(load_file(file))
+        weights.update(read_weights(file))
     return weights
 
 
+def _load_into(module, weights: dict, where: Path) -> None:
+    try:
+        module.load_state_dict(weights, strict=True)
+    except RuntimeError as exn:  # other names or shapes: another config's checkpoint
+        raise ValueError(f"{where}: the weights do not fit this model ({str(exn).splitlines()[0]})") from None
+
+
 def load_trained_parts(net, folder: Path) -> None:
-    net.controlnet.load_state_dict(_load_folder_weights(folder / "controlnet"), strict=True)
-    net.refiner.load_state_dict(_load_folder_weights(folder / "face_refiner"), strict=True)
+    _load_into(net.controlnet, _load_folder_weights(folder / "controlnet"), folder / "controlnet")
+    _load_into(net.refiner, _load_folder_weights(folder / "face_refiner"), folder / "face_refiner")
     face_file = folder / "face_attention.safetensors"
     if len(net.face_attention):
         if not face_file.is_file():
             raise FileNotFoundError(f"{face_file} missing but the model uses face attention")
-        net.face_attention.load_state_dict(load_file(face_file), strict=True)
+        _load_into(net.face_attention, read_weights(face_file), face_file)
 
 
 def begin(output: Path, step: int) -> Path:
@@ -217,8 +224,32 @@ def finish(output: Path, tmp: Path, step: int, keep: int) -> Path:
     return final
 
 
+# what loading a checkpoint reads from its state file (train.py's Trainer.state writes more)
+STATE_KEYS = ("step", "config", "base_model", "image_encoder", "face_attention")
+
+
 def load_state(folder: Path) -> dict:
-    return json.loads((folder / STATE_FILE).read_text())
+    """The checkpoint's trainer_state.json; ValueError naming the file when it is not one."""
+    path = folder / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exn:
+        raise ValueError(f"{path}: not valid JSON ({exn}); the checkpoint is damaged") from None
+    missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else list(STATE_KEYS)
+    if missing:
+        raise ValueError(f"{path}: lacks {', '.join(missing)}; is it a trainer checkpoint's state file?")
+    return state
+
+
+def read_weights(file: Path) -> dict:
+    """A safetensors file's tensors; ValueError naming the file when it is empty, cut short or
+    not safetensors at all."""
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(file)
+    except SafetensorError as exn:
+        raise ValueError(f"{file}: not a readable safetensors file ({exn}); the checkpoint is damaged") from None
 
 
 def load_optimizer(folder: Path, optimizer: torch.optim.Optimizer, device: str | torch.device = "cpu") -> None:

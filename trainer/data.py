@@ -96,9 +96,14 @@ class Stats:
     reported: set = field(default_factory=set)
 
     def count(self, reason: str, message: str | None = None, key: str | None = None) -> None:
-        self.counts[reason] = self.counts.get(reason, 0) + 1
-        if message and key not in self.reported:
+        """Count a skip; one with a ``key`` (a sample, a shard error) once, however often the
+        resampled stream reads it again."""
+        if key is not None:
+            if key in self.reported:
+                return
             self.reported.add(key)
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        if message:
             log.warning("%s (skipped, counted as %s)", message, reason)
 
     def tar_error(self, exn: Exception) -> bool:
@@ -393,7 +398,7 @@ def _skip_then_decode(batches, skip: int, stats: Stats, resolution: int, clip_si
             try:
                 examples.append(decode_example(spec, resolution, clip_size, cache))
             except CorruptSample as exn:
-                stats.count("undecodable_image", str(exn), key=f"{spec.target.shard}/{spec.target.key}")
+                stats.count("undecodable_image", str(exn), key=str(exn))  # it names the shard, sample and member
                 continue
             if examples[-1]["upsampled"]:
                 stats.count("upsampled_target")
@@ -573,7 +578,8 @@ def probe_shards(shards) -> dict:
     urls = list_shards(shards)
     for record in _sequential_records(urls, Stats()):
         return {"embedding_dim": int(record.embedding.shape[0]), "landmark_points": int(record.landmarks.shape[0])}
-    raise RuntimeError(f"no readable sample in {len(urls)} shard(s) starting {urls[0]}")
+    raise ValueError(f"no readable sample in {len(urls)} shard(s) starting {urls[0]}: empty, damaged or not "
+                     "WebDataset tars (datakit writes them; `datakit verify` checks them)")
 
 
 def heldout_groups(shards, holdout_fraction: float) -> list[list[Record]]:

@@ -31,10 +31,11 @@ from portrait.decode import DecodeError
 from trainer.scoring import outputs
 from trainer.scoring.intervals import auc
 from trainer.scoring.protocol import cases_for, load_protocol, read_identities
+from trainer.usage import Parser, UsageError, run as run_command
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="python -m trainer.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--protocol", required=True, help="protocol YAML (trainer/protocols/)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", help="generate the cases with this checkpoint (or run folder: its latest)")
@@ -240,11 +241,11 @@ def main(argv=None) -> dict:
     try:
         result = run(args)
     except (ValueError, FileNotFoundError) as exn:
-        raise SystemExit(f"error: {exn}") from None
+        raise UsageError(str(exn)) from None
     if args.out and result:
         print(f"wrote {args.out}", file=sys.stderr)
     return result
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main))

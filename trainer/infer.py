@@ -31,10 +31,11 @@ from PIL import Image
 from portrait.decode import DecodeError
 from portrait.faces.reader import FaceReader, load_photo
 from portrait.landmarks import render_landmarks
+from trainer.usage import FILE_ERRORS, Parser, UsageError, first_line, positive_int, quiet_libraries, run
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m trainer.infer", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="python -m trainer.infer", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its latest)")
     parser.add_argument("--reference", nargs="+", required=True, help="photos of the identity")
     parser.add_argument("--prompt", required=True)
@@ -45,8 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(default: the run folder's faces.json, recorded from the training shards' build)")
     parser.add_argument("--output", default="portrait.png")
     parser.add_argument("--landmark-image", help="also save the rendered landmark condition here")
-    parser.add_argument("--size", type=int, default=None, help="output side in pixels (default: training resolution)")
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--size", type=positive_int, default=None, help="output side in pixels (default: training resolution)")
+    parser.add_argument("--steps", type=positive_int, default=30)
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--negative-prompt", default="")
@@ -61,9 +62,9 @@ def open_photo(path: str) -> np.ndarray:
     try:
         return load_photo(Path(path).read_bytes())
     except OSError as exn:
-        raise SystemExit(f"{path}: cannot read the file ({exn.strerror or exn})") from None
+        raise UsageError(f"{path}: cannot read the file ({exn.strerror or exn})") from None
     except DecodeError as exn:
-        raise SystemExit(f"{path}: not a usable image ({exn.reason}: {exn.detail})") from None
+        raise UsageError(f"{path}: not a usable image ({exn.reason}: {exn.detail})") from None
 
 
 def face_reader(faces: str | None, checkpoint: str) -> FaceReader:
@@ -77,55 +78,65 @@ def face_reader(faces: str | None, checkpoint: str) -> FaceReader:
         run = resolve_checkpoint(checkpoint).parent.parent
         recorded = run / FACES_FILE
         if not recorded.is_file():
-            raise SystemExit(
+            raise UsageError(
                 f"{recorded} not found: the run was trained on shards without a build.json beside them; "
                 "give --faces (the build.json or recipe of the build that made the shards, or a file with a faces: section)"
             )
         return FaceReader.from_record(json.loads(recorded.read_text()))
     except FileNotFoundError as exn:
-        raise SystemExit(f"error: {exn}") from None
+        raise UsageError(str(exn)) from None
     except ValueError as exn:
-        raise SystemExit(str(exn)) from None
+        raise UsageError(str(exn)) from None
+
+
+def load_npy(path: str, what: str) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False).astype(np.float32)
+    except FILE_ERRORS as exn:
+        raise UsageError(f"{path}: cannot read {what} from it ({first_line(exn)}); expected a .npy file of numbers") from None
 
 
 def main(argv=None) -> Path:
     from trainer.pipeline import HiFiPortraitPipeline, analyse_photos, driving_landmarks
 
     args = parse_args(argv)
+    quiet_libraries()
     faces = face_reader(args.faces, args.checkpoint)  # before the models load: a wrong setting fails fast
     try:
         dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
         dtype = dtypes[args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
         pipe = HiFiPortraitPipeline.from_checkpoint(args.checkpoint, device=args.device, dtype=dtype)
-    except FileNotFoundError as exn:
-        raise SystemExit(f"error: {exn}") from None
+    except FILE_ERRORS as exn:  # missing, damaged or misplaced checkpoint files
+        raise UsageError(f"--checkpoint {args.checkpoint}: cannot load it: {first_line(exn)}") from None
     size = args.size or pipe.training_resolution
+    if size % pipe.size_multiple:
+        raise UsageError(f"--size {size}: this model makes images whose side is a multiple of {pipe.size_multiple}")
 
     try:
         references = analyse_photos([open_photo(p) for p in args.reference], faces, names=args.reference)
     except ValueError as exn:
-        raise SystemExit(str(exn)) from None
+        raise UsageError(str(exn)) from None
     if args.reference_embeddings:
-        embeddings = np.load(args.reference_embeddings, allow_pickle=False).astype(np.float32)
+        embeddings = load_npy(args.reference_embeddings, "identity embeddings")
     else:
         embeddings = np.stack([r.embedding for r in references])
     expected = pipe.face_refiner.config.id_dim
     if embeddings.ndim != 2 or embeddings.shape[1] != expected or len(embeddings) != len(references):
-        raise SystemExit(
+        raise UsageError(
             f"the checkpoint expects one {expected}-d identity embedding per reference, got {embeddings.shape}"
             + ("" if args.reference_embeddings else f" from {faces.embedding_model}; give --faces of the build that made the training shards")
         )
     if args.landmarks:
-        landmarks = np.load(args.landmarks, allow_pickle=False).astype(np.float32)
+        landmarks = load_npy(args.landmarks, "landmarks")
         if landmarks.shape not in ((68, 2), (5, 2)):
-            raise SystemExit(f"{args.landmarks}: landmarks must be 68x2 or 5x2, got {landmarks.shape}")
+            raise UsageError(f"{args.landmarks}: landmarks must be 68x2 or 5x2, got {landmarks.shape}")
     elif args.driving:
         try:
             landmarks = driving_landmarks(open_photo(args.driving), references, size, pipe.landmark_points, faces)
         except ValueError as exn:
-            raise SystemExit(f"{args.driving}: {exn}") from None
+            raise UsageError(f"{args.driving}: {exn}") from None
     else:
-        raise SystemExit("give --driving PHOTO or --landmarks FILE.npy for the target pose and expression")
+        raise UsageError("give --driving PHOTO or --landmarks FILE.npy for the target pose and expression")
     condition = render_landmarks(landmarks, size)
     if args.landmark_image:
         Path(args.landmark_image).parent.mkdir(parents=True, exist_ok=True)
@@ -151,4 +162,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

@@ -32,9 +32,9 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from diffusers.models.attention_processor import AttnProcessor2_0
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from trainer.checkpoint import load_state, resolve_checkpoint
+from trainer.checkpoint import load_state, read_weights, resolve_checkpoint
 from trainer.components import load_base, vae_scale_factor
 from trainer.conditioning import encode_prompts, encode_reference_crops, face_pixels, normalise_clip
 from trainer.hifinet import HiFiNet, install_face_attention, processor_key
@@ -90,7 +90,14 @@ def base_folders(state: dict, checkpoint: Path, base: str | Path | None = None, 
     folders = []
     for key in ("base_model", "image_encoder"):
         path = Path(state[key])
-        folders.append(path if path.is_absolute() else run / path)
+        if not path.is_absolute():
+            path = run / path
+            if not path.exists():  # the step folder was copied out of its run folder
+                raise FileNotFoundError(
+                    f"{checkpoint}: its {key.replace('_', ' ')} is kept in its run folder ({state[key]}), not found at {path}; "
+                    "use the checkpoint inside its run folder (RUN/checkpoints/step-N), or copy the run folder whole"
+                )
+        folders.append(path)
     return folders[0], Path(image_encoder) if image_encoder else folders[1]
 
 
@@ -161,7 +168,9 @@ class HiFiPortraitPipeline(DiffusionPipeline):
         base = load_base(model_dir, encoder_dir, variant=variant, vae_dir=vae_dir)
         dtype = dtype or torch.float32
         for module in base.frozen_modules().values():
-            module.to(device=device, dtype=dtype)
+            module.to(device=device)
+            if module.dtype != dtype:  # diffusers warns on every dtype cast, even a needless one
+                module.to(dtype=dtype)
         face = settings["face_attention"]
         if face["processors"]:
             face_file = trained / FACE_FILE
@@ -171,7 +180,7 @@ class HiFiPortraitPipeline(DiffusionPipeline):
             if sorted(processors) != sorted(face["processors"]):
                 raise ValueError(f"{trained}: face attention layers {len(face['processors'])} do not match the base UNet's {len(processors)}")
             modules = torch.nn.ModuleDict({processor_key(k): v for k, v in processors.items()})
-            modules.load_state_dict(load_file(face_file), strict=True)
+            modules.load_state_dict(read_weights(face_file), strict=True)
             modules.to(device)
         controlnet = ControlNetModel.from_pretrained(trained / "controlnet", use_safetensors=True).to(device)
         refiner = FaceRefiner.from_pretrained(trained / "face_refiner", use_safetensors=True).to(device)
@@ -201,6 +210,11 @@ class HiFiPortraitPipeline(DiffusionPipeline):
             "landmark_points": getattr(self, "landmark_points", 68),
             "training_resolution": getattr(self, "training_resolution", None),
         }
+
+    @property
+    def size_multiple(self) -> int:
+        """Output sides must be multiples of this (the VAE's scale times the UNet's downsamplings)."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
 
     def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
         """Every component as diffusers writes them (``model_index.json`` included), plus the face
@@ -283,7 +297,7 @@ class HiFiPortraitPipeline(DiffusionPipeline):
         ``landmark_image``)."""
         default = self.unet.config.sample_size * self.vae_scale_factor
         height, width = height or default, width or default
-        multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        multiple = self.size_multiple
         if height % multiple or width % multiple:
             raise ValueError(f"height and width must be multiples of {multiple}, got {height}x{width}")
         device = self._execution_device

@@ -26,7 +26,6 @@ CLIP per sample, ~1.5 MB (about 6x the JPEG). Local shard folders only.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -38,6 +37,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from trainer.usage import FILE_ERRORS, Parser, UsageError, first_line, positive_int, quiet_libraries, run
 
 from trainer.data import CorruptSample, Stats, _sequential_records, decode_image, list_shards, target_crop
 
@@ -183,16 +184,16 @@ def _encode_each_good(trainer, records: list, stats: Stats) -> dict:
 
 
 def main(argv=None) -> dict:
-    from trainer.train import Trainer, quiet_libraries, resolve_config
+    from trainer.train import Trainer, resolve_config
 
-    parser = argparse.ArgumentParser(prog="python -m trainer.precompute", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="python -m trainer.precompute", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="tiny")
     parser.add_argument("--shards", default="manifests/demo/shards")
     parser.add_argument("--model", default=None)
     parser.add_argument("--image-encoder", default=None)
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--threads", type=positive_int, default=None)
     args = parser.parse_args(argv)
     args.max_steps = None
     quiet_libraries()
@@ -201,13 +202,16 @@ def main(argv=None) -> dict:
         cfg = resolve_config(args)
         urls = list_shards(args.shards)
     except (ValueError, FileNotFoundError) as exn:
-        raise SystemExit(f"error: {exn}") from None
+        raise UsageError(str(exn)) from None
     remote = [u for u in urls if "://" in u]
     if remote:
-        raise SystemExit(f"error: the precompute cache is written beside local shards; {remote[0]} is remote")
+        raise UsageError(f"the precompute cache is written beside local shards; {remote[0]} is remote")
     with tempfile.TemporaryDirectory(prefix="precompute-") as scratch:
         trainer = Trainer(cfg, Path(scratch), args.shards, threads=args.threads)
-        trainer.setup()  # the frozen encoders exactly as training builds them
+        try:
+            trainer.setup()  # the frozen encoders exactly as training builds them
+        except FILE_ERRORS as exn:  # missing or damaged shards or model folders
+            raise UsageError(first_line(exn)) from None
         expected = fingerprint(cfg)
         counts: dict[str, int] = {}
         mine = urls[trainer.rank :: trainer.world]  # launched on several GPUs: disjoint shares, no collectives
@@ -220,4 +224,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

@@ -51,6 +51,7 @@ from trainer import checkpoint as ckpt
 from trainer.config import Config, load_config
 from trainer.data import IdentityStream, fixed_examples, in_order, list_shards, make_loader, mix_seed, probe_shards
 from trainer.plots import loss_curve, sample_grid
+from trainer.usage import FILE_ERRORS, Parser, UsageError, first_line, positive_int, quiet_libraries, run
 
 log = logging.getLogger("trainer.train")
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -62,19 +63,19 @@ def cast(dtype: torch.dtype) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="python -m trainer.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="tiny", help="preset name (tiny, sdxl) or a YAML file")
     parser.add_argument("--shards", default="manifests/demo/shards", help="shard folder, glob or brace pattern; may be an object-store URL (s3://bucket/build/shards)")
     parser.add_argument("--output", default=None, help="run folder (default runs/<config name>)")
     parser.add_argument("--model", default=None, help="local diffusers SDXL folder (config sdxl)")
     parser.add_argument("--image-encoder", default=None, help="local CLIP vision folder (default MODEL/image_encoder)")
-    parser.add_argument("--max-steps", type=int, default=None, help="override train.max_steps")
+    parser.add_argument("--max-steps", type=positive_int, default=None, help="override train.max_steps")
     parser.add_argument("--resume", default=None, help="'latest' or a checkpoint folder: weights, optimizer, schedule, RNG and data position")
     parser.add_argument("--relaxed", action="store_true", help="with --resume: continue although the process count or loader layout changed (warns what is no longer exact)")
     parser.add_argument("--init-from", default=None, metavar="CKPT", help="start at step 0 from the trained weights of a checkpoint (no optimizer, schedule or data position)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="config override")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: cores left by workers)")
-    parser.add_argument("--stop-after", type=int, default=None, help="stop after this step as if interrupted (tests)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: cores left by workers)")
+    parser.add_argument("--stop-after", type=positive_int, default=None, help="stop after this step as if interrupted (tests)")
     parser.add_argument("--faces", default=None, help="face settings for validation and inference: a build.json, a recipe or "
                         "a file with a faces: section (default: the build.json beside the shards)")
     return parser.parse_args(argv)
@@ -751,15 +752,6 @@ class Trainer:
         return out
 
 
-def quiet_libraries() -> None:
-    """Per-file progress bars of transformers and diffusers drown the training log."""
-    import diffusers
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.disable_progress_bar()
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     quiet_libraries()
@@ -772,9 +764,9 @@ def main(argv=None) -> dict:
         cfg = resolve_config(args)
     except ValidationError as exn:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exn.errors())
-        raise SystemExit(f"config error: {problems}") from None
+        raise UsageError(f"config: {problems}") from None
     except (ValueError, FileNotFoundError) as exn:
-        raise SystemExit(f"config error: {exn}") from None
+        raise UsageError(f"config: {exn}") from None
     output = Path(args.output or f"runs/{cfg.name}")
     trainer = Trainer(cfg, output, args.shards, threads=args.threads, faces=args.faces)
     try:
@@ -787,10 +779,10 @@ def main(argv=None) -> dict:
             trainer.resume(args.resume, relaxed=args.relaxed)
         elif args.init_from:
             trainer.init_from(args.init_from)
-    except (FileNotFoundError, ValueError) as exn:
-        raise SystemExit(f"error: {exn}") from None
+    except FILE_ERRORS as exn:  # missing or damaged shards, model folders, checkpoints
+        raise UsageError(first_line(exn)) from None
     return trainer.train(stop_after=args.stop_after)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

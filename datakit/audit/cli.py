@@ -230,6 +230,9 @@ def cmd_redact(args) -> int:
 
     folder = OutputFolder(args.output)
     result = redact.redact(folder, args.reason, identities=args.identity, urls=args.url, image_ids=args.image_id, dry_run=args.dry_run)
+    if result.finished_interrupted:
+        console.print(f"finished a redaction that was interrupted ({result.finished_interrupted}): "
+                      "shards, manifests and work folder now agree", highlight=False)
     verb = "would redact" if args.dry_run else "redacted"
     console.print(f"{verb} {len(result.image_ids)} images" + (f" ({len(result.already_redacted)} were redacted before)" if result.already_redacted else ""), highlight=False)
     for i in result.image_ids:

@@ -129,7 +129,9 @@ def stages_from_work(folder: OutputFolder, image_id: str) -> list[dict]:
     if where is None:
         return []
     part, index = where
-    out, status_before = [], schema.KEPT
+    # an item can start dropped (a folder entry the source does not read) or redacted (an earlier build's log)
+    status_before = read_table(folder.work.part_path(ITEMS, part), columns=["status"]).column(0)[index].as_py() or schema.KEPT
+    out = []
     for stage in registry.STEPS:
         path = folder.work.part_path(stage, part)
         if not path.is_file():

@@ -31,7 +31,10 @@
 
 images.parquet is written last, so a redaction that is interrupted is finished by running the
 same command again: rows still kept are selected again, shards already rewritten no longer
-hold them, and every step gives the same result twice.
+hold them, and every step gives the same result twice. Before it changes anything a redaction
+writes OUTPUT/.redact-pending.json (what it was asked, when); the file goes once the log line
+is written. A run that finds it says that it finishes an interrupted redaction (and keeps that
+one's time), or, asked for something else, refuses until that one is run again.
 """
 
 from __future__ import annotations
@@ -59,13 +62,14 @@ from datakit.audit.folder import AUDIT_DIR, IDENTITIES, IMAGES, MEMBERS, REDACTI
 from datakit.audit.sheets import normalize
 from datakit.engine.manifests import identities_table, write_table
 from datakit.engine.settle import clear_columns, redact_rows
-from datakit.store import TMP_PREFIX, atomic_write_table, file_sha256
+from datakit.store import TMP_PREFIX, atomic_write_json, atomic_write_table, file_sha256
 from portrait import shardio
 
 # What a redacted row must not keep: the biometric templates, and the perceptual hashes that
 # would still find the photo (or its mirror image) anywhere it is published.
 CLEARED_COLUMNS = ("embedding", "landmarks5", "landmarks68", "phash", "phash_mirror")
 REDACT_STAGE = "redact"
+PENDING = ".redact-pending.json"  # a redaction under way (see the module docstring)
 
 
 @dataclass
@@ -91,9 +95,13 @@ class Result:
     derived_files_removed: list[str]
     user: str
     dry_run: bool = False
+    finished_interrupted: str | None = None  # the time of an interrupted redaction this run finished
 
     def to_json(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        data.pop("finished_interrupted")  # not part of the log record
+        return data
+
 
 
 # ---------------------------------------------------------------- selection
@@ -186,17 +194,28 @@ def redact(
             "store cannot give; run it on a local or mounted copy of the build (e.g. `aws s3 sync`), then sync back"
         )
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if now is None else now))
+    selector = {"identity": list(identities), "url": list(urls), "image_id": list(image_ids)}
     with _lock(folder):
+        interrupted = _interrupted(folder, selector, reason)
+        if interrupted is not None and not dry_run:
+            stamp = interrupted["time"]  # the redaction it finishes keeps its time
         ids, already = select(folder, identities, urls, image_ids)
+        if interrupted is not None:  # the rows it marked already: every step again, the same result
+            mine = _marked_at(folder, already, stamp)
+            ids, already = ids + mine, [i for i in already if i not in set(mine)]
         p = plan(folder, ids, already, int(folder.setting("cluster", "min_images", 5)))
         result = Result(
-            time=stamp, reason=reason, selector={"identity": list(identities), "url": list(urls), "image_id": list(image_ids)},
+            time=stamp, reason=reason, selector=selector,
             image_ids=p.redact, also_dropped=sorted(p.also_drop), already_redacted=p.already, shards_rewritten=[],
             shards_removed=[], work_files_scrubbed=0, derived_files_removed=[], user=_user(), dry_run=dry_run,
         )  # fmt: skip
-        if dry_run or not p.redact:
+        if dry_run or (not p.redact and interrupted is None):
             return result
-        rewritten = rewrite_shards(folder, p.removed_samples)
+        if interrupted is None:
+            atomic_write_json(folder.path(PENDING), {"time": stamp, "reason": reason, "selector": selector})
+        else:
+            result.finished_interrupted = interrupted["time"]
+        rewritten = rewrite_shards(folder, p.removed_samples, resuming=interrupted is not None)
         result.shards_rewritten = sorted(r for r, info in rewritten.items() if info is not None)
         result.shards_removed = sorted(r for r, info in rewritten.items() if info is None)
         update_shard_manifests(folder, p, rewritten)
@@ -204,9 +223,40 @@ def redact(
         update_identities(folder, images, p.identities)
         result.work_files_scrubbed = scrub_work(folder, p, reason, stamp)
         result.derived_files_removed = remove_derived(folder)
-        append_log(folder, result)
+        if not _logged(folder, result):
+            append_log(folder, result)
         refresh_card(folder)
+        folder.path(PENDING).unlink(missing_ok=True)
     return result
+
+
+def _marked_at(folder: OutputFolder, ids: list[str], stamp: str) -> list[str]:
+    rows = folder.read(IMAGES, columns=["image_id", "redacted_at"]).to_pylist()
+    at = {r["image_id"]: r["redacted_at"] for r in rows}
+    return [i for i in ids if at.get(i) == stamp]
+
+
+def _logged(folder: OutputFolder, result: Result) -> bool:
+    """The log's last line is this redaction already (interrupted after it was written)."""
+    if not folder.has(REDACTIONS):
+        return False
+    lines = folder.path(REDACTIONS).read_text(encoding="utf-8").strip().splitlines()
+    last = json.loads(lines[-1]) if lines else {}
+    return (last.get("time"), last.get("selector"), last.get("reason")) == (result.time, result.selector, result.reason)
+
+
+def _interrupted(folder: OutputFolder, selector: dict, reason: str) -> dict | None:
+    """The record of a redaction that was interrupted, when it is the one asked for again."""
+    if not folder.has(PENDING):
+        return None
+    pending = json.loads(folder.path(PENDING).read_text())
+    if pending["selector"] != selector or pending["reason"] != reason:
+        asked = " ".join(f"--{k.replace('_', '-')} {v!r}" for k, values in pending["selector"].items() for v in values)
+        raise AuditError(
+            f"{folder.root}: a redaction started {pending['time']} was interrupted ({asked} --reason {pending['reason']!r}); "
+            "run that command again to finish it first"
+        )
+    return pending
 
 
 def _user() -> str:
@@ -233,12 +283,16 @@ def _lock(folder: OutputFolder):
 # ---------------------------------------------------------------- shards
 
 
-def rewrite_shards(folder: OutputFolder, removed: dict[str, set[str]]) -> dict[str, dict | None]:
-    """Rewrite each shard without ``removed[shard]``; shard -> {bytes, sha256} (None: deleted)."""
+def rewrite_shards(folder: OutputFolder, removed: dict[str, set[str]], resuming: bool = False) -> dict[str, dict | None]:
+    """Rewrite each shard without ``removed[shard]``; shard -> {bytes, sha256} (None: deleted).
+    ``resuming`` an interrupted redaction, a missing shard is one it left empty and deleted."""
     expected = _member_hashes(folder)
     out = {}
     for shard in sorted(removed):
         path = folder.inside(shard)
+        if not path.is_file() and resuming:
+            out[shard] = None
+            continue
         if not path.is_file():
             raise AuditError(f"{shard}: the shard is missing, so its samples cannot be removed; run `datakit verify`")
         out[shard] = rewrite_tar(path, shard, removed[shard], expected.get(shard, {}))

@@ -1,6 +1,9 @@
 """Verify a build's shards against its manifests: every byte re-hashed, every sample accounted for.
 
-One streaming pass per tar hashes the whole file and each member at once. Then three checks:
+One streaming pass per tar hashes the whole file and each member at once. Then four checks:
+
+0. Manifests: each manifest file has the sha256 build.json recorded when the build (or a
+   redaction) wrote it, so a row edited afterwards (a caption, a label, a sha256) is caught.
 
 1. Files: each shard in shards.parquet exists, has its size and sha256; no tar under shards/
    is unlisted; no shard is listed twice or has the same content as another.
@@ -10,7 +13,7 @@ One streaming pass per tar hashes the whole file and each member at once. Then t
    every member the sample needs, each readable as ``portrait.sample`` defines it (the trainer's
    reader skips a sample exactly when this check fails); no dropped or redacted image (and no
    unknown key) is in any shard; the sample and identity counts of shards.parquet and
-   identities.parquet match.
+   identities.parquet match; each kept row says what its sample's JSON says (SAMPLE_FIELDS).
 
 Each problem has a kind (PROBLEMS), the shard, key and member it concerns, and plain words.
 """
@@ -18,6 +21,7 @@ Each problem has a kind (PROBLEMS), the shard, key and member it concerns, and p
 from __future__ import annotations
 
 import hashlib
+import json
 import tarfile
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -26,8 +30,9 @@ from pathlib import Path
 
 
 from datakit import schema
-from datakit.audit.folder import IDENTITIES, IMAGES, MEMBERS, SHARDS, OutputFolder
-from datakit.store import TMP_PREFIX
+from datakit.audit.folder import BUILD, IDENTITIES, IMAGES, MEMBERS, SHARDS, OutputFolder
+from datakit.engine.manifests import MANIFEST_FILES
+from datakit.store import TMP_PREFIX, file_sha256
 from portrait import sample, shardio
 
 SHARDS_DIR = "shards"
@@ -54,7 +59,16 @@ PROBLEMS = {
     "redacted_sample": "a redacted image is still in a shard",
     "unexpected_sample": "a sample whose image is not kept (dropped, or not in images.parquet)",
     "manifest_mismatch": "the manifests disagree with the shards (counts, unknown shards)",
+    "manifest_changed": "a manifest's sha256 differs from the one build.json recorded (changed after the build wrote it)",
+    "manifest_unrecorded": "build.json records no sha256 for a manifest (no build.json, or an older build), so it cannot be checked",
+    "sample_mismatch": "a kept row of images.parquet and its sample's JSON disagree (label, caption, identity, ...)",
 }
+
+# images.parquet column -> how the sample's JSON holds it (the shard stage rounds age to 2 decimals)
+SAMPLE_FIELDS = {
+    "identity_id": str, "label": str, "source": str, "locator": str, "gender": str, "caption": str,
+    "age": lambda v: round(float(v), 2),
+}  # fmt: skip
 
 
 @dataclass
@@ -105,6 +119,7 @@ class Scan:
     sha256: str | None = None
     members: list[tuple[str, int, str, bool]] = field(default_factory=list)  # name, size, sha256, is a file
     invalid: dict[str, str] = field(default_factory=dict)  # key -> why its content is unusable
+    meta: dict[str, dict] = field(default_factory=dict)  # key -> its JSON's SAMPLE_FIELDS
     error: str | None = None
 
 
@@ -138,6 +153,9 @@ def scan_tar(path: Path, rel: str) -> Scan:
                 problems = sample.validate(key, content, check_members=False)  # absent members: incomplete_sample
                 if problems:
                     scan.invalid[key] = "; ".join(problems)
+                elif "json" in content:
+                    meta = json.loads(content["json"])
+                    scan.meta[key] = {name: meta.get(name) for name in SAMPLE_FIELDS}
         except (tarfile.TarError, OSError, EOFError) as e:
             scan.error = f"{type(e).__name__}: {e}"
         reader.drain()  # the padding after the end-of-archive blocks counts in the file's hash
@@ -159,9 +177,10 @@ def verify(folder: OutputFolder, jobs: int = 2, progress: bool = False) -> Repor
     folder.require(IMAGES, SHARDS, MEMBERS)
     shards = folder.read(SHARDS).to_pylist()
     members = folder.read(MEMBERS).to_pylist()
-    images = folder.read(IMAGES, columns=["image_id", "status", "identity_id", "shard", "key"]).to_pylist()
+    images = folder.read(IMAGES, columns=["image_id", "status", "shard", "key", *SAMPLE_FIELDS]).to_pylist()
     report = Report()
     problems = report.problems
+    problems += check_manifest_hashes(folder)
 
     listed = Counter(s["path"] for s in shards)
     problems += [Problem("duplicate_shard", p, detail=f"listed {n} times in shards.parquet") for p, n in listed.items() if n > 1]
@@ -190,6 +209,22 @@ def verify(folder: OutputFolder, jobs: int = 2, progress: bool = False) -> Repor
     problems += check_members(members, scans, set(listed))
     problems += check_samples(folder, images, shards, scans, set(listed))
     return report
+
+
+def check_manifest_hashes(folder: OutputFolder) -> list[Problem]:
+    recorded = folder.build.get("manifests", {})
+    out = []
+    for name in MANIFEST_FILES:
+        if not folder.has(name):
+            continue  # a required one missing is an error before this; identities.parquet is optional
+        if name not in recorded:
+            out.append(Problem("manifest_unrecorded", name, detail=f"{BUILD} records no sha256 for it"))
+            continue
+        digest = file_sha256(folder.path(name))[0]
+        if digest != recorded[name]:
+            out.append(Problem("manifest_changed", name,
+                               detail=f"sha256 {digest[:16]}..., {BUILD} recorded {recorded[name][:16]}...: changed since the build wrote it"))  # fmt: skip
+    return out
 
 
 def find_tars(folder: OutputFolder) -> list[str]:
@@ -306,6 +341,9 @@ def check_samples(folder: OutputFolder, images: list[dict], shards: list[dict], 
             invalid = scans[r["shard"]].invalid.get(r["key"])
             if invalid:
                 out.append(Problem("invalid_sample", r["shard"], r["key"], detail=invalid))
+            meta = scans[r["shard"]].meta.get(r["key"])
+            if meta is not None:
+                out += [Problem("sample_mismatch", r["shard"], r["key"], f"{r['key']}.json", d) for d in _disagreements(r, meta)]
     expected_place = {(r["shard"], r["key"]) for r in images if r["status"] == schema.KEPT}
     for key, places in sorted(found.items()):
         if len(places) > 1:
@@ -321,6 +359,16 @@ def check_samples(folder: OutputFolder, images: list[dict], shards: list[dict], 
             elif status != schema.KEPT:
                 out.append(Problem("unexpected_sample", shard, key, detail=f"its row is {status}"))
     out += check_counts(folder, images, shards, found, listed)
+    return out
+
+
+def _disagreements(row: dict, meta: dict) -> list[str]:
+    out = []
+    for name, form in SAMPLE_FIELDS.items():
+        ours = None if row.get(name) is None else form(row[name])
+        theirs = None if meta[name] is None else form(meta[name])
+        if ours != theirs:
+            out.append(f"{name}: images.parquet has {ours!r}, the sample {theirs!r}")
     return out
 
 

@@ -113,7 +113,7 @@ def prepare_output(work: WorkDir, recipe: Recipe, restart: bool) -> None:
         atomic_write_json(recorded, {"hash": recipe.hash(), "file": str(recipe.path), "recipe": recipe.canonical()})
     removed = work.remove_temporaries()
     if removed:
-        log.info("removed %d half-written files left by an interrupted run", removed)
+        log.warning("resuming: removed %d half-written files left by an interrupted run", removed)
 
 
 def enumerate_items(work: WorkDir, recipe: Recipe) -> None:

@@ -15,7 +15,7 @@ from collections import Counter, defaultdict
 import pyarrow as pa
 
 from datakit import __version__, schema
-from datakit.store import ITEMS, Location, WorkDir, atomic_write_json, atomic_write_table, read_table
+from datakit.store import ITEMS, Location, WorkDir, atomic_write_json, atomic_write_table, file_sha256, read_table
 
 IMAGES = "images.parquet"
 IDENTITIES = "identities.parquet"
@@ -23,6 +23,8 @@ SHARDS = "shards.parquet"
 MEMBERS = "shard_members.parquet"
 BUILD = "build.json"
 SHARD_STEP = "shard"  # its work folder holds the shard and member tables
+# build.json records the sha256 of each (``manifests``); ``datakit verify`` checks them
+MANIFEST_FILES = (IMAGES, IDENTITIES, SHARDS, MEMBERS)
 
 
 def write_images(work: WorkDir, steps: list[str]) -> pa.Table:
@@ -52,8 +54,24 @@ def identities_table(images: pa.Table, only: set[str] | None = None) -> pa.Table
 
 
 def write_table(output: Location, name: str, table: pa.Table) -> None:
-    """A manifest rewritten in place (a redaction), atomically."""
+    """A manifest rewritten in place (a redaction), atomically; build.json records its new hash."""
     atomic_write_table(output / name, table)
+    record_manifest_hashes(output, (name,))
+
+
+def manifest_hashes(output: Location, names=MANIFEST_FILES) -> dict[str, str]:
+    """manifest file name -> sha256 of its bytes, for the manifests present."""
+    return {name: file_sha256(output / name)[0] for name in names if (output / name).is_file()}
+
+
+def record_manifest_hashes(output: Location, names=MANIFEST_FILES) -> None:
+    """Bring build.json's ``manifests`` up to date with the files ``names`` (a redaction rewrote them)."""
+    path = output / BUILD
+    if not path.is_file():
+        return
+    build = json.loads(path.read_text())
+    build["manifests"] = {**build.get("manifests", {}), **manifest_hashes(output, names)}
+    atomic_write_json(path, build)
 
 
 def stage_summaries(work: WorkDir, steps: list[str]) -> dict[str, dict]:
@@ -97,6 +115,7 @@ def write_build_json(work: WorkDir, recipe, result, started: float, models: dict
         },
         "stages": result.stages,
         "runs": runs,
+        "manifests": manifest_hashes(work.output),
     }
     atomic_write_json(work.output / BUILD, build)
 

@@ -302,6 +302,8 @@ class _Partition:
                 return Outcome("connection_error", f"TLS failed for {url}: {e}", final_url=url), None
             except aiohttp.InvalidURL as e:
                 return Outcome("invalid_url", f"aiohttp cannot request {url}: {e}", final_url=url), None
+            except aiohttp.ClientResponseError as e:  # aiohttp's parser calls a broken answer "400": it is not the server's
+                raise _Retry("connection_error", f"the answer is not valid HTTP ({e.message}) from {url}", final_url=url) from None
             except (aiohttp.ClientError, OSError) as e:
                 raise _Retry("connection_error", f"{type(e).__name__}: {e} ({url})", final_url=url) from None
 

@@ -37,10 +37,10 @@ NEEDS = ("face_count", "face_box", "face_area_fraction", "sharpness", "other_fac
 
 
 class Settings(StageSettings):
-    min_area_fraction: float = Field(default=0.10, ge=0.0, le=1.0)
-    dominance_ratio: float = Field(default=2.0, ge=1.0)
-    min_face_px: float = Field(default=40.0, ge=0.0)
-    min_sharpness: float = Field(default=25.0, ge=0.0)
+    min_area_fraction: float = Field(default=0.10, ge=0.0, le=1.0)  # the paper's rule: face box area / image area (RetinaFace box)
+    dominance_ratio: float = Field(default=2.0, ge=1.0)  # with several faces, the subject's box area must be this many times the next largest's
+    min_face_px: float = Field(default=40.0, ge=0.0)  # shorter side of the face box, in pixels
+    min_sharpness: float = Field(default=25.0, ge=0.0)  # variance of the Laplacian of the aligned face crop
 
 
 class FilterStage(Stage):

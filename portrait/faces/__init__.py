@@ -34,15 +34,15 @@ __all__ = ["Face", "FaceBackend", "FaceSettings", "default_thresholds", "load_ba
 class FaceSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    backend: Literal["dlib", "insightface"] = "dlib"
+    backend: Literal["dlib", "insightface"] = "dlib"  # dlib (offline default) or insightface (ONNX models from model_dir)
     # dlib: a folder holding the face_recognition_models .dat files (default: that package's own);
     # insightface: the model pack folder, e.g. ~/.insightface/models/buffalo_l (required).
     model_dir: str | None = None
     # insightface: which file layout model_dir follows (default: the folder's name when it is one)
     model_pack: Literal["buffalo_l", "antelopev2"] | None = None
-    detector: Literal["hog", "cnn"] = "hog"
-    detect_max_side: int = Field(default=640, ge=64, le=4096)
-    detect_min_side: int = Field(default=200, ge=32, le=4096)
+    detector: Literal["hog", "cnn"] = "hog"  # dlib only: hog, or cnn (mmod, slow on CPU)
+    detect_max_side: int = Field(default=640, ge=64, le=4096)  # detection runs on a copy no longer than this
+    detect_min_side: int = Field(default=200, ge=32, le=4096)  # and no shorter than this (small images are enlarged)
     # border added (fraction of the copy's longer side) for a second try when no face is found
     detect_pad: float = Field(default=0.25, ge=0.0, le=1.0)
     # dlib: a last try on the copy enlarged twice when nothing is found, so that photos of small
