@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="override the recipe's output: a folder or an fsspec URL (s3://bucket/prefix)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--restart", action="store_true", help="discard an earlier build in the output folder")
+    p.add_argument("--plan", action="store_true",
+                   help="print what would be reused and recomputed (per step, and why), then stop")
     p.add_argument("--quiet", action="store_true", help="no progress display (the summary table still prints)")
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                    help="Ray's own logs and progress bars on the terminal too (they always go to OUTPUT/logs/)")
@@ -95,11 +97,18 @@ def cmd_run(args) -> int:
     except RecipeError as e:
         console.print(f"[red]recipe error[/red]\n{escape(str(e))}", highlight=False)
         return 2
+    if args.plan:
+        try:
+            print_plan(build.plan_build(recipe, restart=args.restart))
+        except RecipeError as e:
+            console.print(f"[red]error[/red]: {escape(str(e))}", highlight=False)
+            return 2
+        return 0
     console.print(f"building [bold]{escape(recipe.name)}[/bold] into {escape(str(recipe.output))}", highlight=False)
     try:
         result = build.run(recipe, address=args.address, restart=args.restart, quiet=args.quiet,
-                           verbose=args.verbose, executor=args.executor)
-    except (build.BuildMismatch, RecipeError) as e:
+                           verbose=args.verbose, executor=args.executor, on_plan=None if args.quiet else print_plan)
+    except RecipeError as e:
         console.print(f"[red]error[/red]: {escape(str(e))}", highlight=False)
         return 2
     except Stalled as e:
@@ -107,6 +116,13 @@ def cmd_run(args) -> int:
         return EXIT_STALLED
     print_summary(result)
     return 0
+
+
+def print_plan(plan) -> None:
+    from datakit.engine.reuse import format_plan
+
+    for line in format_plan(plan):
+        console.print(line, markup=False, highlight=False)
 
 
 def print_summary(result) -> None:

@@ -167,6 +167,18 @@ SHARD_MEMBER_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
 }
 SHARD_MEMBERS_SCHEMA = pa.schema([pa.field(n, t) for n, (t, _) in SHARD_MEMBER_COLUMNS.items()])
 
+# removed.parquet: items an earlier state of the build had and its sources no longer list.
+REMOVED_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
+    "image_id": (pa.string(), "the item's id in the earlier build"),
+    "source": (pa.string(), "source name"),
+    "locator": (pa.string(), "path or URL as the source listed it"),
+    "url": (pa.string(), "URL as fetched, for URL sources"),
+    "status": (pa.string(), "always removed"),
+    "reason": (pa.string(), "always removed_from_source"),
+    "removed_at": (pa.string(), "UTC time of the run that noticed"),
+}
+REMOVED_SCHEMA = pa.schema([pa.field(n, t) for n, (t, _) in REMOVED_COLUMNS.items()])
+
 
 def identity_row(items: list[dict]) -> dict:
     """The counted columns of an identities.parquet row (IDENTITY_COLUMNS) from the kept images

@@ -109,6 +109,15 @@ def remove_tree(path: Location) -> None:
         path.fs.rm(path.path, recursive=True)
 
 
+def move_file(source: Location, dest: Location) -> None:
+    """Move a file within the output (a rename here; copy and delete on an object store)."""
+    if is_local(source):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source, dest)
+    else:
+        source.fs.mv(source.path, dest.path)
+
+
 def publish_file(local: Path, dest: Location) -> None:
     """Move a finished local file to ``dest`` whole: a rename here, an upload to a URL."""
     if is_local(dest):

@@ -22,6 +22,7 @@ IDENTITIES = "identities.parquet"
 SHARDS = "shards.parquet"
 MEMBERS = "shard_members.parquet"
 BUILD = "build.json"
+REMOVED = "removed.parquet"
 SHARD_STEP = "shard"  # its work folder holds the shard and member tables
 
 
@@ -39,6 +40,20 @@ def write_shard_manifests(work: WorkDir, images: pa.Table) -> None:
     atomic_write_table(work.output / SHARDS, read_table(folder / SHARDS).cast(schema.SHARDS_SCHEMA))
     atomic_write_table(work.output / MEMBERS, read_table(folder / MEMBERS).cast(schema.SHARD_MEMBERS_SCHEMA))
     atomic_write_table(work.output / IDENTITIES, identities_table(images))
+
+
+def write_removed(work: WorkDir, removed: list[dict], present: set[str]) -> None:
+    """removed.parquet: the items earlier states listed and the sources no longer do (an item
+    listed again leaves it). Not written while nothing was ever removed."""
+    path = work.output / REMOVED
+    rows = read_table(path).to_pylist() if path.exists() else []
+    stamp = _iso(time.time())
+    rows += [{**r, "status": "removed", "reason": "removed_from_source", "removed_at": stamp} for r in removed]
+    if not rows:
+        return
+    latest = {r["image_id"]: r for r in rows if r["image_id"] not in present}
+    table = pa.Table.from_pylist(sorted(latest.values(), key=lambda r: r["image_id"]), schema=schema.REMOVED_SCHEMA)
+    atomic_write_table(path, table)
 
 
 def identities_table(images: pa.Table, only: set[str] | None = None) -> pa.Table:
