@@ -172,7 +172,6 @@ REMOVED_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
     "image_id": (pa.string(), "the item's id in the earlier build"),
     "source": (pa.string(), "source name"),
     "locator": (pa.string(), "path or URL as the source listed it"),
-    "url": (pa.string(), "URL as fetched, for URL sources"),
     "status": (pa.string(), "always removed"),
     "reason": (pa.string(), "always removed_from_source"),
     "removed_at": (pa.string(), "UTC time of the run that noticed"),

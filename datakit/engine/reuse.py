@@ -121,7 +121,7 @@ def enumerate_partitions(work: WorkDir, recipe: Recipe) -> list[pa.Table]:
 
 def compare_items(work: WorkDir, marker: dict, new_items: list[pa.Table]) -> tuple[str, list[dict]]:
     """A plain-words summary of what the sources' change does to the items, and the removed rows."""
-    old = pa.concat_tables([read_columns(work.part_path(ITEMS, p), ["source", "locator", "url"]) for p in range(marker["partitions"])])
+    old = pa.concat_tables([read_columns(work.part_path(ITEMS, p), ["source", "locator"]) for p in range(marker["partitions"])])
     new = pa.concat_tables(new_items)
     new_ids = set(new.column("image_id").to_pylist())
     old_ids = set(old.column("image_id").to_pylist())
