@@ -2,10 +2,14 @@
 
 Layout under ``OUTPUT/_work/``::
 
-    recipe.json                   the resolved recipe and its hash (a resume must match it)
+    recipe.json                   the resolved recipe of the latest run and its hash
+    plan.json                     what each step depended on when the latest run planned it
     items/part-00000.parquet      the enumerated input items, fixed partitions
+    items/_SUCCESS                partitions, counts, the sources' state and each partition's digest
     <stage>/part-00000.parquet    the columns that stage added or changed, same rows, same order
-    <stage>/stats-00000.json      counts and seconds for that partition
+                                  (and each live row's input digest)
+    <stage>/stats-00000.json      counts, seconds and the partition's fingerprint
+    _previous/<stage>/            stale partitions a rebuild takes unchanged rows from (datakit.engine.reuse)
     <stage>/_SUCCESS              every partition of the stage is done
 
 A file's presence is its completion marker: it is written under a temporary name in the same
