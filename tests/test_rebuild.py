@@ -127,9 +127,33 @@ def test_a_changed_filter_threshold_recomputes_from_the_filter_on_and_equals_a_b
     # a stricter threshold lets no new face through: every face embed sees was embedded before
     embed = stats(lab, "threshold", "embed")
     assert sum(s["carried"] for s in embed) == sum(s["items_in"] for s in embed) > 0
-    dropped = pq.read_table(lab.root / "threshold" / "images.parquet").to_pylist()
-    assert any(r["reason"] == "face_too_small_area" for r in dropped)
     same_build(lab, "threshold-scratch", "threshold")
+
+
+def test_diff_shows_what_the_threshold_change_dropped(lab, stricter, capsys):
+    """`datakit diff OLD NEW`, the build against its own previous state, and the report's section."""
+    from datakit.audit.folder import OutputFolder
+    from datakit.audit.report import changes_html
+    from datakit.cli import main
+
+    base = {r["image_id"]: r for r in pq.read_table(lab.root / "base" / "images.parquet").to_pylist()}
+    rows = {r["image_id"]: r for r in pq.read_table(lab.root / "threshold-scratch" / "images.parquet").to_pylist()}
+    newly = sorted(i for i, r in rows.items() if r["reason"] == "face_too_small_area" and base[i]["status"] == "kept")
+    assert newly
+    assert main(["diff", str(lab.root / "base"), str(lab.root / "threshold-scratch"), "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    moved = {c["to"]: c for c in found["changed"] if c["from"] == "kept"}
+    assert moved["dropped filter/face_too_small_area"]["count"] == len(newly)
+    assert found["items"]["added"] == found["items"]["removed"] == []
+    assert found["sources"]["lfw"]["old_items"] == found["sources"]["lfw"]["new_items"] == 12
+    assert found["sources"]["lfw"]["new_kept"] < found["sources"]["lfw"]["old_kept"]
+    if not (lab.root / "threshold").exists():
+        lab.build("threshold", stricter, lab.web, start_from="base")
+    assert main(["diff", str(lab.root / "threshold"), "--json"]) == 0  # its previous state: the base build's
+    assert json.loads(capsys.readouterr().out)["changed"] == found["changed"]
+    assert main(["diff", str(lab.root / "threshold")]) == 0
+    assert f"{len(newly)}  kept  ->  dropped filter/face_too_small_area" in capsys.readouterr().out
+    assert "face_too_small_area" in changes_html(OutputFolder(lab.root / "threshold"))
 
 
 def test_a_changed_caption_setting_recomputes_captions_and_shards_only(lab):

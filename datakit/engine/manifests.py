@@ -23,12 +23,21 @@ SHARDS = "shards.parquet"
 MEMBERS = "shard_members.parquet"
 BUILD = "build.json"
 REMOVED = "removed.parquet"
+HISTORY = "history"  # earlier states of images.parquet
 SHARD_STEP = "shard"  # its work folder holds the shard and member tables
 
 
 def write_images(work: WorkDir, steps: list[str]) -> pa.Table:
+    """images.parquet; the one it replaces, when different, is kept as history/images-<time>.parquet
+    (for ``datakit diff``)."""
     table = schema.conform(work.read_all(steps, columns=list(schema.IMAGE_COLUMNS)))
-    atomic_write_table(work.output / IMAGES, table)
+    path = work.output / IMAGES
+    if path.exists():
+        earlier = read_table(path)
+        if not earlier.equals(table):
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            atomic_write_table(work.output / HISTORY / f"images-{stamp}.parquet", earlier)
+    atomic_write_table(path, table)
     return table
 
 
