@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", type=location, help="the build's output folder or URL")
     p.set_defaults(func=cmd_status)
 
+    p = sub.add_parser("cache", help="inspect the download cache shared by builds; --prune to its size cap")
+    p.add_argument("where", help="the cache folder or URL, or a recipe YAML naming it (cache:)")
+    p.add_argument("--prune", action="store_true", help="delete the least recently used images down to --max-bytes")
+    p.add_argument("--max-bytes", type=int, help="the size cap (default: the recipe's cache.max_bytes, else 100 GB)")
+    p.set_defaults(func=cmd_cache)
+
     p = sub.add_parser("check", help="validate a recipe without running it")
     p.add_argument("recipe", type=Path)
     p.set_defaults(func=cmd_check)
@@ -72,6 +78,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_audit_commands(sub)  # stats, report, explain, verify, redact, card
     return parser
+
+
+def cmd_cache(args) -> int:
+    from datakit.cache import DEFAULT_MAX_BYTES, DownloadCache
+    from datakit.recipe import RecipeError, load_recipe
+
+    where, cap = args.where, DEFAULT_MAX_BYTES
+    if where.endswith((".yaml", ".yml")):
+        try:
+            recipe = load_recipe(where)
+        except RecipeError as e:
+            console.print(f"[red]recipe error[/red]\n{escape(str(e))}", highlight=False)
+            return 2
+        if recipe.cache is None:
+            console.print(f"{escape(where)}: the recipe has no cache: key", highlight=False)
+            return 2
+        where, cap = recipe.cache.path, recipe.cache.max_bytes
+    cache = DownloadCache(where)
+    if args.prune:
+        blobs, freed = cache.prune(args.max_bytes if args.max_bytes is not None else cap)
+        console.print(f"pruned {blobs} images, {freed / 1e6:.1f} MB", highlight=False)
+    s = cache.summary()
+    console.print(f"{escape(s['root'])}: {s['blobs']} images, {s['bytes'] / 1e6:.1f} MB, {s['urls']} URLs, "
+                  f"{s['redacted']} redaction tombstones", highlight=False)
+    return 0
 
 
 def cmd_check(args) -> int:

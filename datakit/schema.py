@@ -80,7 +80,7 @@ IMAGE_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
     "detail": (pa.string(), "plain words on the decision: error text, HTTP status, kept twin"),
     # download / decode
     "http_status": (pa.int32(), "final HTTP status, null for folder sources and network errors"),
-    "attempts": (pa.int32(), "requests made for this item, retries included"),
+    "attempts": (pa.int32(), "requests made for this item, retries included (0: taken from the download cache)"),
     "final_url": (pa.string(), "the URL after redirects"),
     "content_type": (pa.string(), "the Content-Type header"),
     "sha256": (pa.string(), "sha256 of the bytes as fetched or read"),

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from datakit import schema
+from datakit.cache import DownloadCache
 from datakit.engine import manifests, reuse
 from datakit.engine.display import Display
 from datakit.engine.plan import Step, segments, steps
@@ -94,6 +95,8 @@ def run(recipe: Recipe, address: str | None = None, restart: bool = False, quiet
     result.stall_restarts = restarts
     manifests.write_build_json(work, recipe, result, started, model_provenance(recipe, context))
     reuse.finish(work)
+    if recipe.cache is not None:
+        DownloadCache(recipe.cache.path).prune(recipe.cache.max_bytes)
     return result
 
 
@@ -133,6 +136,7 @@ def stage_context(recipe: Recipe, work: WorkDir | None = None) -> dict:
         "sources": {s.name: s.model_dump(mode="json") for s in recipe.sources},
         "source_order": [s.name for s in recipe.sources],
         "faces": recipe.face_settings() if needs_faces else None,
+        "cache": recipe.cache.path if recipe.cache is not None else None,  # the download cache, if any
     }
 
 
