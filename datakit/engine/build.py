@@ -9,7 +9,6 @@ and ends with the same manifests. Consecutive partition steps run as one segment
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import tempfile
