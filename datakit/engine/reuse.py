@@ -185,13 +185,14 @@ def apply_plan(work: WorkDir, plan: BuildPlan, recipe: Recipe) -> None:
     if plan.new_items is not None:
         write_items(work, plan, recipe)
     parts = len(next(iter(plan.fingerprints.values()), [])) or work.num_parts()
+    item_ids: dict[int, list[str]] = {}  # read once, shared by every step's index
     for step in plan.steps:
         if step.kind == "global":
             if step.recompute:
                 remove_tree(work.stage_dir(step.name))
             continue
         set_aside(work, step, parts)
-        index_previous(work, step.name, parts)
+        index_previous(work, step.name, parts, item_ids)
     atomic_write_json(work.root / PLAN_RECORD, plan.inputs)
 
 
@@ -228,7 +229,7 @@ def set_aside(work: WorkDir, step: StepPlan, parts: int) -> None:
     work.success_path(step.name).unlink(missing_ok=True)
 
 
-def index_previous(work: WorkDir, step: str, parts: int) -> None:
+def index_previous(work: WorkDir, step: str, parts: int, item_ids: dict[int, list[str]]) -> None:
     """carry.json: for each partition, the set-aside files that hold rows of its items."""
     folder = work.root / PREVIOUS / step
     files = sorted(p for p in folder.glob("part-*.parquet")) if folder.exists() else []
@@ -240,8 +241,9 @@ def index_previous(work: WorkDir, step: str, parts: int) -> None:
             where.setdefault(image_id, []).append(path.name)
     carry = {}
     for part in range(parts):
-        ids = read_columns(work.part_path(ITEMS, part), ["image_id"]).column("image_id").to_pylist()
-        names = sorted({name for i in ids for name in where.get(i, ())})
+        if part not in item_ids:
+            item_ids[part] = read_columns(work.part_path(ITEMS, part), ["image_id"]).column("image_id").to_pylist()
+        names = sorted({name for i in item_ids[part] for name in where.get(i, ())})
         if names:
             carry[str(part)] = names
     atomic_write_json(folder / "carry.json", carry)
