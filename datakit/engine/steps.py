@@ -51,12 +51,14 @@ def live_rows(stage: Stage, view: pa.Table, live: list[int]) -> pa.Table:
 
 
 def decide(stage: Stage, view: pa.Table, previous: pa.Table | None = None) -> pa.Table:
-    return decide_counting(stage, view, previous)[0]
+    """The step's table for a partition (or any view)."""
+    return decide_reusing(stage, view, previous)[0]
 
 
-def decide_counting(stage: Stage, view: pa.Table, previous: pa.Table | None = None) -> tuple[pa.Table, int]:
-    """The step's table for a partition. With ``previous`` (rows a rebuild set aside), a live
-    row whose input digest matches an earlier answer takes that answer instead of being computed."""
+def decide_reusing(stage: Stage, view: pa.Table, previous: pa.Table | None = None) -> tuple[pa.Table, pa.Array, int]:
+    """(the step's table, each live row's input digest, rows carried). With ``previous`` (rows a
+    rebuild set aside), a live row whose input digest matches an earlier answer takes that
+    answer instead of being computed."""
     live = live_positions(view)
     digests = reuse.row_digests(view_columns(stage)[2:], view, live, step_digest(stage))
     ids = view.column("image_id").to_pylist()
@@ -73,7 +75,7 @@ def decide_counting(stage: Stage, view: pa.Table, previous: pa.Table | None = No
     column = [None] * view.num_rows
     for i, d in zip(live, digests):
         column[i] = d
-    return table.append_column(reuse.DIGEST_COLUMN, pa.array(column, pa.string())), len(taken)
+    return table, pa.array(column, pa.string()), len(taken)
 
 
 def empty_output(stage: Stage) -> Output:
@@ -120,7 +122,8 @@ def run_partition(stage: Stage, work: WorkDir, part: int, upstream: list[str]) -
         return
     view = work.read_view(part, upstream, columns=view_columns(stage))
     t0 = time.perf_counter()
-    table, carried = decide_counting(stage, view, reuse.previous_rows(work, stage.name, part))
+    table, digests, carried = decide_reusing(stage, view, reuse.previous_rows(work, stage.name, part))
+    table = table.append_column(reuse.DIGEST_COLUMN, digests)  # what a later rebuild compares against
     seconds = time.perf_counter() - t0
     stats = partition_stats(stage.name, part, view, table, seconds) | {"fingerprint": fingerprint(stage, part), "carried": carried}
     write_with_retries(work, stage.name, part, table, stats)
