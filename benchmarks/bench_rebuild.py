@@ -51,6 +51,7 @@ def base_recipe(listing: Path, partition_size: int) -> dict:
 
 def timed_build(root: Path, name: str, recipe: dict, executor: str, start_from: str | None = None) -> float:
     from datakit.engine import build
+    from datakit.engine.reuse import format_plan
     from datakit.recipe import load_recipe
 
     if start_from is not None:
@@ -59,8 +60,12 @@ def timed_build(root: Path, name: str, recipe: dict, executor: str, start_from: 
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     t0 = time.perf_counter()
-    build.run(load_recipe(path), quiet=True, executor=executor)
-    return time.perf_counter() - t0
+    plan = []
+    build.run(load_recipe(path), quiet=True, executor=executor, on_plan=lambda p: plan.extend(format_plan(p)))
+    seconds = time.perf_counter() - t0
+    if start_from is not None:
+        print(f"  {name}: " + "\n  ".join(plan))
+    return seconds
 
 
 def main() -> int:
@@ -94,7 +99,10 @@ def main() -> int:
             load_reuse = os.getloadavg()[0]
             scratch = timed_build(root, f"{change}-scratch", recipe, args.executor)
             load_scratch = os.getloadavg()[0]
-            same = compare_builds(root / f"{change}-scratch", root / change)["problems"] == []
+            problems = compare_builds(root / f"{change}-scratch", root / change)["problems"]
+            for problem in problems:
+                print(f"  {change}: {problem}")
+            same = not problems
             rows.append((change, reused, scratch, load_reuse, load_scratch, same))
     print(f"{'change':<10} {'reuse s':>8} {'scratch s':>10} {'ratio':>6} {'goal':>5}  equal  load (reuse / scratch)")
     for change, reused, scratch, lr, ls, same in rows:
