@@ -292,6 +292,13 @@ def carried(previous: pa.Table | None, ids: list[str], digests: list[str]) -> di
     return {j: at[(i, d)] for j, (i, d) in enumerate(zip(ids, digests)) if (i, d) in at}
 
 
+def same_batch(previous: pa.Table, taken: dict[int, int], live: int) -> bool:
+    """Every live row has its earlier answer, and the earlier partition had no other live row:
+    the batch a batched model saw is the same, so its answers can be reused."""
+    earlier_live = sum(1 for d in previous.column(DIGEST_COLUMN).to_pylist() if d)
+    return len(taken) == live == earlier_live
+
+
 # ---------------------------------------------------------------- small helpers
 
 

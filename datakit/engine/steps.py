@@ -63,6 +63,8 @@ def decide_reusing(stage: Stage, view: pa.Table, previous: pa.Table | None = Non
     digests = reuse.row_digests(view_columns(stage)[2:], view, live, step_digest(stage))
     ids = view.column("image_id").to_pylist()
     taken = reuse.carried(previous, [ids[i] for i in live], digests)
+    if taken and not stage.batch_invariant and not reuse.same_batch(previous, taken, len(live)):
+        taken = {}
     todo = [i for j, i in enumerate(live) if j not in taken]
     rows = live_rows(stage, view, todo)
     try:
