@@ -147,17 +147,20 @@ def run_partition_segment(work, recipe, executor, segment: list[Step], upstream,
     restarts = 0
     parts = range(work.num_parts())
     names = [s.name for s in segment]
+    # steps at the head of the segment that a rebuild reuses whole start no workers (no model load)
+    while len(segment) > 1 and len(work.done_parts(segment[0].name)) == len(parts):
+        upstream, segment = [*upstream, segment[0].name], segment[1:]
     what = f"stage {'/'.join(names)}"
     for attempt in range(recipe.ray.stall_restarts + 1):
-        done = {name: work.done_parts(name) for name in names}
-        pending = [p for p in parts if not all(p in done[name] for name in names)]
+        done = {s.name: work.done_parts(s.name) for s in segment}
+        pending = [p for p in parts if not all(p in done[s.name] for s in segment)]
         if not pending:
             break
         # The watch interrupts the main thread; a run started from another thread goes without it.
         timeout = recipe.ray.stall_timeout if threading.current_thread() is threading.main_thread() else None
-        watch = StallWatch(lambda: sum(len(work.done_parts(name)) for name in names), timeout, what)
+        watch = StallWatch(lambda: sum(len(work.done_parts(s.name)) for s in segment), timeout, what)
         try:
-            with watch, display.watching(names):
+            with watch, display.watching([s.name for s in segment]):
                 executor.run_partitions(work, segment, upstream, context, pending)
             break
         except KeyboardInterrupt:
