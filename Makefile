@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: chromium install demo test evaluate precompute bench bench-download bench-faces bench-cluster bench-stats bench-trainer bench-objstore bench-quality rehearsal train clean help
+.PHONY: chromium install demo test evaluate precompute bench bench-download bench-faces bench-cluster bench-stats bench-trainer bench-objstore bench-rebuild bench-quality rehearsal train clean help
 
 help:
 	@echo "make demo    build the demo corpus from the photos in data/demo (offline)"
@@ -56,6 +56,10 @@ bench-trainer: $(STAMP)
 
 bench-objstore: $(STAMP)
 	$(PY) benchmarks/bench_objstore.py
+
+# a 2,000-item build, then a threshold change and a caption change: rebuild by reuse vs from scratch
+bench-rebuild: $(STAMP)
+	$(PY) benchmarks/bench_rebuild.py $(BENCH_ARGS)
 
 # corpus quality on the face fixtures: the project's recipe against a plain dlib script (~15 min)
 bench-quality: $(STAMP)

@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="override the recipe's output: a folder or an fsspec URL (s3://bucket/prefix)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--restart", action="store_true", help="discard an earlier build in the output folder")
+    p.add_argument("--plan", action="store_true",
+                   help="print what would be reused and recomputed (per step, and why), then stop")
     p.add_argument("--quiet", action="store_true", help="no progress display (the summary table still prints)")
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                    help="Ray's own logs and progress bars on the terminal too (they always go to OUTPUT/logs/)")
@@ -71,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", type=location, help="the build's output folder or URL")
     p.set_defaults(func=cmd_status)
 
+    p = sub.add_parser("cache", help="inspect the download cache shared by builds; --prune to its size cap")
+    p.add_argument("where", help="the cache folder or URL, or a recipe YAML naming it (cache:)")
+    p.add_argument("--prune", action="store_true", help="delete the least recently used images down to --max-bytes")
+    p.add_argument("--max-bytes", type=int, help="the size cap (default: the recipe's cache.max_bytes, else 100 GB)")
+    p.set_defaults(func=cmd_cache)
+
     p = sub.add_parser("check", help="validate a recipe without running it")
     p.add_argument("recipe", type=Path)
     p.set_defaults(func=cmd_check)
@@ -79,6 +87,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_audit_commands(sub)  # stats, report, explain, verify, redact, card
     return parser
+
+
+def cmd_cache(args) -> int:
+    from datakit.cache import DEFAULT_MAX_BYTES, DownloadCache
+    from datakit.recipe import RecipeError, load_recipe
+
+    where, cap = args.where, DEFAULT_MAX_BYTES
+    if where.endswith((".yaml", ".yml")):
+        try:
+            recipe = load_recipe(where)
+        except RecipeError as e:
+            console.print(f"[red]recipe error[/red]\n{escape(str(e))}", highlight=False)
+            return 2
+        if recipe.cache is None:
+            console.print(f"{escape(where)}: the recipe has no cache: key", highlight=False)
+            return 2
+        where, cap = recipe.cache.path, recipe.cache.max_bytes
+    cache = DownloadCache(where)
+    if args.prune:
+        blobs, freed = cache.prune(args.max_bytes if args.max_bytes is not None else cap)
+        console.print(f"pruned {blobs} images, {freed / 1e6:.1f} MB", highlight=False)
+    s = cache.summary()
+    console.print(f"{escape(s['root'])}: {s['blobs']} images, {s['bytes'] / 1e6:.1f} MB, {s['urls']} URLs, "
+                  f"{s['redacted']} redaction tombstones", highlight=False)
+    return 0
 
 
 def cmd_check(args) -> int:
@@ -108,11 +141,18 @@ def cmd_run(args) -> int:
     except RecipeError as e:
         console.print(f"[red]recipe error[/red]\n{escape(str(e))}", highlight=False)
         return 2
+    if args.plan:
+        try:
+            print_plan(build.plan_build(recipe, restart=args.restart))
+        except RecipeError as e:
+            console.print(f"[red]error[/red]: {escape(str(e))}", highlight=False)
+            return 2
+        return 0
     console.print(f"building [bold]{escape(recipe.name)}[/bold] into {escape(str(recipe.output))}", highlight=False)
     try:
         result = build.run(recipe, address=args.address, restart=args.restart, quiet=args.quiet,
-                           verbose=args.verbose, executor=args.executor)
-    except (build.BuildMismatch, RecipeError) as e:
+                           verbose=args.verbose, executor=args.executor, on_plan=None if args.quiet else print_plan)
+    except RecipeError as e:
         console.print(f"[red]error[/red]: {escape(str(e))}", highlight=False)
         return 2
     except (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError) as e:  # the output folder given
@@ -123,6 +163,13 @@ def cmd_run(args) -> int:
         return EXIT_STALLED
     print_summary(result)
     return 0
+
+
+def print_plan(plan) -> None:
+    from datakit.engine.reuse import format_plan
+
+    for line in format_plan(plan):
+        console.print(line, markup=False, highlight=False)
 
 
 def print_summary(result) -> None:

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from datakit import registry
+from datakit.cache import CacheSettings
 from datakit.store import is_url
 
 # source keys added after recipes were first hashed; left out of the hash when unset
@@ -143,9 +144,16 @@ class Recipe(_Strict):
     faces: dict[str, Any] | None = None  # validated by portrait.faces.FaceSettings when used
     stages: dict[str, dict[str, Any] | None]  # stage name -> its settings (sections stages.NAME below); download is required
     ray: RaySettings = RaySettings()
+    # the download cache shared by builds: a folder or fsspec URL, or {path, max_bytes}
+    cache: CacheSettings | None = None
 
     # filled in after validation
     path: Path | None = Field(default=None, exclude=True)
+
+    @field_validator("cache", mode="before")
+    @classmethod
+    def _cache_as_path(cls, value):
+        return {"path": str(value)} if isinstance(value, (str, Path)) else value
 
     @field_validator("stages")
     @classmethod
@@ -187,6 +195,8 @@ class Recipe(_Strict):
             data["ray"].pop(key, None)
         if not data["redactions"]:
             del data["redactions"]  # so recipes without it keep the hash they had before it existed
+        if data["cache"] is None:
+            del data["cache"]  # likewise
         for source in data["sources"]:
             source.pop("base_url", None)  # a mirror's address; locators are kept as listed
             for key in OPTIONAL_SOURCE_KEYS:  # unset: recipes without them keep their hash
@@ -225,6 +235,8 @@ def validate_recipe(raw: dict, path: Path) -> Recipe:
     base = path.resolve().parent
     recipe.path = path.resolve()
     recipe.output = _resolve_output(base, recipe.output)
+    if recipe.cache is not None:
+        recipe.cache.path = str(_resolve_output(base, recipe.cache.path))
     for i, log in enumerate(recipe.redactions):
         recipe.redactions[i] = _resolve(base, log)
         if not recipe.redactions[i].is_file():

@@ -92,7 +92,7 @@ IMAGE_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
     "detail": (pa.string(), "plain words on the decision: error text, HTTP status, kept twin"),
     # download / decode
     "http_status": (pa.int32(), "final HTTP status, null for folder sources and network errors"),
-    "attempts": (pa.int32(), "requests made for this item, retries included"),
+    "attempts": (pa.int32(), "requests made for this item, retries included (0: taken from the download cache)"),
     "final_url": (pa.string(), "the URL after redirects"),
     "content_type": (pa.string(), "the Content-Type header"),
     "sha256": (pa.string(), "sha256 of the bytes as fetched or read"),
@@ -179,6 +179,17 @@ SHARD_MEMBER_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
     "sha256": (pa.string(), "sha256 of the member's content"),
 }
 SHARD_MEMBERS_SCHEMA = pa.schema([pa.field(n, t) for n, (t, _) in SHARD_MEMBER_COLUMNS.items()])
+
+# removed.parquet: items an earlier state of the build had and its sources no longer list.
+REMOVED_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
+    "image_id": (pa.string(), "the item's id in the earlier build"),
+    "source": (pa.string(), "source name"),
+    "locator": (pa.string(), "path or URL as the source listed it"),
+    "status": (pa.string(), "always removed"),
+    "reason": (pa.string(), "always removed_from_source"),
+    "removed_at": (pa.string(), "UTC time of the run that noticed"),
+}
+REMOVED_SCHEMA = pa.schema([pa.field(n, t) for n, (t, _) in REMOVED_COLUMNS.items()])
 
 
 def identity_row(items: list[dict]) -> dict:

@@ -9,6 +9,7 @@ the row number, so an auditor can find the line in the original file.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import re
@@ -394,3 +395,27 @@ def _format_from_suffix(path: Path) -> str:
     if suffix not in mapping:
         raise RecipeError(f"{path}: cannot tell the format from the suffix; set format: csv|tsv|parquet|jsonl")
     return mapping[suffix]
+
+
+def source_state(source, config: dict) -> dict:
+    """What a source's items depend on: its settings (``config``, without a mirror's address)
+    and the content of the files it reads: a URL list's and a names file's sha256, a folder's
+    listing (relative path, size, modification time). Enumeration runs again when it changes."""
+    from datakit.store import file_sha256
+
+    files = {}
+    if isinstance(source, FolderSource):
+        if source.names_file is not None:
+            files[str(source.names_file.path)] = file_sha256(source.names_file.path)[0]
+        for prefix, root in source.all_roots():
+            listing = hashlib.sha256()
+            for rel, refusal in _entries_under(root, source.extensions, source.follow_symlinks):
+                if refusal:  # an entry not read is listed by name and reason, its target never looked at
+                    listing.update(f"{rel}\0{refusal[0]}\n".encode("utf-8", "surrogateescape"))
+                    continue
+                stat = (root / rel).stat()
+                listing.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+            files[f"{prefix}{root}"] = listing.hexdigest()
+    else:
+        files[str(source.path)] = file_sha256(source.path)[0] if source.path.exists() else None
+    return {"config": config, "files": files}

@@ -72,6 +72,10 @@ class Stage:
     reads: tuple[str, ...] = ()
     adds: tuple[str, ...] = ()
     work_types: ClassVar[dict[str, pa.DataType]] = {}
+    # False: a row's answer may depend on the rows processed with it (a model run on a batch,
+    # whose floats vary with the batch); a rebuild then reuses its rows only when the
+    # partition's live rows are all unchanged, never some of them.
+    batch_invariant: ClassVar[bool] = True
 
     def __init__(self, settings: Any, context: dict[str, Any]):
         self.settings = settings

@@ -2,10 +2,14 @@
 
 Layout under ``OUTPUT/_work/``::
 
-    recipe.json                   the resolved recipe and its hash (a resume must match it)
+    recipe.json                   the resolved recipe of the latest run and its hash
+    plan.json                     what each step depended on when the latest run planned it
     items/part-00000.parquet      the enumerated input items, fixed partitions
+    items/_SUCCESS                partitions, counts, the sources' state and each partition's digest
     <stage>/part-00000.parquet    the columns that stage added or changed, same rows, same order
-    <stage>/stats-00000.json      counts and seconds for that partition
+                                  (and each live row's input digest)
+    <stage>/stats-00000.json      counts, seconds and the partition's fingerprint
+    _previous/<stage>/            stale partitions a rebuild takes unchanged rows from (datakit.engine.reuse)
     <stage>/_SUCCESS              every partition of the stage is done
 
 A file's presence is its completion marker: it is written under a temporary name in the same
@@ -107,6 +111,15 @@ def remove_tree(path: Location) -> None:
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists():
         path.fs.rm(path.path, recursive=True)
+
+
+def move_file(source: Location, dest: Location) -> None:
+    """Move a file within the output (a rename here; copy and delete on an object store)."""
+    if is_local(source):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source, dest)
+    else:
+        source.fs.mv(source.path, dest.path)
 
 
 def publish_file(local: Path, dest: Location) -> None:

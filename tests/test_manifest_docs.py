@@ -28,6 +28,7 @@ def test_every_column_is_documented():
     assert documented("identities.parquet") == set(schema.IDENTITY_COLUMNS)
     assert documented("shards.parquet") == set(schema.SHARD_COLUMNS)
     assert documented("shard_members.parquet") == set(schema.SHARD_MEMBER_COLUMNS)
+    assert documented("removed.parquet") == set(schema.REMOVED_COLUMNS)
 
 
 def test_the_recipe_key_reference_is_the_one_the_models_generate():

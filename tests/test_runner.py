@@ -119,7 +119,7 @@ def test_stage_error_reason_for_an_item_that_raises(tmp_path, ray_local, test_st
     assert sum(1 for r in rows.values() if r["status"] == "kept") == 8
 
 
-def test_second_run_skips_finished_work_and_changed_recipe_is_refused(tmp_path, caplog):
+def test_second_run_skips_finished_work_and_a_changed_recipe_recomputes_that_stage(tmp_path, capsys, caplog):
     path = recipe_file(tmp_path, {"download": {}})
     runner.run(load_recipe(path), quiet=True, executor="local")
     work = WorkDir(tmp_path / "out")
@@ -135,11 +135,19 @@ def test_second_run_skips_finished_work_and_changed_recipe_is_refused(tmp_path, 
     changed = yaml.safe_load(path.read_text())
     changed["stages"]["download"]["min_side"] = 200
     path.write_text(yaml.safe_dump(changed))
-    with pytest.raises(runner.BuildMismatch, match="different recipe"):
-        runner.run(load_recipe(path), quiet=True, executor="local")
-    # --restart discards the old build
-    result = runner.run(load_recipe(path), quiet=True, executor="local", restart=True)
+    plan = runner.plan_build(load_recipe(path))
+    assert [(s.name, len(s.reuse), len(s.recompute)) for s in plan.steps] == [("download", 0, 4)]
+    assert plan.steps[0].why == "settings changed: min_side 64 -> 200"
+    from datakit.cli import main
+
+    assert main(["run", str(path), "--plan"]) == 0  # prints the plan and changes nothing
+    assert "download  reuse 0, recompute 4" in capsys.readouterr().out
+    assert [p.stat().st_mtime_ns for p in parts] == mtimes
+    result = runner.run(load_recipe(path), quiet=True, executor="local")
     assert result.dropped_by_reason.get("image_too_small") == 8
+    # --restart discards the old build and builds the same
+    again = runner.run(load_recipe(path), quiet=True, executor="local", restart=True)
+    assert again.dropped_by_reason == result.dropped_by_reason
 
 
 def test_manifest_opens_with_pyarrow_pandas_duckdb_and_datasets(tmp_path):

@@ -1,4 +1,4 @@
-"""The auditor's subcommands of ``datakit``: stats, report, explain, verify, redact, card.
+"""The auditor's subcommands of ``datakit``: stats, report, diff, explain, verify, redact, card.
 
 ``add_commands(subparsers)`` registers them on datakit's argparse parser. Each sets ``func``,
 which returns the exit code: 0 done (verify: no problem found), 1 the answer is "no" (verify
@@ -39,6 +39,12 @@ def add_commands(subparsers) -> None:
     p.add_argument("--detail", type=int, default=300, help="people whose images are listed; the rest show names and counts (default 300)")
     p.add_argument("--thumbs", type=int, default=8, help="thumbnails per identity (default 8)")
     p.set_defaults(func=cmd_report)
+
+    p = subparsers.add_parser("diff", help="what changed between two builds, or two states of one build")
+    p.add_argument("old", help="a build's output folder or its images.parquet; alone: that build's previous state")
+    p.add_argument("new", nargs="?", help="the other build (folder or images.parquet)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_diff)
 
     p = subparsers.add_parser("explain", help="every stage's decision on one item, with the values behind it")
     p.add_argument("output", type=location, help="the build's output folder or URL (s3://bucket/prefix)")
@@ -168,6 +174,23 @@ def cmd_report(args) -> int:
 
 
 # ---------------------------------------------------------------- explain
+
+
+@_guard
+def cmd_diff(args) -> int:
+    from datakit.audit import diff
+
+    old, new = args.old, args.new
+    if new is None:
+        new, old = old, diff.previous_state(OutputFolder(old))
+        if old is None:
+            raise AuditError(f"{new}: no earlier state in {diff.HISTORY}/ (a run keeps one when it changes images.parquet)")
+    found = diff.compare(diff.images_of(old), diff.images_of(new))
+    if args.json:
+        print(json.dumps(found, indent=2, ensure_ascii=False))
+    else:
+        print(diff.render_text(found))
+    return 0
 
 
 @_guard

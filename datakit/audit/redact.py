@@ -219,6 +219,7 @@ def redact(
         result.shards_rewritten = sorted(r for r, info in rewritten.items() if info is not None)
         result.shards_removed = sorted(r for r, info in rewritten.items() if info is None)
         update_shard_manifests(folder, p, rewritten)
+        purge_cache(folder, p.redact)
         images = update_images(folder, p, reason, stamp)
         update_identities(folder, images, p.identities)
         result.work_files_scrubbed = scrub_work(folder, p, reason, stamp)
@@ -257,6 +258,20 @@ def _interrupted(folder: OutputFolder, selector: dict, reason: str) -> dict | No
             "run that command again to finish it first"
         )
     return pending
+
+
+def purge_cache(folder: OutputFolder, ids: list[str]) -> int:
+    """The redacted images leave the build's download cache (recipe key ``cache``) and are
+    never served from it or stored in it again."""
+    spec = folder.recipe.get("cache")
+    if not spec:
+        return 0
+    from datakit.cache import DownloadCache
+
+    chosen = set(ids)
+    rows = [r for r in folder.read(IMAGES, ["image_id", "locator", "final_url", "sha256"]).to_pylist() if r["image_id"] in chosen]
+    urls = sorted({u for r in rows for u in (r.get("locator"), r.get("final_url")) if u})
+    return DownloadCache(spec["path"]).purge(urls, sorted({r["sha256"] for r in rows if r.get("sha256")}))
 
 
 def _user() -> str:

@@ -57,12 +57,13 @@ def build(folder: OutputFolder, options: ReportOptions | None = None, st: stats_
     body = [
         f"<header><h1>{_e(title)}</h1>{summary_html(folder, st)}</header>",
         "<nav><a href='#table6'>Table 6</a> <a href='#figures'>Figures</a> <a href='#funnel'>Drop funnel</a> "
-        "<a href='#browser'>Identity browser</a> <a href='#redactions'>Redactions</a></nav>",
+        "<a href='#browser'>Identity browser</a> <a href='#redactions'>Redactions</a> <a href='#changes'>Changes</a></nav>",
         f"<section id='table6'><h2>Table 6: sources</h2>{table6_html(st)}</section>",
         "<section id='figures'><h2>Figures</h2>" + "".join(_figure(i, cap, png) for i, cap, png in figures) + "</section>",
         f"<section id='funnel'><h2>Drop funnel</h2>{funnel_html(st)}</section>",
         BROWSER_HTML,
         f"<section id='redactions'><h2>Redactions</h2>{redactions_html(folder)}</section>",
+        f"<section id='changes'><h2>Changes since the previous state</h2>{changes_html(folder)}</section>",
         f"<script type='application/json' id='people-data'>{_json_for_script(people)}</script>",
         f"<script>const DETAIL = {int(options.detail_people)};</script>",
         f"<script>{BROWSER_JS}</script>",
@@ -136,6 +137,17 @@ def funnel_html(st: stats_mod.Stats) -> str:
     reasons = (f"<h3>By stage, reason and source</h3><table class='num reasons'><thead><tr><th>stage</th><th>reason</th>{head}"
                f"<th>total</th></tr></thead><tbody>{''.join(body)}</tbody></table>")  # fmt: skip
     return stages + (reasons if body else "<p>No item was dropped.</p>")
+
+
+def changes_html(folder: OutputFolder) -> str:
+    """``datakit diff``'s answer for the build's previous state (history/) and its current one."""
+    from datakit.audit import diff
+
+    earlier = diff.previous_state(folder)
+    if earlier is None:
+        return "<p>No earlier state: the build has not been rebuilt with a changed recipe or source.</p>"
+    found = diff.compare(diff.images_of(earlier), diff.images_of(folder.root))
+    return f"<p>Against {_e(earlier.name)}.</p>" + diff.html(found, _e)
 
 
 def redactions_html(folder: OutputFolder) -> str:

@@ -9,29 +9,26 @@ and ends with the same manifests. Consecutive partition steps run as one segment
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from datakit import schema
-from datakit.engine import manifests
+from datakit.cache import DownloadCache
+from datakit.engine import manifests, reuse
 from datakit.engine.display import Display
 from datakit.engine.plan import Step, segments, steps
+from datakit.engine.reuse import BuildPlan
 from datakit.recipe import Recipe
-from datakit.sources import apply_redactions, items_table, iter_items, read_redactions
-from datakit.store import ITEMS, Location, WorkDir, atomic_write_json, atomic_write_table, is_local, remove_tree
+from datakit.store import Location, WorkDir, atomic_write_json, is_local, remove_tree
 from datakit.watchdog import Stalled, StallWatch
 
 log = logging.getLogger("datakit")
-
-
-class BuildMismatch(RuntimeError):
-    """The output folder holds a build of a different recipe."""
 
 
 @dataclass
@@ -58,18 +55,28 @@ def make_executor(name: str, verbose: bool = False):
     return RayExecutor(verbose=verbose)
 
 
+def plan_build(recipe: Recipe, restart: bool = False) -> BuildPlan:
+    """What ``run`` would reuse and recompute (reads the output folder, changes nothing)."""
+    work = WorkDir(recipe.output, recipe.storage_options)
+    return reuse.make_plan(work, recipe, steps(recipe), stage_context(recipe, work), restart=restart)
+
+
 def run(recipe: Recipe, address: str | None = None, restart: bool = False, quiet: bool = False,
-        verbose: bool = False, executor: str = "ray") -> RunResult:
+        verbose: bool = False, executor: str = "ray", on_plan: Callable[[BuildPlan], None] | None = None) -> RunResult:
     started = time.time()
     work = WorkDir(recipe.output, recipe.storage_options)
     prepare_output(work, recipe, restart)
-    enumerate_items(work, recipe)
     context = stage_context(recipe, work)
-    runner = make_executor(executor, verbose)
     plan = steps(recipe)
+    build_plan = reuse.make_plan(work, recipe, plan, context)
+    if on_plan is not None:
+        on_plan(build_plan)
+    reuse.apply_plan(work, build_plan, recipe)
+    context.update(build_plan.context_entries())
+    runner = make_executor(executor, verbose)
     names = [s.name for s in plan]
     display = Display(work, names, enabled=not quiet)
-    # a finished shard step's manifests stand as written (a redaction may have rewritten them since)
+    # a shard step reused as it was keeps its manifests as written (a redaction may have rewritten them since)
     shards_done_before = work.is_done(manifests.SHARD_STEP)
     restarts = 0
     with runner.session(address or recipe.ray.address, recipe.ray.num_cpus, log_folder(work)), display:
@@ -82,9 +89,13 @@ def run(recipe: Recipe, address: str | None = None, restart: bool = False, quiet
     images = manifests.write_images(work, names)
     if not shards_done_before:
         manifests.write_shard_manifests(work, images)
+    manifests.write_removed(work, build_plan.removed, {i for i in images.column("image_id").to_pylist()})
     result = summarize(work, images, names, time.time() - started)
     result.stall_restarts = restarts
     manifests.write_build_json(work, recipe, result, started, model_provenance(recipe, context))
+    reuse.finish(work)
+    if recipe.cache is not None:
+        DownloadCache(recipe.cache.path).prune(recipe.cache.max_bytes)
     return result
 
 
@@ -96,44 +107,22 @@ def log_folder(work: WorkDir) -> Path:
 
 
 def prepare_output(work: WorkDir, recipe: Recipe, restart: bool) -> None:
-    recorded = work.root / "recipe.json"
+    """--restart discards an earlier build; the recipe is recorded; half-written files go."""
     if restart and work.output.exists():
         remove_tree(work.root)
         for name in ("images.parquet", "build.json"):
             (work.output / name).unlink(missing_ok=True)
-    if recorded.exists():
-        previous = json.loads(recorded.read_text())
-        if previous["hash"] != recipe.hash():
-            raise BuildMismatch(
-                f"{work.output} holds a build of a different recipe ({previous.get('file')}, "
-                f"hash {previous['hash'][:12]}); the recipe's settings changed since. Use another "
-                f"output folder, or --restart to discard that build."
-            )
-    else:
-        atomic_write_json(recorded, {"hash": recipe.hash(), "file": str(recipe.path), "recipe": recipe.canonical()})
+    atomic_write_json(work.root / "recipe.json", {"hash": recipe.hash(), "file": str(recipe.path), "recipe": recipe.canonical()})
     removed = work.remove_temporaries()
     if removed:
         log.warning("resuming: removed %d half-written files left by an interrupted run", removed)
 
 
 def enumerate_items(work: WorkDir, recipe: Recipe) -> None:
-    """Write the input items as fixed partitions, once; a resumed run reuses them."""
-    if work.is_done(ITEMS):
-        return
-    rows = list(iter_items(recipe.sources, recipe.path))
-    logs = list(recipe.redactions)
-    if (work.output / "redactions.jsonl").exists():  # kept by --restart: an opt-out outlives the build
-        logs.append(work.output / "redactions.jsonl")
-    redacted = apply_redactions(rows, read_redactions(logs))
-    if redacted:
-        log.info("%d items were redacted in an earlier build and will not be fetched", redacted)
-    size = recipe.ray.partition_size
-    parts = max(1, (len(rows) + size - 1) // size)
-    for part in range(parts):
-        table = items_table(rows[part * size : (part + 1) * size])
-        atomic_write_table(work.part_path(ITEMS, part), table)
-    by_source = Counter(r["source"] for r in rows)
-    work.mark_done(ITEMS, {"partitions": parts, "items": len(rows), "by_source": dict(by_source), "redacted": redacted})
+    """Write the input items as fixed partitions when the sources changed (or never were)."""
+    build_plan = reuse.make_plan(work, recipe, [], {})
+    if build_plan.new_items is not None:
+        reuse.write_items(work, build_plan, recipe)
 
 
 def stage_context(recipe: Recipe, work: WorkDir | None = None) -> dict:
@@ -146,6 +135,7 @@ def stage_context(recipe: Recipe, work: WorkDir | None = None) -> dict:
         "sources": {s.name: s.model_dump(mode="json") for s in recipe.sources},
         "source_order": [s.name for s in recipe.sources],
         "faces": recipe.face_settings() if needs_faces else None,
+        "cache": recipe.cache.path if recipe.cache is not None else None,  # the download cache, if any
     }
 
 
@@ -157,17 +147,20 @@ def run_partition_segment(work, recipe, executor, segment: list[Step], upstream,
     restarts = 0
     parts = range(work.num_parts())
     names = [s.name for s in segment]
+    # steps at the head of the segment that a rebuild reuses whole start no workers (no model load)
+    while len(segment) > 1 and len(work.done_parts(segment[0].name)) == len(parts):
+        upstream, segment = [*upstream, segment[0].name], segment[1:]
     what = f"stage {'/'.join(names)}"
     for attempt in range(recipe.ray.stall_restarts + 1):
-        done = {name: work.done_parts(name) for name in names}
-        pending = [p for p in parts if not all(p in done[name] for name in names)]
+        done = {s.name: work.done_parts(s.name) for s in segment}
+        pending = [p for p in parts if not all(p in done[s.name] for s in segment)]
         if not pending:
             break
         # The watch interrupts the main thread; a run started from another thread goes without it.
         timeout = recipe.ray.stall_timeout if threading.current_thread() is threading.main_thread() else None
-        watch = StallWatch(lambda: sum(len(work.done_parts(name)) for name in names), timeout, what)
+        watch = StallWatch(lambda: sum(len(work.done_parts(s.name)) for s in segment), timeout, what)
         try:
-            with watch, display.watching(names):
+            with watch, display.watching([s.name for s in segment]):
                 executor.run_partitions(work, segment, upstream, context, pending)
             break
         except KeyboardInterrupt:

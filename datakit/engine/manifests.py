@@ -22,14 +22,24 @@ IDENTITIES = "identities.parquet"
 SHARDS = "shards.parquet"
 MEMBERS = "shard_members.parquet"
 BUILD = "build.json"
+REMOVED = "removed.parquet"
+HISTORY = "history"  # earlier states of images.parquet
 SHARD_STEP = "shard"  # its work folder holds the shard and member tables
 # build.json records the sha256 of each (``manifests``); ``datakit verify`` checks them
 MANIFEST_FILES = (IMAGES, IDENTITIES, SHARDS, MEMBERS)
 
 
 def write_images(work: WorkDir, steps: list[str]) -> pa.Table:
+    """images.parquet; the one it replaces, when different, is kept as history/images-<time>.parquet
+    (for ``datakit diff``)."""
     table = schema.conform(work.read_all(steps, columns=list(schema.IMAGE_COLUMNS)))
-    atomic_write_table(work.output / IMAGES, table)
+    path = work.output / IMAGES
+    if path.exists():
+        earlier = read_table(path)
+        if not earlier.equals(table):
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            atomic_write_table(work.output / HISTORY / f"images-{stamp}.parquet", earlier)
+    atomic_write_table(path, table)
     return table
 
 
@@ -41,6 +51,20 @@ def write_shard_manifests(work: WorkDir, images: pa.Table) -> None:
     atomic_write_table(work.output / SHARDS, read_table(folder / SHARDS).cast(schema.SHARDS_SCHEMA))
     atomic_write_table(work.output / MEMBERS, read_table(folder / MEMBERS).cast(schema.SHARD_MEMBERS_SCHEMA))
     atomic_write_table(work.output / IDENTITIES, identities_table(images))
+
+
+def write_removed(work: WorkDir, removed: list[dict], present: set[str]) -> None:
+    """removed.parquet: the items earlier states listed and the sources no longer do (an item
+    listed again leaves it). Not written while nothing was ever removed."""
+    path = work.output / REMOVED
+    rows = read_table(path).to_pylist() if path.exists() else []
+    stamp = _iso(time.time())
+    rows += [{**r, "status": "removed", "reason": "removed_from_source", "removed_at": stamp} for r in removed]
+    if not rows:
+        return
+    latest = {r["image_id"]: r for r in rows if r["image_id"] not in present}
+    table = pa.Table.from_pylist(sorted(latest.values(), key=lambda r: r["image_id"]), schema=schema.REMOVED_SCHEMA)
+    atomic_write_table(path, table)
 
 
 def identities_table(images: pa.Table, only: set[str] | None = None) -> pa.Table:

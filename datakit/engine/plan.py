@@ -7,6 +7,8 @@ it is done.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,4 +46,50 @@ def segments(plan: list[Step]) -> list[list[Step]]:
             out[-1].append(step)
         else:
             out.append([step])
+    return out
+
+
+# ---------------------------------------------------------------- fingerprints
+#
+# A partition of a step is reused when the fingerprint it was written with equals the one the
+# current recipe and sources give it. The fingerprint chains: the step's own settings (without
+# where or how it runs), the model files it uses and the recipe-wide settings it reads, over
+# the fingerprint of the partition it reads (the step before it, or the enumerated items).
+# A global step reads every partition, so its fingerprint covers all of them.
+
+SCHEDULING_KEYS = {"num_cpus", "num_gpus", "concurrency"}  # where and how a step runs, not what it makes
+
+
+def digest(value) -> str:
+    blob = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def step_inputs(step: Step, context: dict) -> dict:
+    """What a step's answer depends on besides its input rows."""
+    out = {
+        "step": step.name,
+        "settings": step.settings.model_dump(mode="json", exclude=SCHEDULING_KEYS),
+        "models": step.cls.provenance(step.settings, context),
+    }
+    faces = context.get("faces")
+    if step.cls.uses_model and faces is not None:
+        out["faces"] = faces.model_dump(mode="json") if hasattr(faces, "model_dump") else faces
+    if step.kind == "global":
+        out["source_order"] = context.get("source_order")
+    return out
+
+
+def partition_fingerprints(plan: list[Step], own: dict[str, str], items: list[str]) -> dict[str, list[str]]:
+    """step -> fingerprint of each partition; ``own``: step -> digest of its step_inputs;
+    ``items``: the digest of each enumerated items partition."""
+    out: dict[str, list[str]] = {}
+    before = items
+    for step in plan:
+        if step.kind == "partition":
+            current = [digest([own[step.name], fp]) for fp in before]
+        else:
+            current = [digest([own[step.name], *before])] * len(before)
+        out[step.name] = current
+        before = current
     return out

@@ -17,6 +17,7 @@ from collections import Counter
 import pyarrow as pa
 
 from datakit import schema
+from datakit.engine import reuse
 from datakit.engine.settle import DECISION_COLUMNS, check_output, column_type, live_positions, settle, stage_error
 from datakit.stage import Output, Stage
 from datakit.store import WorkDir, atomic_write_table
@@ -49,14 +50,56 @@ def live_rows(stage: Stage, view: pa.Table, live: list[int]) -> pa.Table:
     return pa.table(columns)
 
 
-def decide(stage: Stage, view: pa.Table) -> pa.Table:
+def decide(stage: Stage, view: pa.Table, previous: pa.Table | None = None) -> pa.Table:
+    """The step's table for a partition (or any view)."""
+    return decide_reusing(stage, view, previous)[0]
+
+
+def decide_reusing(stage: Stage, view: pa.Table, previous: pa.Table | None = None) -> tuple[pa.Table, pa.Array, int]:
+    """(the step's table, each live row's input digest, rows carried). With ``previous`` (rows a
+    rebuild set aside), a live row whose input digest matches an earlier answer takes that
+    answer instead of being computed."""
     live = live_positions(view)
-    rows = live_rows(stage, view, live)
+    digests = reuse.row_digests(view_columns(stage)[2:], view, live, step_digest(stage))
+    ids = view.column("image_id").to_pylist()
+    taken = reuse.carried(previous, [ids[i] for i in live], digests)
+    if taken and not stage.batch_invariant and not reuse.same_batch(previous, taken, len(live)):
+        taken = {}
+    todo = [i for j, i in enumerate(live) if j not in taken]
+    rows = live_rows(stage, view, todo)
     try:
-        return settle(stage, view, live, stage.process(rows))
+        table = settle(stage, view, todo, stage.process(rows) if todo else empty_output(stage))
     except Exception as error:  # noqa: BLE001 - one bad item must not stop the run
         log.warning("stage %s failed on a partition as a whole (%s); retrying item by item", stage.name, error)
-        return settle(stage, view, live, item_by_item(stage, rows))
+        table = settle(stage, view, todo, item_by_item(stage, rows))
+    if taken:
+        table = lay_over(table, previous, {live[j]: r for j, r in taken.items()})
+    column = [None] * view.num_rows
+    for i, d in zip(live, digests):
+        column[i] = d
+    return table, pa.array(column, pa.string()), len(taken)
+
+
+def empty_output(stage: Stage) -> Output:
+    return Output(values={c: [] for c in stage.adds})
+
+
+def lay_over(table: pa.Table, previous: pa.Table, rows: dict[int, int]) -> pa.Table:
+    """``table`` with row i replaced by ``previous``'s row ``rows[i]`` (same columns, same types)."""
+    earlier = previous.select(table.column_names).cast(table.schema)
+    picks = [table.num_rows + rows[i] if i in rows else i for i in range(table.num_rows)]
+    return pa.concat_tables([table, earlier]).take(pa.array(picks, pa.int64()))
+
+
+def step_digest(stage: Stage) -> str:
+    """The digest of what the step depends on besides its rows (from the plan; a stage run
+    outside a build has none and carries nothing)."""
+    return (stage.context.get("step_digests") or {}).get(stage.name, "")
+
+
+def fingerprint(stage: Stage, part: int) -> str | None:
+    fps = (stage.context.get("fingerprints") or {}).get(stage.name)
+    return fps[part] if fps and part < len(fps) else None
 
 
 def item_by_item(stage: Stage, rows: pa.Table) -> Output:
@@ -81,9 +124,11 @@ def run_partition(stage: Stage, work: WorkDir, part: int, upstream: list[str]) -
         return
     view = work.read_view(part, upstream, columns=view_columns(stage))
     t0 = time.perf_counter()
-    table = decide(stage, view)
+    table, digests, carried = decide_reusing(stage, view, reuse.previous_rows(work, stage.name, part))
+    table = table.append_column(reuse.DIGEST_COLUMN, digests)  # what a later rebuild compares against
     seconds = time.perf_counter() - t0
-    write_with_retries(work, stage.name, part, table, partition_stats(stage.name, part, view, table, seconds))
+    stats = partition_stats(stage.name, part, view, table, seconds) | {"fingerprint": fingerprint(stage, part), "carried": carried}
+    write_with_retries(work, stage.name, part, table, stats)
 
 
 def run_global(stage: Stage, work: WorkDir, upstream: list[str]) -> None:
@@ -107,7 +152,8 @@ def run_global(stage: Stage, work: WorkDir, upstream: list[str]) -> None:
         piece = table.slice(offset, piece_view.num_rows)
         offset += piece_view.num_rows
         share = seconds * piece_view.num_rows / max(1, view.num_rows)
-        write_with_retries(work, stage.name, part, piece, partition_stats(stage.name, part, piece_view, piece, share))
+        stats = partition_stats(stage.name, part, piece_view, piece, share) | {"fingerprint": fingerprint(stage, part)}
+        write_with_retries(work, stage.name, part, piece, stats)
     work.mark_done(stage.name, {"partitions": len(views), "seconds": round(seconds, 3)})
 
 

@@ -108,6 +108,7 @@ class AttributesStage(Stage):
     name = "attributes"
     kind = "partition"
     uses_model = True  # the face backend's age/gender model, when configured
+    batch_invariant = False  # the model runs on batches
     Settings = AttributesSettings
     adds = ("age", "age_source", "gender", "gender_source")
 

@@ -221,6 +221,7 @@ class CaptionStage(Stage):
     name = "caption"
     kind = "partition"
     uses_model = True  # the vlm mode's model; the template mode is cheap either way
+    batch_invariant = False  # the model runs on batches
     Settings = CaptionSettings
 
     adds = ("caption", "caption_source", "caption_detail")

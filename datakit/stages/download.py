@@ -22,7 +22,9 @@ For each URL, in order:
    JPEGs at 1/8 scale, every byte still entropy-decoded; ``full_decode`` for full scale); the
    shorter side must reach ``min_side``.
 
-Folder items skip the network and go through steps 5 and 6. The same URL appearing twice in a
+With a download cache (recipe key ``cache:``, ``datakit.cache``), a URL fetched and accepted by
+an earlier build is taken from the cache (``attempts`` 0) and goes through step 6 again; every
+URL item accepted here is added to it. Folder items skip the network and go through steps 5 and 6. The same URL appearing twice in a
 partition is fetched once and both rows get the result. A bad item never raises: it becomes a
 dropped row with a reason code and plain-words detail. Outputs hold no timings, so a
 deterministic server gives identical rows run after run.
@@ -49,6 +51,7 @@ import yarl
 from pydantic import Field, field_validator
 
 from datakit import netguard
+from datakit.cache import DownloadCache
 from portrait.decode import DEFAULT_MAX_PIXELS, DecodeError, check_image, decode_image
 from datakit.stage import Output, Stage, StageSettings
 
@@ -134,10 +137,12 @@ class DownloadStage(Stage):
     def __init__(self, settings: Settings | None = None, context: dict | None = None):
         super().__init__(settings if settings is not None else Settings(), context or {})
         self.policy = netguard.Policy.of(self.settings.allow_private_addresses, self.settings.allowed_networks)
+        where = self.context.get("cache")
+        self.cache = DownloadCache(where) if where else None
 
     def process(self, rows: pa.Table) -> Output:
         items = rows.select(["source_kind", "fetch_uri"]).to_pylist()
-        outcomes = _run_sync(lambda: _Partition(self.settings, self.policy).run(items))
+        outcomes = _run_sync(lambda: _Partition(self.settings, self.policy, self.cache).run(items))
         out = Output({c: [None] * len(items) for c in ADDS})
         for i, outcome in enumerate(outcomes):
             values = dict(http_status=outcome.http_status, attempts=outcome.attempts, final_url=outcome.final_url,
@@ -177,9 +182,10 @@ def _run_sync(make_coro):
 # ---------------------------------------------------------------- one partition
 
 class _Partition:
-    def __init__(self, settings: Settings, policy: netguard.Policy):
+    def __init__(self, settings: Settings, policy: netguard.Policy, cache: DownloadCache | None = None):
         self.s = settings
         self.policy = policy
+        self.cache = cache
         self.host_slots: dict[str, asyncio.Semaphore] = {}
 
     async def run(self, rows: list[dict]) -> list[Outcome]:
@@ -212,12 +218,22 @@ class _Partition:
         try:
             if not uri:
                 return Outcome("invalid_url" if not is_file else "file_missing", "no URL or path for this item")
-            outcome = await (self._read_file(uri) if is_file else self._fetch(uri))
+            cached = None if is_file or self.cache is None else await self._in_pool(self.cache.get, uri)
+            if cached is not None:  # fetched by an earlier build: the same answer, no request
+                outcome = Outcome(http_status=cached["http_status"], attempts=0, final_url=cached["final_url"],
+                                  content_type=cached["content_type"], body=cached["body"])
+            else:
+                outcome = await (self._read_file(uri) if is_file else self._fetch(uri))
             if outcome.reason is None:
                 await self._inspect(outcome)
+            if cached is None and outcome.reason is None and not is_file and self.cache is not None:
+                await self._in_pool(self.cache.put, uri, outcome.body, outcome.http_status, outcome.final_url, outcome.content_type)
             return outcome
         except Exception as e:  # a bug or an error no branch foresaw; the item still gets its row
             return Outcome("stage_error", f"download failed unexpectedly: {type(e).__name__}: {e}")
+
+    async def _in_pool(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     # ------------------------------------------------------------ folder items
     async def _read_file(self, path: str) -> Outcome:
