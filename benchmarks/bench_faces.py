@@ -286,6 +286,67 @@ def report_model_costs(costs: dict) -> None:
           f"{MODEL_COSTS.relative_to(REPO)}")
 
 
+# ---------------------------------------------------------------- decode costs
+
+
+def decode_costs(items: list[bytes], sides=(640, 2000, 4000), photos: int = 6, repeat: int = 3) -> list[dict]:
+    """CPU ms per image to decode a JPEG for the face stages, before and after the reduced decode
+    (portrait/decode.py): the detection copy alone (decode + shrink to 640 px), and a build's
+    decodes of one kept image (detect, embed and attributes each decode it; shard decodes it
+    again and stores it at 1024 px). The dev photos are re-saved at each size (JPEG q90)."""
+    from PIL import Image
+
+    from portrait.decode import decode_image
+    from portrait.faces import geometry
+
+    def detection_copy(data: bytes, min_side):
+        decoded = decode_image(data, min_side=min_side)
+        rgb = np.asarray(decoded.image)
+        return geometry.resize(rgb, geometry.detection_scale(*rgb.shape[:2], 200, 640))
+
+    def stored(data: bytes, min_side):
+        image = decode_image(data, min_side=min_side).image
+        scale = 1024 / max(image.size)
+        return image.resize((round(image.width * scale), round(image.height * scale)), resample=3) if scale < 1 else image
+
+    def build(data: bytes, reduced: bool):
+        for _ in range(3):  # detect, embed, attributes
+            np.asarray(decode_image(data, min_side=640 if reduced else None).image)
+        stored(data, 1024 if reduced else None)
+
+    rows = []
+    for side in sides:
+        blobs = []
+        for data in list(dict.fromkeys(items))[:photos]:
+            img = Image.open(io.BytesIO(data)).convert("RGB")
+            scale = side / max(img.size)
+            out = io.BytesIO()
+            img.resize((round(img.width * scale), round(img.height * scale)), resample=3).save(out, "JPEG", quality=90)
+            blobs.append(out.getvalue())
+        row = {"side": side}
+        for key, run in (
+            ("copy_full", lambda d: detection_copy(d, None)), ("copy_reduced", lambda d: detection_copy(d, 640)),
+            ("build_full", lambda d: build(d, False)), ("build_reduced", lambda d: build(d, True)),
+        ):  # fmt: skip
+            c0 = time.process_time()
+            for _ in range(repeat):
+                for data in blobs:
+                    run(data)
+            row[key] = 1000 * (time.process_time() - c0) / (repeat * len(blobs))
+        rows.append(row)
+    return rows
+
+
+def report_decode_costs(rows: list[dict]) -> None:
+    print("\ndecode CPU ms per image (one thread), full decode -> reduced decode (portrait/decode.py):")
+    print(f"{'longer side':>12s} {'detection copy':>24s} {'a kept image in a build':>28s}")
+    for r in rows:
+        print(f"{r['side']:>10d}px {r['copy_full']:>9.1f} -> {r['copy_reduced']:5.1f} ({r['copy_full'] / r['copy_reduced']:4.1f}x)"
+              f" {r['build_full']:>12.1f} -> {r['build_reduced']:5.1f} ({r['build_full'] / r['build_reduced']:4.1f}x)")
+    print("  (detection copy: decode + shrink to 640 px; build: detect, embed and attributes each decode, "
+          f"shard decodes and stores at 1024 px); load {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -314,8 +375,11 @@ def main() -> None:
     parser.add_argument("--skip-plain", action="store_true")
     parser.add_argument("--skip-models", action="store_true", help="leave out the per-model costs")
     parser.add_argument("--models-only", action="store_true", help="only the per-model costs")
+    parser.add_argument("--decode-only", action="store_true", help="only the decode costs")
     args = parser.parse_args()
     items = load_items(args.items)
+    if args.decode_only:
+        return report_decode_costs(decode_costs(items))
     if args.models_only:
         return report_model_costs(model_costs(items))
     print(f"{len(items)} items: the {len(dev_files())} dev photos of {DEV}, repeated")

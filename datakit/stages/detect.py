@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 from pydantic import Field
 
-from portrait.decode import DecodeError, load_rgb
+from portrait.decode import DecodeError
 from portrait.faces import geometry, subject
 from datakit.stage import Drop, StageSettings
-from datakit.stages.face_model import FaceModelStage, floats
+from datakit.stages.face_model import FaceModelStage, decode_for_faces, floats
 
 COLUMNS = (
     "face_backend",
@@ -55,12 +54,13 @@ class DetectStage(FaceModelStage):
     NEEDS = ("subject_hint",)
 
     def process_row(self, row: dict, out: dict) -> Drop | None:
+        # a large JPEG is decoded at a reduced scale (decode_for_faces); faces are recorded in
+        # the full image's pixels
         try:
-            pixels = np.array(load_rgb(row["image_bytes"]), dtype=np.uint8)
+            pixels, scale, width, height = decode_for_faces(row["image_bytes"], self.context)
         except DecodeError as e:  # download decodes first; this guards work folders made otherwise
             return e.reason, e.detail
-        height, width = pixels.shape[:2]
-        faces = self.backend.detect(pixels)
+        faces = [face.scaled(scale) for face in self.backend.detect(pixels)]
         out["face_backend"] = self.backend.name
         out["face_count"] = len(faces)
         if not faces:
@@ -88,7 +88,7 @@ class DetectStage(FaceModelStage):
         out["face_area_fraction"] = geometry.clipped_area(subject_face.box, height, width) / image_area
         out["landmarks5"] = floats(subject_face.landmarks5)
         out["landmarks68"] = None if subject_face.landmarks68 is None else floats(subject_face.landmarks68)
-        out["sharpness"] = geometry.aligned_sharpness(pixels, subject_face.landmarks5, s.sharpness_size)
+        out["sharpness"] = geometry.aligned_sharpness(pixels, subject_face.landmarks5 / scale, s.sharpness_size)
         return None
 
     @staticmethod

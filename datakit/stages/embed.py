@@ -6,16 +6,19 @@ the L2-normalised embedding (dlib: 128-d ResNet; insightface: 512-d ArcFace) and
 aligned crop of ``crop_size`` pixels with ``crop_padding`` margin. The crop is the face refiner's
 input: it goes into the bulk column ``face_crop`` as JPEG (quality ``jpeg_quality``) and on to
 the shards, never into images.parquet.
+
+It decodes the image as the detect stage did (a large JPEG at the reduced scale that still covers
+the detection copy, ``portrait/decode.py``) and works on the face at that scale, so the detect and
+embed stages see the same pixels; a face that clears the filter's 10% rule is still well over the
+aligned crop's face size there.
 """
 
 from __future__ import annotations
 
-import numpy as np
 from pydantic import Field
 
 from datakit.stage import Drop, StageSettings
-from datakit.stages.face_model import FaceModelStage, face_from_row, floats
-from portrait.decode import load_rgb
+from datakit.stages.face_model import FaceModelStage, decode_for_faces, face_from_row, floats
 from portrait.faces.reader import CropSettings, embed_face
 
 CROP = CropSettings()
@@ -42,8 +45,9 @@ class EmbedStage(FaceModelStage):
                 f"row {row['image_id']}: its face was detected by {row['face_backend']!r} but the "
                 f"embed stage runs {self.backend.name!r}; one build uses one face backend"
             )
-        pixels = np.array(load_rgb(row["image_bytes"]), dtype=np.uint8)
+        pixels, scale, _, _ = decode_for_faces(row["image_bytes"], self.context)
+        face = face_from_row(row).scaled(1 / scale)
         s = self.settings
-        vector, out["face_crop"] = embed_face(self.backend, pixels, face_from_row(row), CropSettings(s.crop_size, s.crop_padding, s.jpeg_quality))
+        vector, out["face_crop"] = embed_face(self.backend, pixels, face, CropSettings(s.crop_size, s.crop_padding, s.jpeg_quality))
         out["embedding"] = floats(vector)
         out["embedding_model"] = self.backend.embedding_model

@@ -8,7 +8,7 @@ box to that convention and says how in ``box_convention``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -21,6 +21,19 @@ class Face:
     landmarks68: np.ndarray | None = None  # (68, 2) when the backend gives them
     raw_box: tuple[float, float, float, float] | None = None  # the detector's own box
     extra: dict = field(default_factory=dict)
+
+    def scaled(self, factor: float) -> Face:
+        """The same face in an image ``factor`` times as large (a reduced decode's face in the
+        full image's pixels, or back); coordinates scale as the detection copy's do."""
+        if factor == 1:
+            return self
+        return replace(
+            self,
+            box=tuple(float(v) * factor for v in self.box),
+            landmarks5=np.asarray(self.landmarks5, dtype=np.float64) * factor,
+            landmarks68=None if self.landmarks68 is None else np.asarray(self.landmarks68, dtype=np.float64) * factor,
+            raw_box=None if self.raw_box is None else tuple(float(v) * factor for v in self.raw_box),
+        )
 
     @property
     def area(self) -> float:
