@@ -58,6 +58,16 @@ class FaceBackend(ABC):
         """(L2-normalised float32 embedding, aligned face crop as crop_size x crop_size x 3 uint8
         RGB with crop_padding of the aligned face's side added around it)."""
 
+    def detect_many(self, images: list[np.ndarray]) -> list[list[Face]]:
+        """``detect`` over many images; backends with a batched detector override it."""
+        return [self.detect(rgb) for rgb in images]
+
+    def embed_many(
+        self, items: list[tuple[np.ndarray, Face]], crop_size: int = 256, crop_padding: float = 0.25
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``embed`` over many faces; backends with a batched recogniser override it."""
+        return [self.embed(rgb, face, crop_size, crop_padding) for rgb, face in items]
+
     def age_gender(self, rgb: np.ndarray, face: Face) -> tuple[float | None, str | None]:
         """(age in years, "female" | "male") from a model, or (None, None) without one."""
         return None, None
