@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from portrait.decode import DecodeError
-from portrait.faces.reader import FaceReader
+from portrait.faces.reader import FaceReader, load_photo
 from portrait.landmarks import render_landmarks
 
 
@@ -56,10 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def open_photo(path: str, reader: FaceReader) -> np.ndarray:
-    """The photo's pixels, decoded as the build's face stages decode images (portrait.decode)."""
+def open_photo(path: str) -> np.ndarray:
+    """The photo's pixels, decoded as the build decodes images (portrait.decode)."""
     try:
-        return reader.load_photo(Path(path).read_bytes())
+        return load_photo(Path(path).read_bytes())
     except OSError as exn:
         raise SystemExit(f"{path}: cannot read the file ({exn.strerror or exn})") from None
     except DecodeError as exn:
@@ -102,7 +102,7 @@ def main(argv=None) -> Path:
     size = args.size or pipe.training_resolution
 
     try:
-        references = analyse_photos([open_photo(p, faces) for p in args.reference], faces, names=args.reference)
+        references = analyse_photos([open_photo(p) for p in args.reference], faces, names=args.reference)
     except ValueError as exn:
         raise SystemExit(str(exn)) from None
     if args.reference_embeddings:
@@ -121,7 +121,7 @@ def main(argv=None) -> Path:
             raise SystemExit(f"{args.landmarks}: landmarks must be 68x2 or 5x2, got {landmarks.shape}")
     elif args.driving:
         try:
-            landmarks = driving_landmarks(open_photo(args.driving, faces), references, size, pipe.landmark_points, faces)
+            landmarks = driving_landmarks(open_photo(args.driving), references, size, pipe.landmark_points, faces)
         except ValueError as exn:
             raise SystemExit(f"{args.driving}: {exn}") from None
     else:

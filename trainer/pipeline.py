@@ -44,7 +44,7 @@ from trainer.refiner import FaceRefiner
 
 def analyse_photos(photos: list[np.ndarray], reader, names: list[str] | None = None) -> list:
     """The subject's face of each photo (HxWx3 uint8 RGB, decoded as the build decodes:
-    ``FaceReader.load_photo``), read as the build read its images: box, landmarks,
+    ``portrait.faces.reader.load_photo``), read as the build read its images: box, landmarks,
     aligned crop (``.crop`` JPEG, ``.crop_image()``) and embedding (``portrait.faces.reader``)."""
     results = []
     for index, photo in enumerate(photos):

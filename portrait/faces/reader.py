@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from portrait.decode import DEFAULT_MAX_PIXELS, load_rgb_array
+from portrait.decode import DEFAULT_MAX_PIXELS, load_rgb
 from portrait.faces import FaceSettings, load_backend
 from portrait.faces.base import Face, FaceBackend
 from portrait.faces.geometry import subject_first
@@ -145,12 +145,6 @@ class FaceReader:
 
     # -------------------------------------------------------------- reading
 
-    def load_photo(self, data: bytes) -> np.ndarray:
-        """The photo's pixels as the build's face stages decode them: a JPEG at least twice the
-        detection size at a reduced scale (``datakit.stages.face_model.decode_for_faces``), so
-        its face reads as the build read it; coordinates are in these pixels."""
-        return load_photo(data, min_side=self.settings.detect_max_side)
-
     def faces(self, rgb: np.ndarray) -> list[Face]:
         """Every face, the subject first (the detect stage's order)."""
         return subject_first(self.backend.detect(rgb), rgb.shape[0], rgb.shape[1], self.backend.name)
@@ -174,10 +168,9 @@ class FaceReader:
         )
 
 
-def load_photo(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None) -> np.ndarray:
-    """A photo's bytes as the build decodes them (``portrait.decode``): HxWx3 uint8 RGB; with
-    ``min_side`` a large JPEG at the reduced scale the face stages use (``FaceReader.load_photo``)."""
-    return load_rgb_array(data, min_side, max_pixels)[0]
+def load_photo(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A photo's bytes as the build decodes them (``portrait.decode``): HxWx3 uint8 RGB."""
+    return np.array(load_rgb(data, max_pixels), dtype=np.uint8)
 
 
 # ------------------------------------------------------------------ finding the settings
