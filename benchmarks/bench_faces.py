@@ -377,7 +377,8 @@ def product_comparison(items: int) -> None:
         for name, run in runs.items():
             ips = items / run["wall"]
             line = (f"{name:19s}: {run['wall']:6.1f}s, {ips:6.2f} images/s end to end, {run['kept']} kept; "
-                    f"{run['cpu'] / run['wall']:.2f} cores; peak memory {run['peak_gb']:.2f} GB")
+                    f"{run['cpu'] / run['wall']:.2f} cores, {1000 * run['cpu'] / items:.0f} CPU ms per image; "
+                    f"peak memory {run['peak_gb']:.2f} GB")
             if name == "datakit run":
                 line += f"; once started {items / max(run['wall'] - startup, 1e-9):.2f} images/s"
             print(line)
@@ -386,6 +387,8 @@ def product_comparison(items: int) -> None:
             other = runs[name]["wall"]
             print(f"ratio vs {name:18s}: {other / product:.2f}x end to end, "
                   f"{other / max(product - startup, 1e-9):.2f}x once started")
+        print("  (cores: CPU time of the process tree / wall; peak memory: summed RSS of the tree, which counts "
+              "pages shared between Ray's processes more than once)")
         print(f"  (goals on a quiet 2-core machine: >= 1.5x the one-process loop end to end, >= 0.95x the "
               f"two-process loop once started); load average {os.getloadavg()[0]:.1f} at the end")
     finally:
