@@ -63,6 +63,14 @@ REASONS: dict[str, tuple[str, str]] = {
     "stage_error": ("any", "the stage raised on this item; detail holds the error"),
 }
 
+# why the caption stage put the template caption in place of a vision-language model's
+# (caption_source "template:fallback:<code>"; caption_detail says what was found)
+CAPTION_FALLBACKS: dict[str, str] = {
+    "vlm_empty": "the model's caption has no words",
+    "vlm_names_person": "the model's caption holds a word of the row's label (the person's name)",
+    "vlm_names_someone": "the model's caption names somebody: a first name and a capitalised word, or a title and a name",
+}
+
 LIST_F32 = pa.list_(pa.float32())
 
 # name -> (arrow type, description). Order is the column order of images.parquet.
@@ -110,7 +118,8 @@ IMAGE_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
     "gender": (pa.string(), "female | male | null"),
     "gender_source": (pa.string(), "source:<source>/<file> | names:<package> | model:<name> | null"),
     "caption": (pa.string(), "caption used as the prompt"),
-    "caption_source": (pa.string(), "template | vlm:<model> | template:fallback:<why the model's caption was refused>"),
+    "caption_source": (pa.string(), "template | vlm:<model> | template:fallback:<code> (the model's caption was refused, see CAPTION_FALLBACKS)"),
+    "caption_detail": (pa.string(), "what made the caption stage refuse the model's caption, in plain words; null otherwise"),
     # identities and shards
     "identity_id": (pa.string(), "identity the image belongs to (kept images)"),
     "identity_distance": (pa.float32(), "embedding distance to its identity's centre"),
@@ -192,6 +201,12 @@ def identity_row(items: list[dict]) -> dict:
 def check_reason(code: str) -> str:
     if code not in REASONS:
         raise ValueError(f"unknown reason code {code!r}; known codes: {', '.join(sorted(REASONS))}")
+    return code
+
+
+def check_caption_fallback(code: str) -> str:
+    if code not in CAPTION_FALLBACKS:
+        raise ValueError(f"unknown caption fallback {code!r}; known: {', '.join(sorted(CAPTION_FALLBACKS))}")
     return code
 
 

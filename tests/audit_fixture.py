@@ -220,7 +220,7 @@ STAGE_COLUMNS = {
     "attributes": ["age", "age_source", "gender", "gender_source"],
     "dedup": ["duplicate_of", "phash", "phash_mirror"],
     "cluster": ["identity_id", "identity_distance", "review_flag"],
-    "caption": ["caption", "caption_source"],
+    "caption": ["caption", "caption_source", "caption_detail"],
     "shard": ["shard", "key"],
 }  # fmt: skip
 BULK_TYPES = {"image_bytes": pa.binary(), "face_crop": pa.binary()}

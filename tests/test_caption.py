@@ -1,4 +1,5 @@
-"""Caption stage: template captions from attributes, and a tiny BLIP model run from a local folder."""
+"""Caption stage: template captions from attributes; tiny random BLIP, Florence-2 and Qwen2.5-VL models
+run from local folders (built from their configs, nothing downloaded)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import pytest
 
 from datakit import schema
 from datakit.engine.steps import decide
-from datakit.stages.caption import CaptionSettings, CaptionStage, caption_problem, template_caption
+from portrait.decode import load_rgb
+from datakit.stages.caption import (
+    CHAT_PROMPT, CaptionSettings, CaptionStage, caption_problem, first_names, shrunk, template_caption,
+)  # fmt: skip
 
 TINY_VOCAB = [
     "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]",
@@ -163,11 +167,24 @@ def test_vlm_needs_a_model_path():
 
 
 def test_caption_problem_catches_names_and_empty_captions():
-    assert caption_problem("a man in a grey suit, smiling", "Colin_Powell") is None
-    assert caption_problem("Colin Powell in a grey suit", "Colin_Powell") == "vlm_names_person"
-    assert caption_problem("a portrait of powell at a desk", "Colin Powell") == "vlm_names_person"
-    assert caption_problem("  ", "Colin_Powell") == "vlm_empty" and caption_problem("", None) == "vlm_empty"
-    assert caption_problem("a woman with red hair", None) is None
+
+    def code(text, label=None):
+        problem = caption_problem(text, label, first_names())
+        return problem and problem[0]
+
+    assert code("a man in a grey suit, smiling", "Colin_Powell") is None
+    assert code("Colin Powell in a grey suit", "Colin_Powell") == "vlm_names_person"
+    assert code("a portrait of powell at a desk", "Colin Powell") == "vlm_names_person"
+    assert code("  ", "Colin_Powell") == "vlm_empty" and code("", None) == "vlm_empty"
+    assert code("a woman with red hair", None) is None
+    # somebody else's name: a first name and a capitalised word, or a title and a name
+    assert caption_problem("Smiling Tom Hanks at a premiere", "Ann_Lee", first_names()) == (
+        "vlm_names_someone", "the model's caption names 'Tom Hanks'")  # fmt: skip
+    assert code("a man beside Dr. Smith") == "vlm_names_someone"
+    # capitalised ordinary words are no name, title case included
+    assert code("Brown hair. The Golden Gate Bridge behind A Young Woman With Long Red Hair in New York") is None
+    assert code("Summer light on a man") is None
+
 
 
 def test_a_vlm_caption_that_names_the_person_falls_back_to_the_template(tiny_blip, demo_dir):
@@ -233,3 +250,104 @@ def test_florence2_captions_in_batches_and_an_empty_caption_falls_back(tiny_flor
             assert row["caption"] and set(row["caption"].split()) <= set(TINY_VOCAB)
         else:  # a random model may well say nothing at all
             assert row["caption_source"] == "template:fallback:vlm_empty"
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen25vl(tmp_path_factory):
+    """A random Qwen2.5-VL (1 vision block, 1 text layer of width 32) with a word-level tokenizer
+    that has Qwen's special tokens and a chat template, saved with save_pretrained as a Qwen
+    folder is. Its image processor makes 4 image tokens of a 150 px photo, 8 of a 100x60 one."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from datakit.stages.caption import still_image_processor
+
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    vocab = {t: i for i, t in enumerate([*special, "<unk>", "user", "assistant", *TINY_VOCAB[6:], "Tom"])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Whitespace(), decoders.WordPiece(prefix="##")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        unk_token="<unk>", additional_special_tokens=special)  # fmt: skip
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}"
+        "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    images = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 112, patch_size=14, merge_size=2, temporal_patch_size=2)
+    processor = still_image_processor("qwen2_5_vl")(image_processor=images, tokenizer=tokenizer, chat_template=template)
+    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, max_position_embeddings=256, bos_token_id=0, eos_token_id=2, pad_token_id=0,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+                initializer_range=0.5)  # wide weights: the captions differ from photo to photo  # fmt: skip
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, window_size=56, out_hidden_size=32, fullatt_block_indexes=[0], initializer_range=0.5)  # fmt: skip
+    ids = {k: vocab[f"<|{k}|>"] for k in ("image_pad", "video_pad", "vision_start", "vision_end")}
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["image_pad"], video_token_id=ids["video_pad"],
+                              vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"])  # fmt: skip
+    torch.manual_seed(3)
+    path = tmp_path_factory.mktemp("models") / "tiny-qwen2.5-vl"
+    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def jpeg(data: bytes, size) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.open(io.BytesIO(data)).convert("RGB").resize(size).save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def test_qwen25vl_captions_a_batch_in_one_left_padded_call(tiny_qwen25vl, demo_dir):
+    """A chat model: the written prompt in a chat turn, photos of different sizes (so different
+    numbers of image tokens) padded on the left in one generate call, each caption the same as
+    the photo's caption alone; a caption naming somebody falls back to the template."""
+    settings = CaptionSettings(mode="vlm", model_path=str(tiny_qwen25vl), device="cpu", batch_size=4, max_new_tokens=5)
+    stage = CaptionStage(settings, {})
+    stage.setup()
+    captioner = stage.captioner
+    assert captioner.chat and captioner.prompt == CHAT_PROMPT and CHAT_PROMPT in captioner.chat_text()
+    photos = demo_photos(demo_dir, 4)
+    photos[1] = jpeg(photos[1], (100, 60))  # 8 image tokens where the 150 px photos have 4
+    table = rows(4, image_bytes=photos, label=["Ann_Lee", "Bo_Chan", "Cy_Dee", "Di_Eve"],
+                 gender=[None, None, "male", None], age=[None, None, 50.0, None], face_area_fraction=[0.2] * 4)  # fmt: skip
+
+    generate_calls, padded = [], []
+    real_generate, real_caption = captioner.model.generate, captioner.caption
+
+    def generate(**inputs):
+        generate_calls.append(len(inputs["input_ids"]))
+        padded.append(inputs["attention_mask"][:, 0].tolist())
+        return real_generate(**inputs)
+
+    captioner.model.generate = generate
+    batch = decide(stage, table).to_pylist()
+    assert generate_calls == [4]
+    assert padded == [[0, 1, 0, 0]]  # the longer prompt fills the batch; the others are padded on the left
+    captions = [r["caption"] for r in batch]
+    # a padded photo and the longest one caption as they do alone (right padding breaks the first)
+    assert captions[:2] == [real_caption([load_rgb(p)])[0] for p in photos[:2]] and len(set(captions)) > 1
+    assert {r["caption_source"] for r in batch} == {"vlm:tiny-qwen2.5-vl"}
+    for caption in captions:  # only the new tokens: not the chat turn ("user ... assistant") before them
+        assert caption and set(caption.split()) <= set(TINY_VOCAB) and "assistant" not in caption
+
+    captioner.caption = lambda images: [*real_caption(images)[:2], "Tom Beta smiling in the portrait", ""]
+    out = decide(stage, table).to_pylist()
+    assert [r["caption"] for r in out[:2]] == captions[:2] and out[0]["caption_detail"] is None
+    assert out[2]["caption"] == "a photo of a man in his fifties"
+    assert out[2]["caption_source"] == "template:fallback:vlm_names_someone"
+    assert out[2]["caption_detail"] == "the model's caption names 'Tom Beta'"
+    assert out[3]["caption_source"] == "template:fallback:vlm_empty" and out[3]["caption"] == "a photo of a person"
+
+
+def test_the_model_sees_images_shrunk_to_max_side():
+    from PIL import Image
+
+    assert shrunk(Image.new("RGB", (4000, 3000)), 1024).size == (1024, 768)
+    small = Image.new("RGB", (150, 90))
+    assert shrunk(small, 1024) is small

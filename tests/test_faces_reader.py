@@ -10,7 +10,9 @@ import pytest
 import yaml
 from face_pipeline import DEV, input_table, run_stages, sources
 
+from portrait.faces.base import Face
 from portrait.faces.reader import CropSettings, FaceReader, build_file_for, read_config, record
+from portrait.faces.subject import SubjectSettings
 from trainer.infer import open_photo
 from trainer.pipeline import analyse_photos
 
@@ -93,7 +95,7 @@ def test_the_build_json_beside_the_shards_is_found(tmp_path):
     (tmp_path / "out" / "build.json").write_text('{"recipe": {"faces": {"backend": "dlib"}}, "recipe_file": "/r/x.yaml"}')
     assert build_file_for(tmp_path / "out" / "shards") == tmp_path / "out" / "build.json"
     assert build_file_for(str(tmp_path / "out" / "shards" / "*.tar")) == tmp_path / "out" / "build.json"
-    settings, crop, base = read_config(tmp_path / "out" / "build.json")
+    settings, crop, base, _ = read_config(tmp_path / "out" / "build.json")
     assert settings.backend == "dlib" and crop == CropSettings() and str(base) == "/r"
     bad = tmp_path / "bad.yaml"
     bad.write_text("faces: {backend: nosuch}\n")
@@ -108,7 +110,8 @@ def test_training_records_the_builds_face_settings_for_inference(tmp_path):
 
     build = tmp_path / "out"
     (build / "shards").mkdir(parents=True)
-    recipe = {"faces": {"backend": "dlib", "detect_max_side": 512}, "stages": {"embed": {"crop_size": 200}}}
+    recipe = {"faces": {"backend": "dlib", "detect_max_side": 512},
+              "stages": {"embed": {"crop_size": 200}, "detect": {"min_score": 0.5, "full_score": 2}}}  # fmt: skip
     (build / "build.json").write_text(json.dumps({"recipe": recipe, "recipe_file": str(tmp_path / "r.yaml")}))
     run = tmp_path / "run"
     run.mkdir()
@@ -116,7 +119,44 @@ def test_training_records_the_builds_face_settings_for_inference(tmp_path):
     assert json.loads((run / "faces.json").read_text()) == faces
     reader = FaceReader.from_record(faces)
     assert reader.settings.detect_max_side == 512 and reader.crop == CropSettings(size=200)
+    assert reader.subject == SubjectSettings(min_score=0.5, full_score=2.0)
+    # a record written before the subject settings were: the backend's defaults
+    assert FaceReader.from_record({k: v for k, v in faces.items() if k != "subject"}).subject == SubjectSettings()
     assert record_faces(str(tmp_path / "elsewhere"), run, main=True) is None
+
+
+class ListedFaces:
+    """A detector that finds the faces it is given (the choice among them is under test)."""
+
+    name, embedding_model, embedding_dim = "dlib", "listed", 1
+
+    def __init__(self, faces):
+        self.found = faces
+
+    def detect(self, rgb):
+        return list(self.found)
+
+
+def test_the_reader_picks_the_subject_with_the_builds_score_thresholds(tmp_path):
+    """The detect stage's min_score and full_score reach the reader (from the recipe and from
+    the run's record). dlib's defaults count a face in full from score 1.0: a 70 px face scoring
+    1.0 beats a 100 px one scoring 0.4; counted in full from 0.4, size decides; with a floor of
+    0.5 the 0.4 face does not compete at all."""
+    points = np.zeros((5, 2))
+    large, small = Face((0, 0, 100, 100), 0.4, points), Face((130, 0, 200, 70), 1.0, points)
+    image = np.zeros((200, 200, 3), dtype=np.uint8)
+
+    def first(detect: dict):
+        config = tmp_path / "recipe.yaml"
+        config.write_text(yaml.safe_dump({"faces": {"backend": "dlib"}, "stages": {"detect": detect}}))
+        settings, crop, base, subject = read_config(config)
+        reader = FaceReader(settings, crop, base, backend=ListedFaces([small, large]), subject=subject)
+        assert FaceReader.from_record(record(settings, crop, base, subject)).subject == subject
+        return reader.faces(image)[0]
+
+    assert first({}) is small
+    assert first({"full_score": 0.4}) is large
+    assert first({"full_score": 0.4, "min_score": 0.5}) is small
 
 
 def test_trainer_has_no_face_model_code_of_its_own():

@@ -20,6 +20,7 @@ def documented(section: str) -> set[str]:
 
 def test_every_reason_code_is_documented():
     assert documented("Reason codes") == set(schema.REASONS)
+    assert documented("Caption fallbacks") == set(schema.CAPTION_FALLBACKS)
 
 
 def test_every_column_is_documented():

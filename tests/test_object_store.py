@@ -268,6 +268,6 @@ def test_face_settings_are_found_beside_shards_on_object_storage(s3, monkeypatch
     fs.pipe(f"{BUCKET}/faces/shards/shard-00000.tar", b"tar")
     for shards in (f"s3://{BUCKET}/faces/shards", f"s3://{BUCKET}/faces/shards/*.tar"):
         assert build_file_for(shards) == f"s3://{BUCKET}/faces/build.json"
-    settings, crop, _ = read_config(build_file_for(f"s3://{BUCKET}/faces/shards"))
+    settings, crop, _, _ = read_config(build_file_for(f"s3://{BUCKET}/faces/shards"))
     assert settings.detect_max_side == 480 and crop.size == 200
     assert build_file_for(f"s3://{BUCKET}/elsewhere/shards") is None

@@ -31,7 +31,7 @@ COLUMN_STAGE = {
     **dict.fromkeys(["age", "age_source", "gender", "gender_source"], "attributes"),
     **dict.fromkeys(["duplicate_of", "phash", "phash_mirror"], "dedup"),
     **dict.fromkeys(["identity_id", "identity_distance", "review_flag"], "cluster"),
-    **dict.fromkeys(["caption", "caption_source"], "caption"),
+    **dict.fromkeys(["caption", "caption_source", "caption_detail"], "caption"),
     **dict.fromkeys(["shard", "key"], "shard"),
 }  # fmt: skip
 IDENTITY_COLUMNS = ("image_id", "source", "source_kind", "locator", "label", "extra")

@@ -87,12 +87,8 @@ class DetectStage(FaceModelStage):
             return "no_face", f"{self.backend.name} found no face in the {width}x{height} image"
         s = self.settings
         hint_box = subject.scaled_hint(row.get("subject_hint"), height, width)
-        choice = subject.choose(
-            faces, height, width,
-            min_score=s.min_score if s.min_score is not None else subject.DEFAULT_MIN_SCORE.get(self.backend.name, 0.0),
-            full_score=s.full_score if s.full_score is not None else subject.DEFAULT_FULL_SCORE.get(self.backend.name, 1.0),
-            hint_box=hint_box, hint_min_iou=s.hint_min_iou,
-        )  # fmt: skip
+        min_score, full_score = subject.SubjectSettings(s.min_score, s.full_score).thresholds(self.backend.name)
+        choice = subject.choose(faces, height, width, min_score, full_score, hint_box=hint_box, hint_min_iou=s.hint_min_iou)
         image_area = float(width * height)
         out["other_faces"] = json.dumps([self._other(f, choice, height, width, image_area) for f in choice.others])
         out["hint_iou"] = choice.hint_iou

@@ -96,14 +96,15 @@ def _to_original(found: Detections, offset: int, scale: float) -> Detections:
     return boxes, np.asarray(scores, dtype=np.float64).reshape(-1), points
 
 
-def subject_first(faces: list, height: int, width: int, backend: str | None = None) -> list:
+def subject_first(faces: list, height: int, width: int, backend: str | None = None, settings=None) -> list:
     """The faces with the subject first, as the detect stage chooses it (portrait/faces/subject.py:
-    by score and size, detections under the backend's score floor never first unless alone);
-    without a backend name, by box area inside the image alone. Inference and validation take
-    the same face as the build."""
+    by score and size, detections under the score floor never first unless alone; ``settings``:
+    the build's ``subject.SubjectSettings``, by default the backend's thresholds); without a
+    backend name, by box area inside the image alone. Inference and validation take the same
+    face as the build."""
     from portrait.faces import subject  # subject.py builds on this module
 
-    return subject.ranked(faces, height, width, backend)
+    return subject.ranked(faces, height, width, backend, settings or subject.SubjectSettings())
 
 
 def five_from_68(points68: np.ndarray) -> np.ndarray:

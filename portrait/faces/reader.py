@@ -7,8 +7,12 @@ computes the embedding and the aligned crop (``crop_size``, ``crop_padding``), k
 settings, so the trainer's inference and validation see a photo's face as training did: the
 same box (the backend's RetinaFace-convention box), landmarks, crop bytes and embedding.
 
+Which face is the subject: the one the detect stage picks with the build's ``detect.min_score``
+and ``detect.full_score`` (``subject.SubjectSettings``; the backend's defaults when the recipe
+leaves them unset), so a recipe that changes them changes the reader's choice too.
+
 Which settings: ``FaceReader.from_config(path)`` takes a build's ``build.json``, a recipe, or a
-file holding just a ``faces:`` section (plus an optional ``crop:`` one);
+file holding just a ``faces:`` section (plus optional ``crop:`` and ``subject:`` ones);
 ``FaceReader.for_shards(shards)`` finds the ``build.json`` of the build the shards came from
 (``OUTPUT/build.json`` beside ``OUTPUT/shards``). A relative ``model_dir`` is taken from the
 recipe's folder, as in the build; an insightface model pack therefore loads from the same local
@@ -28,6 +32,7 @@ from portrait.decode import DEFAULT_MAX_PIXELS, load_rgb
 from portrait.faces import FaceSettings, load_backend
 from portrait.faces.base import Face, FaceBackend
 from portrait.faces.geometry import subject_first
+from portrait.faces.subject import SubjectSettings
 
 BUILD_FILE = "build.json"
 
@@ -106,9 +111,11 @@ class FaceReader:
         crop: CropSettings | None = None,
         base_dir: str | Path | None = None,
         backend: FaceBackend | None = None,
+        subject: SubjectSettings | None = None,
     ):
         self.settings = settings if isinstance(settings, FaceSettings) else FaceSettings.model_validate(settings or {})
         self.crop = crop or CropSettings()
+        self.subject = subject or SubjectSettings()
         self.backend = backend or load_backend(self.settings, base_dir)
 
     @property
@@ -123,13 +130,14 @@ class FaceReader:
 
     @classmethod
     def from_config(cls, path: str | Path) -> FaceReader:
-        settings, crop, base_dir = read_config(path)
-        return cls(settings, crop, base_dir)
+        settings, crop, base_dir, subject = read_config(path)
+        return cls(settings, crop, base_dir, subject=subject)
 
     @classmethod
     def from_record(cls, record: dict) -> FaceReader:
         """The reader a ``record`` (see ``record``) describes."""
-        return cls(FaceSettings.model_validate(record["faces"]), CropSettings(**record["crop"]))
+        subject = SubjectSettings(**record.get("subject", {}))  # runs recorded before it: the defaults
+        return cls(FaceSettings.model_validate(record["faces"]), CropSettings(**record["crop"]), subject=subject)
 
     @classmethod
     def for_shards(cls, shards) -> FaceReader:
@@ -147,7 +155,7 @@ class FaceReader:
 
     def faces(self, rgb: np.ndarray) -> list[Face]:
         """Every face, the subject first (the detect stage's order)."""
-        return subject_first(self.backend.detect(rgb), rgb.shape[0], rgb.shape[1], self.backend.name)
+        return subject_first(self.backend.detect(rgb), rgb.shape[0], rgb.shape[1], self.backend.name, self.subject)
 
     def read(self, rgb: np.ndarray) -> FaceReading | None:
         """The subject's face, or None when the backend finds none."""
@@ -176,9 +184,10 @@ def load_photo(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
 # ------------------------------------------------------------------ finding the settings
 
 
-def read_config(path: str | Path) -> tuple[FaceSettings, CropSettings, Path | None]:
-    """(face settings, crop settings, folder a relative model_dir is taken from) of a
-    build.json, a recipe, or a file with a ``faces:`` section (and optionally ``crop:``)."""
+def read_config(path: str | Path) -> tuple[FaceSettings, CropSettings, Path | None, SubjectSettings]:
+    """(face settings, crop settings, folder a relative model_dir is taken from, subject
+    settings) of a build.json, a recipe (``stages.embed`` and ``stages.detect``), or a file with
+    a ``faces:`` section (and optionally ``crop:`` and ``subject:``)."""
     import fsspec
     import yaml
 
@@ -197,8 +206,10 @@ def read_config(path: str | Path) -> tuple[FaceSettings, CropSettings, Path | No
     faces = data.get("faces")
     if faces is None and not ("stages" in data or "crop" in data):
         faces = data  # the file is the faces section itself
-    embed = ((data.get("stages") or {}).get("embed") or {}) if isinstance(data.get("stages"), dict) else {}
+    stages = data.get("stages") if isinstance(data.get("stages"), dict) else {}
+    embed, detect = stages.get("embed") or {}, stages.get("detect") or {}
     crop = data.get("crop") or {}
+    chooser = data.get("subject") or detect
     try:
         settings = FaceSettings.model_validate(faces or {})
         defaults = CropSettings()
@@ -207,21 +218,27 @@ def read_config(path: str | Path) -> tuple[FaceSettings, CropSettings, Path | No
             padding=float(crop.get("padding", embed.get("crop_padding", defaults.padding))),
             jpeg_quality=int(crop.get("jpeg_quality", embed.get("jpeg_quality", defaults.jpeg_quality))),
         )
-    except (ValueError, TypeError) as exn:
+        subject = SubjectSettings(**{k: None if chooser.get(k) is None else float(chooser[k]) for k in ("min_score", "full_score")})
+    except (ValueError, TypeError, AttributeError) as exn:
         raise ValueError(f"{path}: face settings: {exn}") from None
-    return settings, crop_settings, base_dir
+    return settings, crop_settings, base_dir, subject
 
 
-def record(settings: FaceSettings, crop: CropSettings, base_dir: str | Path | None) -> dict:
-    """Face and crop settings as JSON, with ``model_dir`` made absolute, so they can be kept
-    (the trainer keeps them in its run folder) and used from anywhere."""
+def record(settings: FaceSettings, crop: CropSettings, base_dir: str | Path | None,
+           subject: SubjectSettings = SubjectSettings()) -> dict:  # fmt: skip
+    """Face, crop and subject settings as JSON, with ``model_dir`` made absolute, so they can be
+    kept (the trainer keeps them in its run folder) and used from anywhere."""
     faces = settings.model_dump(mode="json")
     if faces.get("model_dir"):
         model_dir = Path(faces["model_dir"]).expanduser()
         if not model_dir.is_absolute() and base_dir is not None:
             model_dir = Path(base_dir) / model_dir
         faces["model_dir"] = str(model_dir.resolve())
-    return {"faces": faces, "crop": {"size": crop.size, "padding": crop.padding, "jpeg_quality": crop.jpeg_quality}}
+    return {
+        "faces": faces,
+        "crop": {"size": crop.size, "padding": crop.padding, "jpeg_quality": crop.jpeg_quality},
+        "subject": {"min_score": subject.min_score, "full_score": subject.full_score},
+    }
 
 
 def record_for_shards(shards) -> dict | None:

@@ -30,6 +30,22 @@ DEFAULT_MIN_SCORE = {"dlib": 0.15, "insightface": 0.5}
 DEFAULT_FULL_SCORE = {"dlib": 1.0, "insightface": 0.8}
 
 
+@dataclass(frozen=True)
+class SubjectSettings:
+    """The detect stage's ``min_score`` and ``full_score`` as a build's recipe sets them (None:
+    the backend's default). The trainer's face reader takes them from the build's build.json,
+    so that it picks the subject the build picked."""
+
+    min_score: float | None = None
+    full_score: float | None = None
+
+    def thresholds(self, backend: str) -> tuple[float, float]:
+        """(score floor, full score) for faces of ``backend``."""
+        floor = self.min_score if self.min_score is not None else DEFAULT_MIN_SCORE.get(backend, 0.0)
+        full = self.full_score if self.full_score is not None else DEFAULT_FULL_SCORE.get(backend, 1.0)
+        return floor, full
+
+
 @dataclass
 class Choice:
     subject: Face | None  # None: no face matches the hint
@@ -83,13 +99,13 @@ def choose(faces: list[Face], height: int, width: int, min_score: float, full_sc
     return Choice(subject, [f for f in ranked if f is not subject], weak, overlaps[best])
 
 
-def ranked(faces: list[Face], height: int, width: int, backend: str | None) -> list[Face]:
-    """The faces with the subject first, by the backend's default floor and full score (the
-    detect stage's choice when its recipe leaves min_score and full_score unset); without a
-    backend name, by area alone."""
+def ranked(faces: list[Face], height: int, width: int, backend: str | None,
+           settings: SubjectSettings = SubjectSettings()) -> list[Face]:  # fmt: skip
+    """The faces with the subject first, as the detect stage with ``settings`` chooses it (by
+    default the backend's floor and full score); without a backend name, by area alone."""
     if backend is None:
         return sorted(faces, key=lambda f: geometry.clipped_area(f.box, height, width), reverse=True)
     if not faces:
         return []
-    c = choose(faces, height, width, DEFAULT_MIN_SCORE.get(backend, 0.0), DEFAULT_FULL_SCORE.get(backend, 1.0))
+    c = choose(faces, height, width, *settings.thresholds(backend))
     return [c.subject, *c.others]
