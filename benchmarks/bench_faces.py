@@ -283,18 +283,27 @@ def run_monitored(cmds: list[list[str]], env: dict | None = None) -> dict:
     return {"wall": wall, "cpu": sum(u["cpu"] for u in usage), "peak_gb": sum(u["peak_gb"] for u in usage), "printed": last}
 
 
-def folder_source(files: list[Path], n: int, root: Path) -> list[Path]:
+def folder_source(files: list[Path], n: int, root: Path, web_size: bool = False) -> list[Path]:
     """``n`` photos in a folder source's layout (one folder per person), the dev photos repeated
-    (hard links where the file system allows); returns the paths in order."""
+    (hard links where the file system allows); with ``web_size`` each is re-saved as a JPEG
+    whose longer side is 2000-3000 px (q90), as photos on the web come. Returns the paths."""
+    from PIL import Image, ImageOps
+
     paths = []
     for i in range(n):
         src = files[i % len(files)]
-        dst = root / src.parent.name / f"{i:06d}_{src.name}"
+        dst = root / src.parent.name / f"{i:06d}_{src.stem}{'.jpg' if web_size else src.suffix}"
         dst.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(src, dst)
-        except OSError:
-            dst.write_bytes(src.read_bytes())
+        if web_size:
+            img = ImageOps.exif_transpose(Image.open(src)).convert("RGB")
+            side = 2000 + (i * 137) % 1001
+            img.resize((round(img.width * side / max(img.size)), round(img.height * side / max(img.size))),
+                       Image.BICUBIC).save(dst, "JPEG", quality=90)
+        else:
+            try:
+                os.link(src, dst)
+            except OSError:
+                dst.write_bytes(src.read_bytes())
         paths.append(dst)
     return paths
 
@@ -357,15 +366,16 @@ def plain_worker(listing: str, part: int, parts: int) -> None:
     print(json.dumps({"kept": result["kept"], "wall": result["wall"]}))
 
 
-def product_comparison(items: int) -> None:
+def product_comparison(items: int, web_size: bool = False) -> None:
     import shutil
     import tempfile
 
     cpus = os.cpu_count() or 2
     work = Path(tempfile.mkdtemp(prefix="bench-faces-"))
     try:
-        paths = folder_source(dev_files(), items, work / "photos")
-        print(f"{items} photos as a folder source (the {len(dev_files())} dev photos repeated), {cpus} CPUs; "
+        paths = folder_source(dev_files(), items, work / "photos", web_size)
+        size = "re-saved at 2000-3000 px" if web_size else "as they are"
+        print(f"{items} photos as a folder source (the {len(dev_files())} dev photos repeated, {size}), {cpus} CPUs; "
               f"load average {os.getloadavg()[0]:.1f} at the start")
         startup = ray_startup(cpus)
         runs = {
@@ -560,6 +570,8 @@ def main() -> None:
     parser.add_argument("--skip-models", action="store_true", help="leave out the per-model costs")
     parser.add_argument("--models-only", action="store_true", help="only the per-model costs")
     parser.add_argument("--decode-only", action="store_true", help="only the decode costs")
+    parser.add_argument("--web-size", action="store_true",
+                        help="product mode: the photos re-saved as 2000-3000 px JPEGs (web size)")
     parser.add_argument("--plain-worker", help=argparse.SUPPRESS)  # one process of the plain loop
     parser.add_argument("--part", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--parts", type=int, default=1, help=argparse.SUPPRESS)
@@ -572,7 +584,7 @@ def main() -> None:
     if args.models_only:
         return report_model_costs(model_costs(items))
     if args.mode == "product":
-        product_comparison(args.items)
+        product_comparison(args.items, args.web_size)
         report_decode_costs(decode_costs(items))
         if not args.skip_models:
             report_model_costs(model_costs(items))
