@@ -346,8 +346,11 @@ def ray_startup(cpus: int) -> float:
             f"print(time.perf_counter()-t)")
     import subprocess
 
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    return float(out.strip().splitlines()[-1])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if done.returncode != 0:  # Ray gives up starting on an overloaded machine ("timed out during startup")
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        sys.exit(f"Ray did not start (load average {os.getloadavg()[0]:.1f}): {last}")
+    return float(done.stdout.strip().splitlines()[-1])
 
 
 def plain_processes(paths: list[Path], processes: int, work: Path) -> dict:

@@ -21,7 +21,7 @@ from pydantic import Field
 from portrait.decode import DecodeError
 from portrait.faces import geometry, subject
 from datakit.stage import Drop, Output, StageSettings, map_rows
-from datakit.stages.face_model import FaceModelStage, decode_for_faces, face_settings, floats
+from datakit.stages.face_model import FaceModelStage, decode_for_faces, floats
 
 COLUMNS = (
     "face_backend",
@@ -61,7 +61,7 @@ class DetectStage(FaceModelStage):
     def _detect_in_batches(self, blobs: list[bytes]):
         """Per row, in order: (decoded, faces) or the DecodeError. ``faces.batch_size`` images are
         decoded, then detected in one backend call (a batch on a batched model)."""
-        size = face_settings(self.context).batch_size
+        size = self.backend.batch_size
         for start in range(0, len(blobs), size):
             decoded = []
             for data in blobs[start : start + size]:

@@ -19,7 +19,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from datakit.stage import Drop, Output, StageSettings, map_rows
-from datakit.stages.face_model import FaceModelStage, decode_for_faces, face_from_row, face_settings, floats
+from datakit.stages.face_model import FaceModelStage, decode_for_faces, face_from_row, floats
 from portrait.faces.reader import CropSettings, embed_faces
 
 CROP = CropSettings()
@@ -48,7 +48,7 @@ class EmbedStage(FaceModelStage):
         """Per row, in order: (embedding, crop JPEG); ``faces.batch_size`` faces per backend call."""
         s = self.settings
         crop = CropSettings(s.crop_size, s.crop_padding, s.jpeg_quality)
-        size = face_settings(self.context).batch_size
+        size = self.backend.batch_size
         for start in range(0, len(rows), size):
             yield from embed_faces(self.backend, [self._face(row) for row in rows[start : start + size]], crop)
 

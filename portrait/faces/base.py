@@ -46,6 +46,9 @@ class FaceBackend(ABC):
     embedding_model: str = ""
     embedding_dim: int = 0
     box_convention: str = ""  # how the detector's box maps to RetinaFace's
+    # images or faces the stages hand to one detect_many / embed_many call: 1 for a backend that
+    # runs one at a time (a stage then holds one decoded image, not a batch of them)
+    batch_size: int = 1
 
     @abstractmethod
     def detect(self, rgb: np.ndarray) -> list[Face]:
