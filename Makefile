@@ -4,13 +4,14 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: chromium install demo test precompute bench bench-download bench-faces bench-cluster bench-stats bench-trainer bench-objstore bench-quality rehearsal train clean help
+.PHONY: chromium install demo test evaluate precompute bench bench-download bench-faces bench-cluster bench-stats bench-trainer bench-objstore bench-quality rehearsal train clean help
 
 help:
 	@echo "make demo    build the demo corpus from the photos in data/demo (offline)"
 	@echo "make test    run the test suite"
 	@echo "make bench   run every benchmark (download, faces, cluster, stats, trainer, objstore)"
 	@echo "make train   train the tiny config on the demo shards (CPU; after make demo)"
+	@echo "make evaluate  score runs/tiny on the demo's held-out identities (after make train)"
 	@echo "make rehearsal  two-node Ray scale and fault rehearsal (~30 min)"
 
 install: $(STAMP)
@@ -88,9 +89,17 @@ else
 	    -m trainer.train --config $(CONFIG) --model "$(MODEL)" --shards $(SHARDS) --output runs/$(CONFIG) $(TRAIN_ARGS)
 endif
 
+# make evaluate                   runs/$(CONFIG) on trainer/protocols/demo-heldout.yaml -> eval/$(CONFIG)
+# make evaluate PROTOCOL=trainer/protocols/hifi-portrait.yaml EVAL_ARGS='--device cuda'
+PROTOCOL  ?= trainer/protocols/demo-heldout.yaml
+EVAL_ARGS ?=
+
+evaluate: $(STAMP)
+	$(PY) -m trainer.evaluate --protocol $(PROTOCOL) --checkpoint runs/$(CONFIG) --out eval/$(CONFIG) $(EVAL_ARGS)
+
 # the frozen encoders' outputs cached beside the shards (VAE latents, text and CLIP features)
 precompute: $(STAMP)
 	$(PY) -m trainer.precompute --config $(CONFIG) $(if $(MODEL),--model "$(MODEL)") --shards $(SHARDS)
 
 clean:
-	rm -rf manifests/demo runs/tiny .pytest_cache
+	rm -rf manifests/demo runs/tiny eval/tiny .pytest_cache

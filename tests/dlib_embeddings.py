@@ -6,7 +6,7 @@ photo (the fixture README guarantees the labelled face is the largest). Tight 11
 defeat the HOG detector without margin, so a photo with no detection is retried with a grey
 border and one upsampling, and as a last resort the whole image is taken as the face box.
 
-Computing the 293 embeddings takes ~half a minute on 2 cores; ``dev_embeddings`` caches them on
+Computing the 293 embeddings takes ~half a minute of CPU, spread over the cores; ``dev_embeddings`` caches them on
 disk under pytest's cache folder, keyed by the photos' names and sizes, so later runs skip it.
 """
 
@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,8 +84,7 @@ class _Dlib:
         return vec / np.linalg.norm(vec)
 
 
-def compute_embeddings(files: list[Path], whole_image_fallback: bool = True) -> np.ndarray:
-    """(n, 128) embeddings; a row of NaN where no face was found (only without the fallback)."""
+def _embed_files(files: list[Path], whole_image_fallback: bool) -> np.ndarray:
     from portrait.decode import load_rgb
 
     model = _Dlib()
@@ -92,6 +94,25 @@ def compute_embeddings(files: list[Path], whole_image_fallback: bool = True) -> 
         if vec is not None:
             out[i] = vec
     return out
+
+
+def _on_every_core(fn, files: list[Path], *args) -> np.ndarray:
+    """``fn(chunk, *args)`` over contiguous chunks of ``files`` in one process per core, rows in order.
+
+    dlib's ResNet runs one image at a time on one core; the first test that needs these embeddings
+    waits for all of them, so both cores of a CI machine share the work.
+    """
+    workers = max(1, min(os.cpu_count() or 1, 4, len(files)))
+    if workers == 1:
+        return fn(files, *args)
+    chunks = [list(c) for c in np.array_split(np.array(files, dtype=object), workers)]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return np.concatenate(list(pool.map(fn, chunks, *[[a] * workers for a in args])))
+
+
+def compute_embeddings(files: list[Path], whole_image_fallback: bool = True) -> np.ndarray:
+    """(n, 128) embeddings; a row of NaN where no face was found (only without the fallback)."""
+    return _on_every_core(_embed_files, files, whole_image_fallback)
 
 
 def _cache_key(files: list[Path]) -> str:
@@ -133,26 +154,33 @@ def negative_embeddings(cache_dir: Path | None = None) -> DevEmbeddings:
     return DevEmbeddings(files=rel, labels=[f"negative:{r}" for r in rel], embeddings=emb[found])
 
 
+def _embed_variants(files: list[Path]) -> np.ndarray:
+    from portrait.decode import load_rgb
+    from devtools.reencode import VARIANTS, reencode
+
+    model = _Dlib()
+    emb = np.full((len(files) * len(VARIANTS), 128), np.nan, dtype=np.float32)
+    for i, path in enumerate(files):
+        rgb = np.asarray(load_rgb(path.read_bytes()))
+        image, rect = model.largest_face(rgb)
+        pad = (image.shape[0] - rgb.shape[0]) // 2  # largest_face may have padded the photo
+        box = (rect.left() - pad, rect.top() - pad, rect.right() - pad, rect.bottom() - pad)
+        for j, variant in enumerate(VARIANTS):
+            emb[i * len(VARIANTS) + j] = model.embed(np.asarray(load_rgb(reencode(rgb, variant, box))))
+    return emb
+
+
 def variant_embeddings(cache_dir: Path | None = None, step: int = 3) -> DevEmbeddings:
     """Every ``step``-th dev photo re-encoded the way the web serves it (devtools/reencode.py:
     grayscale, CMYK, JPEG quality 40, EXIF-rotated, a 112 px face crop), embedded like the others."""
-    from portrait.decode import load_rgb
-    from devtools.reencode import VARIANTS, reencode
+    from devtools.reencode import VARIANTS
 
     files = dev_files()[::step]
     cache = cache_dir / f"variants{step}-{_cache_key(files)}.npy" if cache_dir is not None else None
     if cache is not None and cache.exists():
         emb = np.load(cache, allow_pickle=False)
     else:
-        model = _Dlib()
-        emb = np.full((len(files) * len(VARIANTS), 128), np.nan, dtype=np.float32)
-        for i, path in enumerate(files):
-            rgb = np.asarray(load_rgb(path.read_bytes()))
-            image, rect = model.largest_face(rgb)
-            pad = (image.shape[0] - rgb.shape[0]) // 2  # largest_face may have padded the photo
-            box = (rect.left() - pad, rect.top() - pad, rect.right() - pad, rect.bottom() - pad)
-            for j, variant in enumerate(VARIANTS):
-                emb[i * len(VARIANTS) + j] = model.embed(np.asarray(load_rgb(reencode(rgb, variant, box))))
+        emb = _on_every_core(_embed_variants, files)
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
             np.save(cache, emb, allow_pickle=False)

@@ -104,10 +104,19 @@ def write_pack(folder: Path, pack: str = "buffalo_l", landmarks68: bool = True, 
     else:
         axes = {"input.1": {2: "height", 3: "width"}, **{f"out{i}": {0: f"n{i}"} for i in range(det_outputs)}}
     _export(BrightWindowDetector(batched), torch.zeros(1, 3, 640, 640), folder / layout["detection"], det_outputs, axes)
-    _export(RandomEmbedder(112, 512), torch.zeros(1, 3, 112, 112), folder / layout["recognition"], 1,
-            {"input.1": {0: "batch"}, "out0": {0: "batch"}})
+    write_recognizer(folder / layout["recognition"], seed=None)
     _export(BrightnessGenderAge(), torch.zeros(1, 3, 96, 96), folder / layout["genderage"], 1,
             {"input.1": {0: "batch"}, "out0": {0: "batch"}} if batched else {})
     if landmarks68:
         _export(RandomEmbedder(192, 3309), torch.zeros(1, 3, 192, 192), folder / layout["landmark_3d_68"], 1, {})
     return folder
+
+
+def write_recognizer(path: Path, seed: int | None = 0) -> Path:
+    """Only an ArcFace-layout recognition model (``w600k_r50.onnx``'s inputs and outputs), random;
+    ``seed`` None continues the current random stream (``write_pack``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if seed is not None:
+        torch.manual_seed(seed)
+    _export(RandomEmbedder(112, 512), torch.zeros(1, 3, 112, 112), path, 1, {"input.1": {0: "batch"}, "out0": {0: "batch"}})
+    return path

@@ -11,38 +11,12 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
 
+from conftest import run_demo  # the demo_build and demo_port fixtures are session ones there
 from datakit import schema
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "data" / "demo"
-
-
-@pytest.fixture(scope="module")
-def demo_port() -> int:
-    from devtools.rehearsal.servers import free_port
-
-    return free_port()  # both builds fetch from the same address, so final URLs match
-
-
-def run_demo(out: Path, port: int, *args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "examples.demo", "--output", str(out), "--port", str(port), *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
-@pytest.fixture(scope="module")
-def demo_build(tmp_path_factory, demo_port):
-    out = tmp_path_factory.mktemp("demo") / "out"
-    proc = run_demo(out, demo_port, "--quiet")
-    return out, proc.stdout, proc.stderr
 
 
 def demo_inputs() -> tuple[list[str], list[dict]]:

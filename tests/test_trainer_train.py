@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from devtools.shards import synthetic_samples, write_shards
+from conftest import TINY_RUN
 from trainer.train import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,26 +28,13 @@ def one_thread():
     yield
     torch.set_num_threads(before)
 
-RUN = [
-    "--config", "tiny",
-    "--threads", "1",
-    "--max-steps", "7",
-    "--set", "data.num_workers=2",
-    "--set", "data.batches_per_epoch=4",  # the run crosses epochs; the interruption falls mid-epoch
-    "--set", "train.checkpoint_every=4",
-    "--set", "train.validate_every=100",
-    "--set", "train.val_identities=2",
-    "--set", "train.val_inference_steps=2",
-    "--set", "train.warmup_steps=2",
-    "--set", "data.holdout_fraction=0.1",  # identities 3 and 6 of the fixture
-]
+
+RUN = TINY_RUN
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("shards")
-    write_shards(folder, synthetic_samples(8, 6, seed=5), identities_per_shard=2)
-    return folder
+def shards(tiny_shards):
+    return tiny_shards
 
 
 def losses(run: Path) -> list[tuple[int, float, float]]:
@@ -56,10 +43,8 @@ def losses(run: Path) -> list[tuple[int, float, float]]:
 
 
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory, shards):
-    out = tmp_path_factory.mktemp("full")
-    summary = main([*RUN, "--shards", str(shards), "--output", str(out)])
-    return out, summary
+def full_run(tiny_run):
+    return tiny_run
 
 
 def test_a_run_writes_checkpoint_loss_curve_samples_and_logs(full_run):

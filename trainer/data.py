@@ -576,6 +576,13 @@ def probe_shards(shards) -> dict:
     raise RuntimeError(f"no readable sample in {len(urls)} shard(s) starting {urls[0]}")
 
 
+def heldout_groups(shards, holdout_fraction: float) -> list[list[Record]]:
+    """Every held-out identity's records (``is_heldout`` under ``holdout_fraction``, as training
+    splits them), in shard order; the evaluation protocol's identities (``trainer.evaluate``)."""
+    stats = Stats()
+    return list(_identity_groups(_sequential_records(list_shards(shards), stats), stats, 1, holdout_fraction, True))
+
+
 def fixed_examples(
     shards,
     count: int,
