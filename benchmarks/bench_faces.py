@@ -1,5 +1,16 @@
 """Face stages on Ray against a plain loop (`make bench-faces`).
 
+Default (``--mode product``): what ``datakit run`` does. The dev photos, repeated to ``--items``,
+are laid out as a folder source (VGGFace2-HQ layout) and built by ``python -m datakit run`` with a
+recipe of download, detect, filter and embed (the demo's per-stage CPU shares), in its own
+process: timed from process start to exit, Ray start-up included; Ray's start-up is also timed
+apart (a fresh process running ``ray.init``) and a figure "once started" leaves it out. Against
+it, the plain loop below in one process and in two processes (each half of the photos), each
+timed the same way. For every run: images/s, cores used (CPU time of the whole process tree /
+wall, sampled with psutil every 0.2 s) and peak memory (sum of the tree's RSS); then the ratios.
+
+``--mode fused`` / ``--mode stages``: the older in-process comparison, described next.
+
 The dev photos of ../shared/fixtures/faces, repeated to ``--items`` (default 2000), go through
 detect + landmarks + filter + embed twice, in one run:
 
@@ -212,6 +223,191 @@ def ray_pipeline(items: list[bytes], workers: int, batch_size: int, mode: str) -
     return {"wall": time.perf_counter() - t_start, "kept": kept, "seconds": dict(seconds)}
 
 
+# ---------------------------------------------------------------- the product's layout, and the plain loop in processes
+
+
+class TreeMonitor:
+    """CPU time and peak memory of a process and all its descendants, sampled with psutil."""
+
+    def __init__(self, pid: int, every: float = 0.2):
+        import threading
+
+        self.pid, self.every = pid, every
+        self.cpu: dict[int, float] = {}
+        self.peak_rss = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        import psutil
+
+        root = psutil.Process(self.pid)
+        while not self._stop.is_set():
+            try:
+                procs = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                break
+            rss = 0
+            for proc in procs:
+                try:
+                    times = proc.cpu_times()
+                    self.cpu[proc.pid] = times.user + times.system
+                    rss += proc.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak_rss = max(self.peak_rss, rss)
+            self._stop.wait(self.every)
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        return {"cpu": sum(self.cpu.values()), "peak_gb": self.peak_rss / 1e9}
+
+
+def run_monitored(cmds: list[list[str]], env: dict | None = None) -> dict:
+    """Start the commands at once; wall time from start to the last exit, CPU and peak memory
+    summed over their process trees, and what each printed last (a JSON line, or None)."""
+    import subprocess
+
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for cmd in cmds]
+    monitors = [TreeMonitor(p.pid) for p in procs]
+    outputs = [p.communicate() for p in procs]
+    wall = time.perf_counter() - t0
+    usage = [m.stop() for m in monitors]
+    for p, (out, err) in zip(procs, outputs):
+        if p.returncode != 0:
+            sys.exit(f"{' '.join(cmds[0][:4])} ... failed ({p.returncode}):\n{err[-2000:]}")
+    last = [json.loads(out.strip().splitlines()[-1]) if out.strip().startswith("{") else None for out, _ in outputs]
+    return {"wall": wall, "cpu": sum(u["cpu"] for u in usage), "peak_gb": sum(u["peak_gb"] for u in usage), "printed": last}
+
+
+def folder_source(files: list[Path], n: int, root: Path, web_size: bool = False) -> list[Path]:
+    """``n`` photos in a folder source's layout (one folder per person), the dev photos repeated
+    (hard links where the file system allows); with ``web_size`` each is re-saved as a JPEG
+    whose longer side is 2000-3000 px (q90), as photos on the web come. Returns the paths."""
+    from PIL import Image, ImageOps
+
+    paths = []
+    for i in range(n):
+        src = files[i % len(files)]
+        dst = root / src.parent.name / f"{i:06d}_{src.stem}{'.jpg' if web_size else src.suffix}"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if web_size:
+            img = ImageOps.exif_transpose(Image.open(src)).convert("RGB")
+            side = 2000 + (i * 137) % 1001
+            img.resize((round(img.width * side / max(img.size)), round(img.height * side / max(img.size))),
+                       Image.BICUBIC).save(dst, "JPEG", quality=90)
+        else:
+            try:
+                os.link(src, dst)
+            except OSError:
+                dst.write_bytes(src.read_bytes())
+        paths.append(dst)
+    return paths
+
+
+RECIPE = """\
+name: bench-faces
+output: {output}
+sources:
+  - name: photos
+    kind: folder
+    root: {root}
+ray:
+  partition_size: 32
+  num_cpus: {cpus}
+faces:
+  backend: dlib
+stages:
+  download: {{num_cpus: 0.25}}
+  detect: {{num_cpus: 0.45}}
+  filter: {{num_cpus: 0.05, min_area_fraction: 0.10}}
+  embed: {{num_cpus: 0.45}}
+"""
+
+
+def product_run(root: Path, work: Path, cpus: int) -> dict:
+    recipe = work / "bench-faces.yaml"
+    recipe.write_text(RECIPE.format(output=work / "out", root=root, cpus=cpus))
+    run = run_monitored([[sys.executable, "-m", "datakit", "run", str(recipe), "--quiet", "--restart"]])
+    import pyarrow.parquet as pq
+
+    images = pq.read_table(work / "out" / "images.parquet", columns=["status"]).column("status").to_pylist()
+    run["kept"] = images.count("kept")
+    return run
+
+
+def ray_startup(cpus: int) -> float:
+    """Seconds a fresh process takes to import datakit's engine and start a local Ray."""
+    code = (f"import time; t=time.perf_counter(); import ray, datakit.engine.ray_executor; "
+            f"ray.init(num_cpus={cpus}, include_dashboard=False, logging_level='ERROR', log_to_driver=False); "
+            f"print(time.perf_counter()-t)")
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if done.returncode != 0:  # Ray gives up starting on an overloaded machine ("timed out during startup")
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        sys.exit(f"Ray did not start (load average {os.getloadavg()[0]:.1f}): {last}")
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def plain_processes(paths: list[Path], processes: int, work: Path) -> dict:
+    listing = work / "files.json"
+    listing.write_text(json.dumps([str(p) for p in paths]))
+    cmds = [[sys.executable, __file__, "--plain-worker", str(listing), "--part", str(i), "--parts", str(processes)]
+            for i in range(processes)]
+    run = run_monitored(cmds)
+    run["kept"] = sum(p["kept"] for p in run["printed"])
+    return run
+
+
+def plain_worker(listing: str, part: int, parts: int) -> None:
+    files = json.loads(Path(listing).read_text())[part::parts]
+    result = plain_loop([Path(f).read_bytes() for f in files])
+    print(json.dumps({"kept": result["kept"], "wall": result["wall"]}))
+
+
+def product_comparison(items: int, web_size: bool = False) -> None:
+    import shutil
+    import tempfile
+
+    cpus = os.cpu_count() or 2
+    work = Path(tempfile.mkdtemp(prefix="bench-faces-"))
+    try:
+        paths = folder_source(dev_files(), items, work / "photos", web_size)
+        size = "re-saved at 2000-3000 px" if web_size else "as they are"
+        print(f"{items} photos as a folder source (the {len(dev_files())} dev photos repeated, {size}), {cpus} CPUs; "
+              f"load average {os.getloadavg()[0]:.1f} at the start")
+        startup = ray_startup(cpus)
+        runs = {
+            "datakit run": product_run(work / "photos", work, cpus),
+            "plain, 1 process": plain_processes(paths, 1, work),
+            "plain, 2 processes": plain_processes(paths, 2, work),
+        }
+        print(f"Ray start-up (import + ray.init in a fresh process, timed apart): {startup:.1f}s")
+        for name, run in runs.items():
+            ips = items / run["wall"]
+            line = (f"{name:19s}: {run['wall']:6.1f}s, {ips:6.2f} images/s end to end, {run['kept']} kept; "
+                    f"{run['cpu'] / run['wall']:.2f} cores, {1000 * run['cpu'] / items:.0f} CPU ms per image; "
+                    f"peak memory {run['peak_gb']:.2f} GB")
+            if name == "datakit run":
+                line += f"; once started {items / max(run['wall'] - startup, 1e-9):.2f} images/s"
+            print(line)
+        product = runs["datakit run"]["wall"]
+        for name in ("plain, 1 process", "plain, 2 processes"):
+            other = runs[name]["wall"]
+            print(f"ratio vs {name:18s}: {other / product:.2f}x end to end, "
+                  f"{other / max(product - startup, 1e-9):.2f}x once started")
+        print("  (cores: CPU time of the process tree / wall; peak memory: summed RSS of the tree, which counts "
+              "pages shared between Ray's processes more than once)")
+        print(f"  (goals on a quiet 2-core machine: >= 1.5x the one-process loop end to end, >= 0.95x the "
+              f"two-process loop once started); load average {os.getloadavg()[0]:.1f} at the end")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 # ---------------------------------------------------------------- per-model costs
 
 
@@ -286,6 +482,67 @@ def report_model_costs(costs: dict) -> None:
           f"{MODEL_COSTS.relative_to(REPO)}")
 
 
+# ---------------------------------------------------------------- decode costs
+
+
+def decode_costs(items: list[bytes], sides=(640, 2000, 4000), photos: int = 6, repeat: int = 3) -> list[dict]:
+    """CPU ms per image to decode a JPEG for the face stages, before and after the reduced decode
+    (portrait/decode.py): the detection copy alone (decode + shrink to 640 px), and a build's
+    decodes of one kept image (detect, embed and attributes each decode it; shard decodes it
+    again and stores it at 1024 px). The dev photos are re-saved at each size (JPEG q90)."""
+    from PIL import Image
+
+    from portrait.decode import decode_image
+    from portrait.faces import geometry
+
+    def detection_copy(data: bytes, min_side):
+        decoded = decode_image(data, min_side=min_side)
+        rgb = np.asarray(decoded.image)
+        return geometry.resize(rgb, geometry.detection_scale(*rgb.shape[:2], 200, 640))
+
+    def stored(data: bytes, min_side):
+        image = decode_image(data, min_side=min_side).image
+        scale = 1024 / max(image.size)
+        return image.resize((round(image.width * scale), round(image.height * scale)), resample=3) if scale < 1 else image
+
+    def build(data: bytes, reduced: bool):
+        for _ in range(3):  # detect, embed, attributes
+            np.asarray(decode_image(data, min_side=640 if reduced else None).image)
+        stored(data, 1024 if reduced else None)
+
+    rows = []
+    for side in sides:
+        blobs = []
+        for data in list(dict.fromkeys(items))[:photos]:
+            img = Image.open(io.BytesIO(data)).convert("RGB")
+            scale = side / max(img.size)
+            out = io.BytesIO()
+            img.resize((round(img.width * scale), round(img.height * scale)), resample=3).save(out, "JPEG", quality=90)
+            blobs.append(out.getvalue())
+        row = {"side": side}
+        for key, run in (
+            ("copy_full", lambda d: detection_copy(d, None)), ("copy_reduced", lambda d: detection_copy(d, 640)),
+            ("build_full", lambda d: build(d, False)), ("build_reduced", lambda d: build(d, True)),
+        ):  # fmt: skip
+            c0 = time.process_time()
+            for _ in range(repeat):
+                for data in blobs:
+                    run(data)
+            row[key] = 1000 * (time.process_time() - c0) / (repeat * len(blobs))
+        rows.append(row)
+    return rows
+
+
+def report_decode_costs(rows: list[dict]) -> None:
+    print("\ndecode CPU ms per image (one thread), full decode -> reduced decode (portrait/decode.py):")
+    print(f"{'longer side':>12s} {'detection copy':>24s} {'a kept image in a build':>28s}")
+    for r in rows:
+        print(f"{r['side']:>10d}px {r['copy_full']:>9.1f} -> {r['copy_reduced']:5.1f} ({r['copy_full'] / r['copy_reduced']:4.1f}x)"
+              f" {r['build_full']:>12.1f} -> {r['build_reduced']:5.1f} ({r['build_full'] / r['build_reduced']:4.1f}x)")
+    print("  (detection copy: decode + shrink to 640 px; build: detect, embed and attributes each decode, "
+          f"shard decodes and stores at 1024 px); load {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -309,15 +566,32 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=2000)
     parser.add_argument("--workers", type=int, default=2, help="actors per model stage")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--mode", choices=("fused", "stages"), default="fused",
-                        help="fused: one actor pool runs the three stages; stages: a pool per stage")
+    parser.add_argument("--mode", choices=("product", "fused", "stages"), default="product",
+                        help="product: datakit run on a folder source; fused: one actor pool runs the three "
+                             "stages; stages: a pool per stage (both in this process)")
     parser.add_argument("--skip-plain", action="store_true")
     parser.add_argument("--skip-models", action="store_true", help="leave out the per-model costs")
     parser.add_argument("--models-only", action="store_true", help="only the per-model costs")
+    parser.add_argument("--decode-only", action="store_true", help="only the decode costs")
+    parser.add_argument("--web-size", action="store_true",
+                        help="product mode: the photos re-saved as 2000-3000 px JPEGs (web size)")
+    parser.add_argument("--plain-worker", help=argparse.SUPPRESS)  # one process of the plain loop
+    parser.add_argument("--part", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--parts", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.plain_worker:
+        return plain_worker(args.plain_worker, args.part, args.parts)
     items = load_items(args.items)
+    if args.decode_only:
+        return report_decode_costs(decode_costs(items))
     if args.models_only:
         return report_model_costs(model_costs(items))
+    if args.mode == "product":
+        product_comparison(args.items, args.web_size)
+        report_decode_costs(decode_costs(items))
+        if not args.skip_models:
+            report_model_costs(model_costs(items))
+        return None
     print(f"{len(items)} items: the {len(dev_files())} dev photos of {DEV}, repeated")
 
     import ray

@@ -13,6 +13,10 @@ inference code runs on them:
 - ``genderage.onnx``: (1, 3, 96, 96) -> (1, 3); set by hand: gender "male" (index 1) for a
   bright crop and "female" for a dark one, age 0.30 (30 years after insightface's x100);
 - ``1k3d68.onnx``: (1, 3, 192, 192) -> (1, 3309) (1103 points x 3), random weights.
+
+``write_pack(..., batched=True)`` exports the detector with a batch axis on its input and
+outputs ((b, 3, H, W) -> (b, n, 1), ...) and the gender/age model for any batch, as the GPU path
+batches them (portrait/faces/batched.py).
 """
 
 from __future__ import annotations
@@ -34,6 +38,10 @@ class BrightWindowDetector(nn.Module):
     # five points inside the box, in stride units from the anchor (the box is [-1, +2] strides)
     KEYPOINTS = (-0.1, 0.1, 1.1, 0.1, 0.5, 0.6, 0.0, 1.2, 1.0, 1.2)
 
+    def __init__(self, batched: bool = False):
+        super().__init__()
+        self.batched = batched
+
     def forward(self, x):
         grey = x.mean(dim=1, keepdim=True)  # ~ +1 for white after insightface's normalisation
         scores, boxes, points = [], [], []
@@ -43,7 +51,8 @@ class BrightWindowDetector(nn.Module):
             window = window[:, :, : x.shape[2] // stride, : x.shape[3] // stride]
             gain = 30.0 if stride == 32 else 0.0
             score = torch.sigmoid(gain * (window - 0.8) - (0.0 if stride == 32 else 30.0))
-            flat = score.permute(0, 2, 3, 1).repeat(1, 1, 1, ANCHORS).reshape(-1, 1)
+            flat = score.permute(0, 2, 3, 1).repeat(1, 1, 1, ANCHORS)
+            flat = flat.reshape(x.shape[0], -1, 1) if self.batched else flat.reshape(-1, 1)
             scores.append(flat)
             boxes.append(flat * 0 + torch.tensor([[1.0, 1.0, 2.0, 2.0]]))
             points.append(flat * 0 + torch.tensor([self.KEYPOINTS]))
@@ -82,7 +91,7 @@ def _export(model: nn.Module, example: torch.Tensor, path: Path, n_out: int, dyn
         )
 
 
-def write_pack(folder: Path, pack: str = "buffalo_l", landmarks68: bool = True, seed: int = 0) -> Path:
+def write_pack(folder: Path, pack: str = "buffalo_l", landmarks68: bool = True, seed: int = 0, batched: bool = False) -> Path:
     """Write a model pack folder; returns it. Same seed, same weights."""
     from portrait.faces.insightface_backend import PACKS
 
@@ -90,15 +99,14 @@ def write_pack(folder: Path, pack: str = "buffalo_l", landmarks68: bool = True, 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     det_outputs = 3 * len(STRIDES)
-    _export(
-        BrightWindowDetector(),
-        torch.zeros(1, 3, 640, 640),
-        folder / layout["detection"],
-        det_outputs,
-        {"input.1": {2: "height", 3: "width"}, **{f"out{i}": {0: f"n{i}"} for i in range(det_outputs)}},
-    )
+    if batched:
+        axes = {"input.1": {0: "batch", 2: "height", 3: "width"}, **{f"out{i}": {0: "batch", 1: f"n{i}"} for i in range(det_outputs)}}
+    else:
+        axes = {"input.1": {2: "height", 3: "width"}, **{f"out{i}": {0: f"n{i}"} for i in range(det_outputs)}}
+    _export(BrightWindowDetector(batched), torch.zeros(1, 3, 640, 640), folder / layout["detection"], det_outputs, axes)
     write_recognizer(folder / layout["recognition"], seed=None)
-    _export(BrightnessGenderAge(), torch.zeros(1, 3, 96, 96), folder / layout["genderage"], 1, {})
+    _export(BrightnessGenderAge(), torch.zeros(1, 3, 96, 96), folder / layout["genderage"], 1,
+            {"input.1": {0: "batch"}, "out0": {0: "batch"}} if batched else {})
     if landmarks68:
         _export(RandomEmbedder(192, 3309), torch.zeros(1, 3, 192, 192), folder / layout["landmark_3d_68"], 1, {})
     return folder

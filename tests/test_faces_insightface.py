@@ -177,3 +177,41 @@ def test_a_stage_worker_gives_onnxruntime_its_cpu_share(pack):
     wide = DetectStage(DetectStage.Settings(num_cpus=2), {"faces": {**context["faces"].model_dump(), "threads": 3}})
     wide.setup()
     assert wide.backend.recognizer.session.get_session_options().intra_op_num_threads == 3
+
+
+def test_batched_runs_give_the_one_at_a_time_results(tmp_path_factory):
+    """Detection on batches of letterboxed images, recognition and gender/age on batches of
+    aligned faces (portrait/faces/batched.py) against insightface's own one-at-a-time code."""
+    from portrait.faces import batched
+
+    folder = write_pack(tmp_path_factory.mktemp("batched") / "buffalo_l", landmarks68=False, batched=True)
+    settings = {"backend": "insightface", "model_dir": str(folder), "threads": 1}
+    one = load_backend(FaceSettings(**settings, batch_size=1))
+    many = load_backend(FaceSettings(**settings, batch_size=4))
+    assert one.batched_detector is None and many.batched_detector is not None
+    two = _square(480, 640, (64, 64, 160, 160))
+    two[256:352, 384:480] = 250
+    images = [
+        _square(300, 400, (150, 100, 250, 200)),
+        _square(1500, 2000, (750, 500, 1250, 1000)),  # shrunk to the 640 copy
+        two,
+        np.full((300, 400, 3), 10, np.uint8),  # no face: the padded retry runs as a second batch
+        _square(400, 300, (100, 150, 200, 250)),  # portrait: letterboxed on the other side
+    ]  # two batches: 4 + 1
+    found, expected = many.detect_many(images), [one.detect(img) for img in images]
+    assert [len(f) for f in found] == [len(f) for f in expected] and len(found[2]) == 2 and found[3] == []
+    for a, b in zip(sum(found, []), sum(expected, [])):
+        assert np.allclose(a.box, b.box, atol=1e-3) and np.allclose(a.landmarks5, b.landmarks5, atol=1e-3)
+        assert abs(a.score - b.score) < 1e-5
+    copies = [np.ascontiguousarray(img[:320, :320]) for img in images[:3]]
+    plain, bound = (batched.BatchedDetector(many.detector, bind=b).detect(copies, 320, 0.5) for b in (False, True))
+    assert all(np.array_equal(p[0], q[0]) for p, q in zip(plain, bound))  # the I/O binding path
+
+    items = [(img, faces[0]) for img, faces in zip(images, expected) if faces]
+    items.append((np.full_like(images[0], 5), items[0][1]))  # a dark crop: the test model says female
+    for (vector, crop), (img, face) in zip(many.embed_many(items, 128), items):
+        alone, alone_crop = one.embed(img, face, 128)
+        assert np.allclose(vector, alone, atol=1e-5) and np.array_equal(crop, alone_crop)
+    ages = many.age_gender_many(items)
+    assert ages == [one.age_gender(img, face) for img, face in items]
+    assert {gender for _, gender in ages} == {"male", "female"}

@@ -27,9 +27,9 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 
-from portrait.decode import load_rgb
 from portrait.faces.base import Face, FaceBackend
 from datakit.stage import Drop, Output, Stage, StageSettings
+from datakit.stages.face_model import decode_for_faces
 
 NAMES_PACKAGE = "gender-guesser"
 NAME_GENDERS = {"female": "female", "male": "male"}
@@ -190,7 +190,8 @@ class AttributesStage(Stage):
         ready, inputs = [], []
         for i, row in enumerate(rows.to_pylist()):
             try:
-                inputs.append((np.asarray(load_rgb(row["image_bytes"])), face_from_row(row)))
+                pixels, scale, _, _ = decode_for_faces(row["image_bytes"], self.context)
+                inputs.append((pixels, face_from_row(row).scaled(1 / scale)))
                 ready.append(i)
             except Exception as e:  # one bad row must not stop the partition
                 drops[i] = ("stage_error", f"age/gender model: {type(e).__name__}: {e}")

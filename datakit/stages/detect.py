@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
+import pyarrow as pa
 from pydantic import Field
 
-from portrait.decode import DecodeError, load_rgb
+from portrait.decode import DecodeError
 from portrait.faces import geometry, subject
-from datakit.stage import Drop, StageSettings
-from datakit.stages.face_model import FaceModelStage, floats
+from datakit.stage import Drop, Output, StageSettings, map_rows
+from datakit.stages.face_model import FaceModelStage, decode_for_faces, floats
 
 COLUMNS = (
     "face_backend",
@@ -54,13 +54,33 @@ class DetectStage(FaceModelStage):
     COLUMNS = COLUMNS
     NEEDS = ("subject_hint",)
 
-    def process_row(self, row: dict, out: dict) -> Drop | None:
-        try:
-            pixels = np.array(load_rgb(row["image_bytes"]), dtype=np.uint8)
-        except DecodeError as e:  # download decodes first; this guards work folders made otherwise
-            return e.reason, e.detail
-        height, width = pixels.shape[:2]
-        faces = self.backend.detect(pixels)
+    def process(self, rows: pa.Table) -> Output:
+        found = self._detect_in_batches(rows.column("image_bytes").to_pylist())
+        return map_rows(rows, self.adds, lambda row, out: self.record(row, out, next(found)))
+
+    def _detect_in_batches(self, blobs: list[bytes]):
+        """Per row, in order: (decoded, faces) or the DecodeError. ``faces.batch_size`` images are
+        decoded, then detected in one backend call (a batch on a batched model)."""
+        size = self.backend.batch_size
+        for start in range(0, len(blobs), size):
+            decoded = []
+            for data in blobs[start : start + size]:
+                try:  # download decodes first; this guards work folders made otherwise
+                    decoded.append(decode_for_faces(data, self.context))
+                except DecodeError as e:
+                    decoded.append(e)
+            faces = iter(self.backend.detect_many([d[0] for d in decoded if not isinstance(d, DecodeError)]))
+            for d in decoded:
+                yield d if isinstance(d, DecodeError) else (d, next(faces))
+
+    def record(self, row: dict, out: dict, found) -> Drop | None:
+        """Fill the row's columns from what ``_detect_in_batches`` found for it."""
+        if isinstance(found, DecodeError):
+            return found.reason, found.detail
+        # a large JPEG is decoded at a reduced scale (decode_for_faces); faces are recorded in
+        # the full image's pixels
+        (pixels, scale, width, height), faces = found
+        faces = [face.scaled(scale) for face in faces]
         out["face_backend"] = self.backend.name
         out["face_count"] = len(faces)
         if not faces:
@@ -84,7 +104,7 @@ class DetectStage(FaceModelStage):
         out["face_area_fraction"] = geometry.clipped_area(subject_face.box, height, width) / image_area
         out["landmarks5"] = floats(subject_face.landmarks5)
         out["landmarks68"] = None if subject_face.landmarks68 is None else floats(subject_face.landmarks68)
-        out["sharpness"] = geometry.aligned_sharpness(pixels, subject_face.landmarks5, s.sharpness_size)
+        out["sharpness"] = geometry.aligned_sharpness(pixels, subject_face.landmarks5 / scale, s.sharpness_size)
         return None
 
     @staticmethod

@@ -6,17 +6,21 @@ the L2-normalised embedding (dlib: 128-d ResNet; insightface: 512-d ArcFace) and
 aligned crop of ``crop_size`` pixels with ``crop_padding`` margin. The crop is the face refiner's
 input: it goes into the bulk column ``face_crop`` as JPEG (quality ``jpeg_quality``) and on to
 the shards, never into images.parquet.
+
+It decodes the image as the detect stage did (a large JPEG at the reduced scale that still covers
+the detection copy, ``portrait/decode.py``) and works on the face at that scale, so the detect and
+embed stages see the same pixels; a face that clears the filter's 10% rule is still well over the
+aligned crop's face size there.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import pyarrow as pa
 from pydantic import Field
 
-from datakit.stage import Drop, StageSettings
-from datakit.stages.face_model import FaceModelStage, face_from_row, floats
-from portrait.decode import load_rgb
-from portrait.faces.reader import CropSettings, embed_face
+from datakit.stage import Drop, Output, StageSettings, map_rows
+from datakit.stages.face_model import FaceModelStage, decode_for_faces, face_from_row, floats
+from portrait.faces.reader import CropSettings, embed_faces
 
 CROP = CropSettings()
 
@@ -36,14 +40,30 @@ class EmbedStage(FaceModelStage):
     NEEDS = NEEDS
     COLUMNS = COLUMNS
 
-    def process_row(self, row: dict, out: dict) -> Drop | None:
+    def process(self, rows: pa.Table) -> Output:
+        found = self._embed_in_batches(rows.to_pylist())
+        return map_rows(rows, self.adds, lambda row, out: self.record(out, next(found)))
+
+    def _embed_in_batches(self, rows: list[dict]):
+        """Per row, in order: (embedding, crop JPEG); ``faces.batch_size`` faces per backend call."""
+        s = self.settings
+        crop = CropSettings(s.crop_size, s.crop_padding, s.jpeg_quality)
+        size = self.backend.batch_size
+        for start in range(0, len(rows), size):
+            yield from embed_faces(self.backend, [self._face(row) for row in rows[start : start + size]], crop)
+
+    def _face(self, row: dict):
+        """The row's pixels (decoded as detect decoded them) and its subject's face in them."""
         if row["face_backend"] != self.backend.name:
             raise ValueError(
                 f"row {row['image_id']}: its face was detected by {row['face_backend']!r} but the "
                 f"embed stage runs {self.backend.name!r}; one build uses one face backend"
             )
-        pixels = np.array(load_rgb(row["image_bytes"]), dtype=np.uint8)
-        s = self.settings
-        vector, out["face_crop"] = embed_face(self.backend, pixels, face_from_row(row), CropSettings(s.crop_size, s.crop_padding, s.jpeg_quality))
+        pixels, scale, _, _ = decode_for_faces(row["image_bytes"], self.context)
+        return pixels, face_from_row(row).scaled(1 / scale)
+
+    def record(self, out: dict, found) -> Drop | None:
+        vector, out["face_crop"] = found
         out["embedding"] = floats(vector)
         out["embedding_model"] = self.backend.embedding_model
+        return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from portrait.decode import load_rgb_array
 from portrait.faces import FaceSettings, load_backend, model_provenance
 from portrait.faces.base import Face
 from datakit.stage import Drop, Output, Stage, map_rows
@@ -46,6 +47,15 @@ def face_from_row(row: dict) -> Face:
         landmarks5=np.asarray(row["landmarks5"], dtype=np.float64).reshape(5, 2),
         landmarks68=None if lm68 is None else np.asarray(lm68, dtype=np.float64).reshape(68, 2),
     )
+
+
+def decode_for_faces(data: bytes, context: dict) -> tuple[np.ndarray, int, int, int]:
+    """(pixels, scale, full width, full height) as every face stage decodes an image: a JPEG at
+    least twice the detection size at the reduced scale that still covers the detection copy
+    (portrait/decode.py), so detect, embed and attributes see the same pixels and a large photo
+    is never decoded in full for them. Coordinates in the manifest are the full image's: the
+    pixels' times ``scale``."""
+    return load_rgb_array(data, face_settings(context).detect_max_side)
 
 
 class FaceModelStage(Stage):

@@ -56,6 +56,9 @@ class FaceSettings(BaseModel):
     providers: list[str] | None = None
     # onnxruntime intra-op threads per worker; null = onnxruntime's default (all cores)
     threads: int | None = Field(default=None, ge=1)
+    # images (detection) or faces (recognition, gender/age) per model call; insightface batches
+    # them where its model takes batches (portrait/faces/batched.py), dlib runs one at a time
+    batch_size: int = Field(default=16, ge=1, le=1024)
 
     @model_validator(mode="after")
     def _check(self) -> FaceSettings:

@@ -56,19 +56,40 @@ def detect_on_copy(
 ) -> Detections:
     """Run ``run`` on the detection copy, retrying as the module docstring says when it finds
     nothing; boxes and points come back in the original image's pixels."""
-    scale = detection_scale(rgb.shape[0], rgb.shape[1], min_side, max_side)
-    copy = np.ascontiguousarray(resize(rgb, scale))
-    boxes, scores, points = run(copy)
-    offset = 0
-    if len(boxes) == 0 and pad > 0:
-        offset = max(1, round(pad * max(copy.shape[:2])))
-        padded = cv2.copyMakeBorder(copy, offset, offset, offset, offset, cv2.BORDER_REPLICATE)
-        boxes, scores, points = run(padded)
-        if len(boxes) == 0:
-            offset = 0
-    if len(boxes) == 0 and upsample_on_miss:
-        scale *= 2.0
-        boxes, scores, points = run(np.ascontiguousarray(resize(copy, 2.0)))
+    return detect_on_copies([rgb], lambda copies: [run(c) for c in copies], min_side, max_side, pad, upsample_on_miss)[0]
+
+
+def detect_on_copies(
+    images: list[np.ndarray],
+    run_many: Callable[[list[np.ndarray]], list[Detections]],
+    min_side: int,
+    max_side: int,
+    pad: float,
+    upsample_on_miss: bool = False,
+) -> list[Detections]:
+    """``detect_on_copy`` over many images with one call of ``run_many`` per try (a batched
+    detector runs each try as one batch); each image's result is what ``detect_on_copy`` gives."""
+    scales = [detection_scale(img.shape[0], img.shape[1], min_side, max_side) for img in images]
+    copies = [np.ascontiguousarray(resize(img, scale)) for img, scale in zip(images, scales)]
+    found = list(run_many(copies))
+    offsets = [0] * len(images)
+    misses = [i for i, (boxes, _, _) in enumerate(found) if len(boxes) == 0]
+    if misses and pad > 0:
+        borders = {i: max(1, round(pad * max(copies[i].shape[:2]))) for i in misses}
+        padded = [cv2.copyMakeBorder(copies[i], *[borders[i]] * 4, cv2.BORDER_REPLICATE) for i in misses]
+        for i, result in zip(misses, run_many(padded)):
+            found[i] = result
+            offsets[i] = borders[i] if len(result[0]) else 0
+        misses = [i for i in misses if len(found[i][0]) == 0]
+    if misses and upsample_on_miss:
+        for i, result in zip(misses, run_many([np.ascontiguousarray(resize(copies[i], 2.0)) for i in misses])):
+            found[i] = result
+            scales[i] *= 2.0
+    return [_to_original(result, offset, scale) for result, offset, scale in zip(found, offsets, scales)]
+
+
+def _to_original(found: Detections, offset: int, scale: float) -> Detections:
+    boxes, scores, points = found
     boxes = (np.asarray(boxes, dtype=np.float64).reshape(-1, 4) - offset) / scale
     if points is not None:
         points = (np.asarray(points, dtype=np.float64) - offset) / scale

@@ -14,6 +14,11 @@ that folder. ``python -c "from insightface.app import FaceAnalysis; FaceAnalysis
 does the same into ~/.insightface/models/buffalo_l. Mind the packs' licence (non-commercial
 research use).
 
+Batches (``faces.batch_size``, ``portrait/faces/batched.py``): ``detect_many`` runs the
+detector on a batch of letterboxed images, ``embed_many`` and ``age_gender_many`` run ArcFace and
+gender/age on a batch of aligned faces, one onnxruntime call each, when the model takes batches;
+``batch_size: 1`` (or a model exported for one image) runs insightface's own per-image code.
+
 Box convention: SCRFD was trained on WIDER FACE like RetinaFace and returns boxes in that
 convention; they are used as they are. ``landmarks68`` come from the optional ``1k3d68.onnx``.
 """
@@ -24,9 +29,10 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import cv2
 import numpy as np
 
-from portrait.faces import geometry
+from portrait.faces import batched, geometry
 from portrait.faces.base import Face, FaceBackend
 
 # role -> file name, per pack; roles marked optional may be absent
@@ -117,6 +123,14 @@ class InsightFaceBackend(FaceBackend):
             else:
                 model.prepare(ctx_id)
         self.timings: dict[str, float] = defaultdict(float)
+        self.batch_size = settings.batch_size
+        self.batched_detector = None
+        if self.batch_size > 1 and batched.detector_batches(self.detector):
+            self.batched_detector = batched.BatchedDetector(self.detector, bind=settings.device == "cuda")
+
+    def _batches_of(self, model) -> int:
+        """Faces per onnxruntime call for ``model``: batch_size when it takes batches, else 1."""
+        return self.batch_size if batched.batch_axis_is_free(model.session) else 1
 
     def _load(self, role: str, path: Path):
         import onnxruntime
@@ -155,14 +169,32 @@ class InsightFaceBackend(FaceBackend):
             raise ValueError(f"{self.files['detection']}: the detector gives no landmarks (a *kps model is needed)")
         return det[:, :4], det[:, 4], kps
 
+    def _run_detector_many(self, copies: list[np.ndarray]) -> list[geometry.Detections]:
+        if self.batched_detector is None:
+            return [self._run_detector(c) for c in copies]
+        size = self.detector_size()
+        found = []
+        for start in range(0, len(copies), self.batch_size):
+            found += self.batched_detector.detect(copies[start : start + self.batch_size], size, self.min_score)
+        return found
+
     def detect(self, rgb: np.ndarray) -> list[Face]:
+        return self.detect_many([rgb])[0]
+
+    def detect_many(self, images: list[np.ndarray]) -> list[list[Face]]:
         s = self.settings
         t0 = time.perf_counter()
         # No enlarged retry: SCRFD resizes its input to the detector size anyway.
-        boxes, scores, points = geometry.detect_on_copy(
-            rgb, self._run_detector, s.detect_min_side, s.detect_max_side, s.detect_pad, False
+        found = geometry.detect_on_copies(
+            images, self._run_detector_many, s.detect_min_side, s.detect_max_side, s.detect_pad, False
         )
         t1 = time.perf_counter()
+        faces = [self._faces(rgb, *detections) for rgb, detections in zip(images, found)]
+        self.timings["detect"] += t1 - t0
+        self.timings["landmarks"] += time.perf_counter() - t1
+        return faces
+
+    def _faces(self, rgb: np.ndarray, boxes, scores, points) -> list[Face]:
         faces = []
         bgr = None
         for i in range(len(boxes)):
@@ -171,8 +203,6 @@ class InsightFaceBackend(FaceBackend):
                 bgr = np.ascontiguousarray(rgb[..., ::-1]) if bgr is None else bgr
                 face.landmarks68 = self._landmarks68(bgr, face)
             faces.append(face)
-        self.timings["detect"] += t1 - t0
-        self.timings["landmarks"] += time.perf_counter() - t1
         faces.sort(key=lambda f: f.area, reverse=True)
         return faces
 
@@ -182,23 +212,55 @@ class InsightFaceBackend(FaceBackend):
 
     # embedding and attributes ----------------------------------------------------------
     def embed(self, rgb: np.ndarray, face: Face, crop_size: int = 256, crop_padding: float = 0.25):
+        return self.embed_many([(rgb, face)], crop_size, crop_padding)[0]
+
+    def embed_many(self, items: list[tuple[np.ndarray, Face]], crop_size: int = 256, crop_padding: float = 0.25):
         from insightface.utils import face_align
 
         t0 = time.perf_counter()
-        bgr = np.ascontiguousarray(rgb[..., ::-1])
         side = int(self.recognizer.input_size[0])
-        aligned = face_align.norm_crop(bgr, landmark=np.asarray(face.landmarks5, dtype=np.float32), image_size=side)
-        vector = np.asarray(self.recognizer.get_feat(aligned), dtype=np.float32).reshape(-1)
-        vector /= max(float(np.linalg.norm(vector)), 1e-12)
-        crop = geometry.similarity_crop(rgb, face.landmarks5, crop_size, crop_padding)
+        aligned = [
+            face_align.norm_crop(np.ascontiguousarray(rgb[..., ::-1]), landmark=np.asarray(face.landmarks5, dtype=np.float32), image_size=side)
+            for rgb, face in items
+        ]
+        step = self._batches_of(self.recognizer)
+        vectors = np.concatenate(
+            [np.asarray(self.recognizer.get_feat(aligned[i : i + step]), dtype=np.float32) for i in range(0, len(aligned), step)]
+        ) if aligned else np.empty((0, self.embedding_dim), np.float32)  # fmt: skip
+        vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        crops = [geometry.similarity_crop(rgb, face.landmarks5, crop_size, crop_padding) for rgb, face in items]
         self.timings["embed"] += time.perf_counter() - t0
-        return vector, crop
+        return list(zip(vectors, crops))
 
     def age_gender(self, rgb: np.ndarray, face: Face) -> tuple[float | None, str | None]:
         bgr = np.ascontiguousarray(rgb[..., ::-1])
         gender, age = self.genderage.get(bgr, _insightface_face(face))
         # insightface's convention: 1 is male, 0 female
         return float(age), ("male" if int(gender) == 1 else "female")
+
+    def age_gender_many(self, items: list[tuple[np.ndarray, Face]]) -> list[tuple[float | None, str | None]]:
+        """As ``age_gender`` (insightface's Attribute.get: the box's centre, 1.5x its longer
+        side, at the model's input size), one onnxruntime call per batch."""
+        step = self._batches_of(self.genderage)
+        if step == 1:
+            return [self.age_gender(rgb, face) for rgb, face in items]
+        from insightface.utils import face_align
+
+        model = self.genderage
+        side = model.input_size[0]
+        chips = []
+        for rgb, face in items:
+            x0, y0, x1, y1 = _insightface_face(face).bbox
+            scale = side / (max(x1 - x0, y1 - y0) * 1.5)
+            chip, _ = face_align.transform(np.ascontiguousarray(rgb[..., ::-1]), ((x0 + x1) / 2, (y0 + y1) / 2), side, scale, 0)
+            chips.append(chip)
+        results = []
+        for i in range(0, len(chips), step):
+            blob = cv2.dnn.blobFromImages(chips[i : i + step], 1.0 / model.input_std, (side, side), (model.input_mean,) * 3, swapRB=True)
+            for pred in model.session.run(model.output_names, {model.input_name: blob})[0]:
+                gender, age = int(np.argmax(pred[:2])), int(np.round(pred[2] * 100))
+                results.append((float(age), "male" if gender == 1 else "female"))
+        return results
 
 
 def _insightface_face(face: Face):

@@ -56,8 +56,15 @@ def crop_jpeg(rgb: np.ndarray, quality: int) -> bytes:
 def embed_face(backend: FaceBackend, rgb: np.ndarray, face: Face, crop: CropSettings) -> tuple[np.ndarray, bytes]:
     """(float32 embedding, aligned crop as JPEG) of a recorded face: the embed stage's step and
     the reader's."""
-    vector, pixels = backend.embed(rgb, face, crop_size=crop.size, crop_padding=crop.padding)
-    return np.asarray(vector, dtype=np.float32), crop_jpeg(pixels, crop.jpeg_quality)
+    return embed_faces(backend, [(rgb, face)], crop)[0]
+
+
+def embed_faces(backend: FaceBackend, items: list[tuple[np.ndarray, Face]], crop: CropSettings) -> list[tuple[np.ndarray, bytes]]:
+    """``embed_face`` over many faces, batched where the backend batches."""
+    return [
+        (np.asarray(vector, dtype=np.float32), crop_jpeg(pixels, crop.jpeg_quality))
+        for vector, pixels in backend.embed_many(items, crop_size=crop.size, crop_padding=crop.padding)
+    ]
 
 
 def _f32(values) -> np.ndarray:

@@ -10,7 +10,7 @@ import pyarrow as pa
 from datakit.stage import Output, Stage
 from datakit.stages.shard import ENCODE_STEP, MEMBERS
 from portrait import sample, shardio
-from portrait.decode import load_rgb
+from portrait.decode import decode_image, image_header_size
 from portrait.ids import check_key
 
 READS = (
@@ -52,6 +52,16 @@ def stored_scale(width: int, height: int, image_size: int, resize: str = "long_s
     return min(1.0, image_size / side)
 
 
+def stored_min_side(data: bytes, image_size: int, resize: str) -> int:
+    """The longer side a reduced decode must keep for the stored image (decode_image's
+    ``min_side``): image_size, or with ``short_side`` image_size times the aspect ratio. A JPEG
+    at least twice that is decoded at 1/2, 1/4 or 1/8 scale instead of in full."""
+    if resize == "long_side":
+        return image_size
+    width, height = image_header_size(data)
+    return -(-image_size * max(width, height) // max(1, min(width, height)))
+
+
 def encode_sample(row: dict, image_size: int, quality: int, resize: str = "long_side") -> dict:
     key = row["image_id"]
     out = {"key": key, "identity_id": row["identity_id"], "error": None}
@@ -61,10 +71,10 @@ def encode_sample(row: dict, image_size: int, quality: int, resize: str = "long_
             raise ValueError("no aligned face crop in the work folder")
         if not row.get("image_bytes"):
             raise ValueError("no image bytes in the work folder")
-        image = load_rgb(row["image_bytes"])
-        w, h = image.size
+        decoded = decode_image(row["image_bytes"], min_side=stored_min_side(row["image_bytes"], image_size, resize))
+        image, w, h = decoded.image, decoded.width, decoded.height
         scale = stored_scale(w, h, image_size, resize)
-        if scale < 1.0:
+        if scale < 1.0:  # from the full size, or the reduced decode's; the same stored size
             image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), resample=3)  # 3 = bicubic
         sx, sy = image.width / w, image.height / h
         box = _scaled(row.get("face_box"), sx, sy)
