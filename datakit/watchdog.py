@@ -39,9 +39,11 @@ class StallWatch:
         self.fired = False
         self._stop = threading.Event()  # set when the main thread leaves the watched block
         self._thread: threading.Thread | None = None
+        self._saved_handler = None  # SIGINT's disposition before the watch, when it had to change it
 
     def __enter__(self) -> StallWatch:
         if self.timeout:
+            self._hear_sigint()
             self._thread = threading.Thread(target=self._watch, name="datakit-stall-watch", daemon=True)
             self._thread.start()
         return self
@@ -50,6 +52,20 @@ class StallWatch:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        if self._saved_handler is not None:
+            signal.signal(signal.SIGINT, self._saved_handler)
+            self._saved_handler = None
+
+    def _hear_sigint(self) -> None:
+        """The watch stops the pipeline with SIGINT. A command started in the background by a
+        script (``datakit run ... &``, nohup) inherits SIGINT ignored, and the interrupt would be
+        lost: while watching, SIGINT raises KeyboardInterrupt whatever the process inherited."""
+        self._saved_handler = None
+        if threading.current_thread() is threading.main_thread():
+            current = signal.getsignal(signal.SIGINT)
+            if current in (signal.SIG_IGN, signal.SIG_DFL, None):
+                self._saved_handler = current
+                signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def _watch(self) -> None:
         last, since = self._count(), time.monotonic()

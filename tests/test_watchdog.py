@@ -4,6 +4,7 @@ worker is tested in test_runner.py.)"""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import textwrap
@@ -33,6 +34,27 @@ def test_no_progress_for_the_timeout_interrupts_the_main_thread():
         interrupted = sleep_until_interrupted(10)
     assert interrupted and watch.fired
     assert 0.4 < time.monotonic() - started < 5
+
+
+def test_a_process_started_with_sigint_ignored_is_still_interrupted():
+    """`datakit run ... &` from a script inherits SIGINT ignored; the watch must still stop the
+    stalled work, and the process's own disposition comes back afterwards."""
+    script = textwrap.dedent(
+        """
+        import signal, time
+        from datakit.watchdog import StallWatch
+        with StallWatch(lambda: 0, timeout=0.3, what="stage test", poll=0.1, grace=30) as watch:
+            try:
+                time.sleep(20)
+                print("not interrupted")
+            except KeyboardInterrupt:
+                print("interrupted")
+        print("ignored again" if signal.getsignal(signal.SIGINT) is signal.SIG_IGN else "changed")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # fmt: skip
+    assert proc.stdout.split() == ["interrupted", "ignored", "again"], proc.stdout + proc.stderr
 
 
 def test_moving_progress_never_interrupts():
