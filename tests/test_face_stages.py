@@ -254,7 +254,7 @@ def test_a_weak_spurious_detection_does_not_compete_with_a_clean_portrait():
 
 def test_a_photo_pasted_small_on_a_blurred_enlargement_of_itself_is_dropped():
     """The big blurred face must never be kept by borrowing the sharp inset's detail."""
-    rows = [r for r in sources(DEV) if r["image_kind"] == "web_photo"][::8]
+    rows = [r for r in sources(DEV) if r["image_kind"] == "web_photo"][::16]
     blobs, paths, scales = [], [], []
     for r in rows:
         rgb = _photo(r["file"])
