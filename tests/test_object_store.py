@@ -85,7 +85,8 @@ def builds(s3, tmp_path_factory, ray_local):
     """The same recipe built into a local folder and into s3://corpus/builds/small."""
     tmp = tmp_path_factory.mktemp("objstore")
     local = tmp / "local-out"
-    runner.run(load_recipe(write_recipe(tmp, str(local))), quiet=True)
+    # the reference build runs in process (test_demo shows both executors build the same)
+    runner.run(load_recipe(write_recipe(tmp, str(local))), quiet=True, executor="local")
     url = f"s3://{BUCKET}/builds/small"
     result = runner.run(load_recipe(write_recipe(tmp, url, s3)), quiet=True)
     return local, url, result, tmp
@@ -141,7 +142,7 @@ def test_restart_on_s3_discards_the_work_folder_and_builds_the_same_again(s3, bu
     fs = fs_of(s3)
     stray = f"{BUCKET}/builds/small/_work/download/part-09999.parquet"
     fs.pipe_file(stray, b"left by an older build")
-    again = runner.run(load_recipe(write_recipe(tmp, url, s3)), restart=True, quiet=True)
+    again = runner.run(load_recipe(write_recipe(tmp, url, s3)), restart=True, quiet=True, executor="local")
     assert not fs.exists(stray), "--restart left the old work folder behind"
     assert again.kept == result.kept
     assert read_remote(s3, "images.parquet").equals(pq.read_table(local / "images.parquet"))
