@@ -77,6 +77,12 @@ CAPTION_FALLBACKS: dict[str, str] = {
 
 LIST_F32 = pa.list_(pa.float32())
 
+
+def arrow_schema(columns: dict[str, tuple[pa.DataType, str]]) -> pa.Schema:
+    """A manifest's Arrow schema from its documented columns (name -> (type, meaning))."""
+    return pa.schema([pa.field(n, t) for n, (t, _) in columns.items()])
+
+
 # name -> (arrow type, description). Order is the column order of images.parquet.
 IMAGE_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
     "image_id": (pa.string(), "stable id: first 16 hex of sha1(source name + NUL + locator)"),
@@ -142,7 +148,7 @@ WORK_COLUMNS: dict[str, pa.DataType] = {
     "face_crop": pa.binary(),  # the aligned face crop, JPEG (embed)
 }
 
-IMAGES_SCHEMA = pa.schema([pa.field(n, t) for n, (t, _) in IMAGE_COLUMNS.items()])
+IMAGES_SCHEMA = arrow_schema(IMAGE_COLUMNS)
 
 # identities.parquet: one row per kept identity (written by the shard stage).
 IDENTITY_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
@@ -158,7 +164,7 @@ IDENTITY_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
     "age_max": (pa.float32(), "oldest estimated age"),
     "shards": (pa.list_(pa.string()), "shard files (relative to OUTPUT) holding its samples (one, by design)"),
 }
-IDENTITIES_SCHEMA = pa.schema([pa.field(n, t) for n, (t, _) in IDENTITY_COLUMNS.items()])
+IDENTITIES_SCHEMA = arrow_schema(IDENTITY_COLUMNS)
 
 # shards.parquet: one row per WebDataset tar under OUTPUT/shards/.
 SHARD_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
@@ -168,7 +174,7 @@ SHARD_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
     "samples": (pa.int64(), "samples (images) in the tar"),
     "identities": (pa.int64(), "identities in the tar (none is split across tars)"),
 }
-SHARDS_SCHEMA = pa.schema([pa.field(n, t) for n, (t, _) in SHARD_COLUMNS.items()])
+SHARDS_SCHEMA = arrow_schema(SHARD_COLUMNS)
 
 # shard_members.parquet: one row per tar member, to re-hash shards member by member.
 SHARD_MEMBER_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
@@ -178,7 +184,7 @@ SHARD_MEMBER_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
     "bytes": (pa.int64(), "size of the member's content"),
     "sha256": (pa.string(), "sha256 of the member's content"),
 }
-SHARD_MEMBERS_SCHEMA = pa.schema([pa.field(n, t) for n, (t, _) in SHARD_MEMBER_COLUMNS.items()])
+SHARD_MEMBERS_SCHEMA = arrow_schema(SHARD_MEMBER_COLUMNS)
 
 # removed.parquet: items an earlier state of the build had and its sources no longer list.
 REMOVED_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
@@ -189,7 +195,7 @@ REMOVED_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
     "reason": (pa.string(), "always removed_from_source"),
     "removed_at": (pa.string(), "UTC time of the run that noticed"),
 }
-REMOVED_SCHEMA = pa.schema([pa.field(n, t) for n, (t, _) in REMOVED_COLUMNS.items()])
+REMOVED_SCHEMA = arrow_schema(REMOVED_COLUMNS)
 
 
 def identity_row(items: list[dict]) -> dict:

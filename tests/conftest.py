@@ -26,6 +26,17 @@ def demo_dir() -> Path:
     return DEMO
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on shared cores: more threads only fight over them (modules opt in)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray for the whole session (starting one costs ~3 s and ~0.7 GB)."""

@@ -24,15 +24,7 @@ IDENTITIES = ["Colin_Powell", "George_W_Bush", "Tony_Blair"]
 TURNED = "Keanu_Reeves/Keanu_Reeves_0004.png"  # yaw about 25 degrees
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on shared cores: more threads only fight over them."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def cases(folder: Path) -> list[dict]:
