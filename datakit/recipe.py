@@ -62,7 +62,7 @@ class FolderSource(SourceBase):
     locator then starts with its root's folder name, so the roots' names must differ. With a
     ``names_file`` the folder name is the person key and the label comes from the file."""
 
-    kind: Literal["folder"]
+    kind: Literal["folder"]  # a folder tree, one subfolder per identity
     root: Path | None = None  # ROOT/<identity>/<file>; give root or roots
     roots: list[Path] = Field(default_factory=list)  # several roots of one source (locators start with each root's folder name)
     names_file: NamesFile | None = None
@@ -92,7 +92,7 @@ class FolderSource(SourceBase):
 class UrlSource(SourceBase):
     """A CSV, TSV, parquet or JSONL list of URLs, with an optional name column."""
 
-    kind: Literal["urls"]
+    kind: Literal["urls"]  # a list file of URLs, fetched by the download stage
     path: Path  # the list file
     format: Literal["csv", "tsv", "parquet", "jsonl"] | None = None  # null: from the suffix
     url_column: str = "url"  # the column holding each item's URL

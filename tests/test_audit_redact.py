@@ -262,6 +262,32 @@ def test_an_interrupted_redaction_says_it_finished_it_when_run_again(audit_outpu
     assert len(logged) == 1 and sorted(logged[0]["image_ids"]) == tiger  # logged once, with every image it took
 
 
+@pytest.mark.parametrize("killed_in", ["update_identities", "scrub_work"])
+def test_an_interrupted_redaction_that_dropped_a_small_identity_finishes_everywhere(audit_output, monkeypatch, killed_in):
+    """Killed after images.parquet: the rerun still recounts identities.parquet and carries the
+    identity_too_small drops into the work folder, so a later `datakit run` keeps them."""
+    out = audit_output.output
+    salley = sorted(i.image_id for i in audit_output.items if i.label == HOSTILE_LABEL)
+    real = getattr(redact_mod, killed_in)
+
+    def killed(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(redact_mod, killed_in, killed)
+    with pytest.raises(KeyboardInterrupt):
+        redact_mod.redact(OutputFolder(out), "asked", image_ids=[salley[0]], now=NOW)
+    monkeypatch.setattr(redact_mod, killed_in, real)
+    result = redact_mod.redact(OutputFolder(out), "asked", image_ids=[salley[0]], now=NOW + 60)
+    assert result.finished_interrupted and sorted(result.also_dropped) == salley[1:]
+    identity = images(out)[salley[0]]["identity_id"]
+    assert identity not in pq.read_table(out / "identities.parquet")["identity_id"].to_pylist()
+    rebuilt = schema.conform(WorkDir(out).read_all(STAGES, columns=[c for c in schema.IMAGE_COLUMNS if c not in ("image_bytes", "face_crop")]))
+    current = pq.read_table(out / "images.parquet")
+    for col in ("image_id", "status", "drop_stage", "reason", "detail", "redacted_at"):
+        assert rebuilt[col].to_pylist() == current[col].to_pylist(), col
+    assert verify(OutputFolder(out)).ok
+
+
 def test_an_interrupted_redaction_finishes_when_run_again(audit_output):
     out = audit_output.output
     folder = OutputFolder(out)

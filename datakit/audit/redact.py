@@ -145,12 +145,17 @@ def dominant_labels(rows: list[dict]) -> dict[str, str]:
     return {ident: c.most_common(1)[0][0] for ident, c in counts.items()}
 
 
-def plan(folder: OutputFolder, redact_ids: list[str], already: list[str], min_images: int) -> Plan:
+def plan(
+    folder: OutputFolder, redact_ids: list[str], already: list[str], min_images: int,
+    identities: frozenset[str] = frozenset(), dropped: dict[str, str] | None = None,
+) -> Plan:
+    """``identities`` and ``dropped``: what an interrupted run of this redaction already marked in
+    images.parquet (the identities it touched, the images it dropped as identity_too_small)."""
     rows = folder.read(IMAGES, columns=["image_id", "status", "identity_id", "shard", "key"]).to_pylist()
     targets = set(redact_ids)
-    p = Plan(redact=list(redact_ids), already=list(already))
+    p = Plan(redact=list(redact_ids), already=list(already), also_drop=dict(dropped or {}))
     kept = [r for r in rows if r["status"] == schema.KEPT]
-    p.identities = {r["identity_id"] for r in kept if r["image_id"] in targets and r["identity_id"]}
+    p.identities = {r["identity_id"] for r in kept if r["image_id"] in targets and r["identity_id"]} | set(identities)
     left = Counter(r["identity_id"] for r in kept if r["image_id"] not in targets and r["identity_id"] in p.identities)
     for r in kept:
         ident = r["identity_id"]
@@ -200,10 +205,11 @@ def redact(
         if interrupted is not None and not dry_run:
             stamp = interrupted["time"]  # the redaction it finishes keeps its time
         ids, already = select(folder, identities, urls, image_ids)
+        mine = []
         if interrupted is not None:  # the rows it marked already: every step again, the same result
             mine = _marked_at(folder, already, stamp)
             ids, already = ids + mine, [i for i in already if i not in set(mine)]
-        p = plan(folder, ids, already, int(folder.setting("cluster", "min_images", 5)))
+        p = plan(folder, ids, already, int(folder.setting("cluster", "min_images", 5)), *_effects_of(folder, mine))
         result = Result(
             time=stamp, reason=reason, selector=selector,
             image_ids=p.redact, also_dropped=sorted(p.also_drop), already_redacted=p.already, shards_rewritten=[],
@@ -235,6 +241,23 @@ def _marked_at(folder: OutputFolder, ids: list[str], stamp: str) -> list[str]:
     rows = folder.read(IMAGES, columns=["image_id", "redacted_at"]).to_pylist()
     at = {r["image_id"]: r["redacted_at"] for r in rows}
     return [i for i in ids if at.get(i) == stamp]
+
+
+def _effects_of(folder: OutputFolder, marked: list[str]) -> tuple[frozenset[str], dict[str, str]]:
+    """The identities of rows an interrupted run redacted, and the rows it dropped with them
+    (identity_too_small, with the detail it wrote): the work folder and identities.parquet may not
+    have them yet."""
+    if not marked:
+        return frozenset(), {}
+    cols = ["image_id", "identity_id", "drop_stage", "reason", "detail"]
+    rows = folder.read(IMAGES, columns=cols).to_pylist()
+    marked_set = set(marked)
+    touched = frozenset(r["identity_id"] for r in rows if r["image_id"] in marked_set and r["identity_id"])
+    dropped = {
+        r["image_id"]: r["detail"] for r in rows
+        if r["identity_id"] in touched and r["drop_stage"] == REDACT_STAGE and r["reason"] == "identity_too_small"
+    }  # fmt: skip
+    return touched, dropped
 
 
 def _logged(folder: OutputFolder, result: Result) -> bool:

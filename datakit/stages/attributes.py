@@ -41,9 +41,9 @@ _SEPARATORS = re.compile(r"[_\s]+")
 
 
 class AttributesSettings(StageSettings):
-    gender_from_names: bool = True
+    gender_from_names: bool = True  # a first name gender-guesser knows gives the gender when no source or model does
     accept_mostly: bool = True  # count gender-guesser's mostly_female / mostly_male
-    use_model: Literal["auto"] | bool = "auto"
+    use_model: Literal["auto"] | bool = "auto"  # the age/gender model: auto uses one when the backend has it; true requires it
 
 
 def first_name(label: str | None) -> str | None:

@@ -53,15 +53,15 @@ DECADES = {2: "twenties", 3: "thirties", 4: "forties", 5: "fifties", 6: "sixties
 
 
 class CaptionSettings(StageSettings):
-    mode: Literal["template", "vlm"] = "template"
+    mode: Literal["template", "vlm"] = "template"  # template: from the attributes, offline; vlm: a local vision-language model
     # template
     closeup_area_fraction: float = Field(default=0.3, gt=0, le=1)  # face box share for "close-up"
     # vlm
     model_path: str | None = None
-    device: Literal["cpu", "cuda", "auto"] = "auto"
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    batch_size: int = Field(default=16, ge=1)
-    max_new_tokens: int = Field(default=40, ge=1)
+    device: Literal["cpu", "cuda", "auto"] = "auto"  # vlm: auto takes cuda when torch sees a GPU
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # vlm: weights dtype (bfloat16 on a GPU)
+    batch_size: int = Field(default=16, ge=1)  # vlm: images per generate call
+    max_new_tokens: int = Field(default=40, ge=1)  # vlm: longest caption, tokens
     # the longer side an image is shrunk to before the model sees it: a chat model such as
     # Qwen2.5-VL makes image tokens in proportion to the pixels (a 4000x3000 web photo: ~15k)
     max_side: int = Field(default=1024, ge=32)

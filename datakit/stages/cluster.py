@@ -92,13 +92,13 @@ class Settings(StageSettings):
         description="embedding-model name pattern -> the looser distance at which a labelled photo "
         "stays with its own name's identity when that is its nearest (never below the linkage threshold)",
     )
-    reassign_outliers: bool = True
+    reassign_outliers: bool = True  # a labelled photo outside its name's face group joins the identity whose mean face is nearest, within the linkage threshold (false: dropped)
     review_group_ratio: float = Field(
         default=0.5, gt=0, le=1, description="flag a name whose second face group is at least this share of the first"
     )
     exact_knn_max: int = Field(default=50_000, ge=1, description="above this many unlabeled faces, use the inverted-file kNN")
-    ivf_cell_size: int = Field(default=1024, ge=16)
-    ivf_probe: int = Field(default=8, ge=1)
+    ivf_cell_size: int = Field(default=1024, ge=16)  # inverted-file kNN: faces per cell
+    ivf_probe: int = Field(default=8, ge=1)  # inverted-file kNN: nearest cells searched per face
 
 
 def threshold_for(model: str, thresholds: dict[str, float]) -> float:

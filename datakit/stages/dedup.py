@@ -56,7 +56,7 @@ READ_COLUMNS = ("source", "sha256", "width", "height", "embedding", "embedding_m
 
 class DedupSettings(StageSettings):
     near: bool = True  # false: exact duplicates only
-    phash_threshold: int = Field(default=4, ge=0, le=16)
+    phash_threshold: int = Field(default=4, ge=0, le=16)  # Hamming distance (bits of 64) for a near-duplicate candidate
     # first key found in the embedding_model name (case-insensitive) gives the threshold
     max_embedding_distance: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_MAX_EMBEDDING_DISTANCE))
 

@@ -79,13 +79,13 @@ class Settings(StageSettings):
     max_retry_after_s: float = Field(default=30.0, ge=0, description="longest Retry-After the stage waits for")
     request_concurrency: int = Field(default=64, ge=1, description="requests in flight per partition task")
     per_host_concurrency: int = Field(default=16, ge=1, description="requests in flight per host and task")
-    max_redirects: int = Field(default=5, ge=0)
+    max_redirects: int = Field(default=5, ge=0, description="redirects followed per URL, each one re-checked")
     allow_private_addresses: bool = Field(
         default=False, description="allow loopback and private networks (link-local and the rest stay refused)")
     allowed_networks: list[str] = Field(
         default_factory=list, description="CIDR blocks allowed whatever their kind, e.g. 10.1.2.0/24")
     respect_opt_out: bool = Field(default=True, description="drop items served with X-Robots-Tag noai/noimageai")
-    user_agent: str = DEFAULT_USER_AGENT
+    user_agent: str = DEFAULT_USER_AGENT  # sent with every request: name the build and a contact
     decode_threads: int = Field(default=2, ge=1, description="threads that decode and hash bodies, per task")
     full_decode: bool = Field(
         default=False, description="decode JPEGs at full scale (decode_image) instead of decode.check_image's "

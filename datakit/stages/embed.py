@@ -29,9 +29,9 @@ NEEDS = ("face_backend", "face_box", "face_score", "landmarks5", "landmarks68")
 
 
 class Settings(StageSettings):
-    crop_size: int = Field(default=CROP.size, ge=64, le=1024)
-    crop_padding: float = Field(default=CROP.padding, ge=0.0, le=1.0)
-    jpeg_quality: int = Field(default=CROP.jpeg_quality, ge=50, le=100)
+    crop_size: int = Field(default=CROP.size, ge=64, le=1024)  # side of the aligned face crop, pixels
+    crop_padding: float = Field(default=CROP.padding, ge=0.0, le=1.0)  # margin around the aligned face, a share of its side
+    jpeg_quality: int = Field(default=CROP.jpeg_quality, ge=50, le=100)  # JPEG quality of the stored face crop
 
 
 class EmbedStage(FaceModelStage):

@@ -50,8 +50,8 @@ class FaceSettings(BaseModel):
     detect_upsample_on_miss: bool = True
     # detector score threshold; null = the backend's default (dlib 0.0, insightface 0.5)
     min_score: float | None = None
-    device: Literal["cpu", "cuda"] = "cpu"
-    gpu_id: int = Field(default=0, ge=0)
+    device: Literal["cpu", "cuda"] = "cpu"  # where the ONNX models run (insightface backend; dlib is CPU only)
+    gpu_id: int = Field(default=0, ge=0)  # which GPU with device: cuda (Ray sets CUDA_VISIBLE_DEVICES per actor)
     # onnxruntime providers; null = from device (CUDA then CPU, or CPU alone)
     providers: list[str] | None = None
     # onnxruntime intra-op threads per worker; null = onnxruntime's default (all cores)

@@ -22,7 +22,7 @@ class Settings(StageSettings):
         description="long_side: the longest side is at most image_size; short_side: the shortest side is "
         "(set image_size to the training resolution so the trainer's square crops need no upsampling)",
     )
-    jpeg_quality: int = Field(default=90, ge=1, le=100)
+    jpeg_quality: int = Field(default=90, ge=1, le=100)  # JPEG quality of an image re-encoded for the shard
     max_samples: int = Field(default=1000, ge=1, description="samples per shard at most")
     max_bytes: int = Field(default=256 * 2**20, ge=RECORD, description="tar size per shard at most")
     min_shards: int = Field(default=8, ge=1, description="ranks x loader workers the shards should feed")
