@@ -286,6 +286,11 @@ def test_dlib_backend_ages_and_genders_from_the_bundled_models(faces_dir):
     capriati = np.median([r["age"] for lab, r in kept if lab == "Jennifer_Capriati"])
     powell = np.median([r["age"] for lab, r in kept if lab == "Colin_Powell"])
     assert powell - capriati >= 20  # 39 years apart in truth
+    # a face's answer does not depend on the batch around it: a rebuild reuses single rows
+    assert stage.batch_invariant
+    some = table.take(list(range(3, table.num_rows, 7)))
+    alone = decide(stage, some).to_pylist()
+    assert [(r["age"], r["gender"]) for r in alone] == [(r["age"], r["gender"]) for r in out[3::7]]
 
 
 def test_use_model_true_with_dlib_is_allowed_and_false_turns_it_off():

@@ -55,7 +55,7 @@ class Lab:
             "stages": {
                 "download": {"allow_private_addresses": True, "retries": 0},
                 "detect": {}, "filter": {"min_area_fraction": 0.10}, "embed": {},
-                "attributes": {"use_model": False}, "dedup": {}, "cluster": {"min_images": 3},
+                "attributes": {}, "dedup": {}, "cluster": {"min_images": 3},
                 "caption": {"mode": "template"}, "shard": {"image_size": 96, "max_samples": 8},
             },
         }  # fmt: skip
@@ -127,6 +127,9 @@ def test_a_changed_filter_threshold_recomputes_from_the_filter_on_and_equals_a_b
     # a stricter threshold lets no new face through: every face embed sees was embedded before
     embed = stats(lab, "threshold", "embed")
     assert sum(s["carried"] for s in embed) == sum(s["items_in"] for s in embed) > 0
+    # nor does the age/gender model see a face again, though its batches are now smaller
+    attributes = stats(lab, "threshold", "attributes")
+    assert sum(s["carried"] for s in attributes) == sum(s["items_in"] for s in attributes) > 0
     same_build(lab, "threshold-scratch", "threshold")
 
 

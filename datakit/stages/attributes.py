@@ -108,7 +108,7 @@ class AttributesStage(Stage):
     name = "attributes"
     kind = "partition"
     uses_model = True  # the face backend's age/gender model, when configured
-    batch_invariant = False  # the model runs on batches
+    batch_invariant = False  # the model runs on batches (see __init__)
     Settings = AttributesSettings
     adds = ("age", "age_source", "gender", "gender_source")
 
@@ -120,6 +120,11 @@ class AttributesStage(Stage):
         self.reads = ("label", "gender", "gender_source", "face_box", "face_score", "landmarks5") + (
             ("image_bytes",) if wants_model else ()
         )
+        # The dlib backend's age/gender model runs on the CPU with graph optimisation off, and a
+        # face's answer does not depend on the faces batched with it (tests/test_attributes.py),
+        # so a rebuild may reuse single rows; a GPU model may answer a face differently per batch.
+        backend = getattr(context.get("faces"), "backend", None)
+        self.batch_invariant = not wants_model or backend == "dlib"
 
     @classmethod
     def provenance(cls, settings, context) -> dict:

@@ -221,7 +221,7 @@ class CaptionStage(Stage):
     name = "caption"
     kind = "partition"
     uses_model = True  # the vlm mode's model; the template mode is cheap either way
-    batch_invariant = False  # the model runs on batches
+    batch_invariant = False  # the vlm mode's model runs on batches (see __init__)
     Settings = CaptionSettings
 
     adds = ("caption", "caption_source", "caption_detail")
@@ -233,6 +233,7 @@ class CaptionStage(Stage):
         template = ("gender", "age", "face_area_fraction")
         # vlm: the label to catch a caption naming the person, the template's columns to fall back
         self.reads = template if settings.mode == "template" else ("image_bytes", "label", *template)
+        self.batch_invariant = settings.mode == TEMPLATE  # a template caption is written row by row
 
     @classmethod
     def provenance(cls, settings, context) -> dict:

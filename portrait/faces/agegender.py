@@ -110,7 +110,9 @@ class AgeGenderModel:
         """(age in years, "female" | "male", probability of that gender) per face, batched."""
         if not age_chips:
             return []
-        ages = self.nets["age"].run(age_chips).astype(np.float32) @ self.age_weights
+        # the expected age face by face: a matrix-vector product over the batch rounds a face's age
+        # differently with the batch around it, and a rebuild reuses ages computed in other batches
+        ages = [np.dot(p, self.age_weights) for p in self.nets["age"].run(age_chips).astype(np.float32)]
         genders = self.nets["gender"].run(gender_chips)
         best = genders.argmax(axis=1)
         return [
