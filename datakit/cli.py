@@ -3,7 +3,7 @@
 Also ``python -m datakit``. Exit codes: 0 done, 1 the build failed (a bug: its traceback, with a
 line saying so), 2 a user mistake (recipe, list, argument or output folder: one or two plain
 lines), 75 the build stalled (no partition finished within ``ray.stall_timeout``): run it again
-to resume.
+to resume; 130 Ctrl-C and 143 SIGTERM: stopped cleanly, run it again to resume.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from rich.table import Table
 
 from datakit import registry
 from datakit.store import location
+from portrait.stopping import EXIT_TERMINATED, Terminated, stop_on_sigterm
 
 console = Console(soft_wrap=True)  # long paths stay whole, for people and for grep
 
@@ -29,10 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    stop_on_sigterm()
     try:
         code = args.func(args)
         sys.stdout.flush()  # a reader that went away shows here, in the handler below, not at exit
         return code
+    except Terminated:
+        console.print("[red]stopped[/red] (SIGTERM): run the same command again to resume")
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         console.print("[red]interrupted[/red]: run the same command again to resume")
         return 130

@@ -237,8 +237,21 @@ def cli_run(recipe: Path, output: Path, *args: str, **popen) -> subprocess.Popen
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
 
 
+def wait_for_parts(work: WorkDir, stage: str, at_least: int, seconds: float = 120) -> int:
+    deadline = time.time() + seconds
+    done = 0
+    while time.time() < deadline:
+        done = len(list(work.stage_dir(stage).glob("part-*.parquet"))) if work.stage_dir(stage).exists() else 0
+        if done >= at_least:
+            break
+        time.sleep(0.05)
+    return done
+
+
 @pytest.mark.timeout(400)
-def test_sigkill_mid_download_then_rerun_gives_the_clean_manifest(tmp_path):
+def test_sigterm_then_sigkill_mid_download_then_rerun_gives_the_clean_manifest(tmp_path):
+    """A scheduler's stop (SIGTERM) ends the run cleanly with exit 143 and a line saying how to go
+    on; a kill -9 of the run that resumed it loses nothing either."""
     from devtools.photoserver import PhotoServer
 
     with PhotoServer(PHOTOS) as server:
@@ -260,18 +273,22 @@ def test_sigkill_mid_download_then_rerun_gives_the_clean_manifest(tmp_path):
         assert clean.wait(timeout=300) == 0, clean.stdout.read().decode()
 
         killed_out = tmp_path / "killed"
-        victim = cli_run(recipe, killed_out)
         work = WorkDir(killed_out)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            done = len(list(work.stage_dir("download").glob("part-*.parquet"))) if work.stage_dir("download").exists() else 0
-            if done >= 4:
-                break
-            time.sleep(0.05)
+        stopped = cli_run(recipe, killed_out)
+        wait_for_parts(work, "download", 4)
+        os.kill(stopped.pid, signal.SIGTERM)
+        said = stopped.communicate(timeout=60)[0].decode()
+        assert stopped.returncode == 143 and "stopped (SIGTERM): run the same command again" in said, said
+        assert "Traceback" not in said, said
+        first = len(list(work.stage_dir("download").glob("part-*.parquet")))
+        assert 4 <= first < 30 and not work.is_done("download")
+
+        victim = cli_run(recipe, killed_out)
+        wait_for_parts(work, "download", first + 4)
         os.kill(victim.pid, signal.SIGKILL)
         victim.wait(timeout=30)
         done = len(list(work.stage_dir("download").glob("part-*.parquet")))
-        assert 4 <= done < 30, f"the kill should land mid-stage ({done} of 30 partitions done)"
+        assert first < done < 30, f"the kill should land mid-stage ({done} of 30 partitions done)"
         assert not work.is_done("download") and not (killed_out / "images.parquet").exists()
 
         again = cli_run(recipe, killed_out)

@@ -348,3 +348,38 @@ def test_a_step_folder_moved_out_of_its_run_and_shards_that_are_not_tars_are_nam
     assert run(lambda: main([*RUN, "--shards", str(shards), "--output", str(tmp_path / "out")])) == 2
     err = capsys.readouterr().err
     assert "no readable sample in 2 shard(s)" in err and "Traceback" not in err, err
+
+
+def test_sigterm_stops_training_cleanly_and_resume_latest_finishes_the_same_run(full_run, shards, tmp_path, capsys):
+    """A scheduler's stop (SIGTERM) mid-run: exit 143 with one line saying how to go on, every
+    checkpoint whole; `--resume latest` then ends where the uninterrupted run ended."""
+    import signal
+    import threading
+    import time
+
+    from trainer.usage import run
+
+    out, _ = full_run
+    metrics = tmp_path / "metrics.jsonl"
+
+    def stop_after_the_first_step():
+        deadline = time.time() + 120
+        while time.time() < deadline and not (metrics.exists() and '"loss"' in metrics.read_text()):
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    stopper = threading.Thread(target=stop_after_the_first_step)
+    stopper.start()
+    try:
+        code = run(lambda: main([*RUN, "--shards", str(shards), "--output", str(tmp_path)]))
+    finally:
+        stopper.join()
+        signal.signal(signal.SIGTERM, previous)
+    err = capsys.readouterr().err
+    assert code == 143 and "stopped (SIGTERM)" in err and "--resume latest" in err and "Traceback" not in err, err
+    logged = [s for s, _, _ in losses(tmp_path)]
+    assert logged and logged[-1] < 7, logged  # stopped mid-run
+    assert not list(tmp_path.glob("checkpoints/.tmp-*"))
+    main([*RUN, "--shards", str(shards), "--output", str(tmp_path), "--resume", "latest"])
+    assert losses(tmp_path) == losses(out)

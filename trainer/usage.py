@@ -12,6 +12,8 @@ import argparse
 import sys
 import traceback
 
+from portrait.stopping import EXIT_TERMINATED, Terminated, stop_on_sigterm
+
 EXIT_USAGE = 2
 
 # What reading a user's files raises: missing or unreadable files (OSError: diffusers and
@@ -71,11 +73,15 @@ def quiet_libraries() -> None:
 
 def run(main) -> int:
     """Run a command's ``main()`` as a program: the exit code of a mistake or of a bug."""
+    stop_on_sigterm()
     try:
         main()
     except UsageError as exn:
         print(f"error: {exn}", file=sys.stderr)
         return EXIT_USAGE
+    except Terminated:
+        print("stopped (SIGTERM); a training run continues from its last checkpoint with --resume latest", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -23,6 +23,7 @@ from datakit.engine import steps as run_steps
 from datakit.engine.plan import Step
 from datakit.stage import Stage
 from datakit.store import Location, WorkDir
+from portrait.stopping import stop_on_sigterm
 
 
 class RayExecutor:
@@ -59,6 +60,7 @@ class RayExecutor:
             ray.init(address=address, **kwargs)
         else:
             ray.init(num_cpus=num_cpus, **kwargs)
+        stop_on_sigterm()  # ray.init made SIGTERM a silent sys.exit(15)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = self.verbose
         ctx.enable_operator_progress_bars = self.verbose
