@@ -76,7 +76,7 @@ def build_inputs(root: Path, step: int, seed: int) -> tuple[list[str], list[str]
 
 
 def run_project(root: Path, out: Path) -> tuple[dict, float]:
-    from datakit import runner
+    from datakit.engine import build
     from datakit.recipe import validate_recipe
 
     import pyarrow.parquet as pq
@@ -96,7 +96,7 @@ def run_project(root: Path, out: Path) -> tuple[dict, float]:
         },
     }
     t = time.perf_counter()
-    runner.run(validate_recipe(raw, REPO / "pipelines" / "bench-quality.yaml"), quiet=True)
+    build.run(validate_recipe(raw, REPO / "pipelines" / "bench-quality.yaml"), quiet=True)
     wall = time.perf_counter() - t
     rows = pq.read_table(out / "images.parquet", columns=["locator", "identity_id", "status"]).to_pylist()
     return {r["locator"]: (r["identity_id"] if r["status"] == "kept" else None) for r in rows}, wall
