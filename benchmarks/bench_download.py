@@ -11,7 +11,8 @@ way, from process start to the last image written (and, apart, to process exit):
 
 * datakit: ``datakit run`` on a generated recipe with only the download stage, ``full_decode``
   on (every image decoded at full scale, as img2dataset does), 2 partitions in parallel (64
-  requests in flight per partition, 16 per host). Every body is hashed (sha256); each partition
+  requests in flight per partition, 16 per host; ``--partition-size`` cuts the list finer, the
+  same 2 at a time). Every body is hashed (sha256); each partition
   is written, image bytes included, as parquet. Last image written: the newest download
   partition file. Its start-up is broken down from the files it leaves: items enumerated (the
   items file), first partition written, last partition written, manifests and exit.
@@ -240,7 +241,7 @@ def run_img2dataset(python: Path, urls, out_dir: Path, processes: int, threads: 
 # ---------------------------------------------------------------- datakit run (end to end)
 
 
-def run_datakit_cli(urls, out_dir: Path, tasks: int, settings: dict) -> dict:
+def run_datakit_cli(urls, out_dir: Path, tasks: int, settings: dict, partition_size: int | None = None) -> dict:
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
@@ -252,7 +253,7 @@ def run_datakit_cli(urls, out_dir: Path, tasks: int, settings: dict) -> dict:
         "name": "bench-download",
         "output": str(build),
         "sources": [{"name": "bench", "kind": "urls", "path": str(csv), "url_column": "url"}],
-        "ray": {"num_cpus": 2, "partition_size": math.ceil(len(urls) / tasks)},
+        "ray": {"num_cpus": 2, "partition_size": partition_size or math.ceil(len(urls) / tasks)},
         "stages": {"download": stage},
     }
     recipe_path = out_dir / "recipe.yaml"
@@ -307,6 +308,7 @@ def main(argv=None) -> int:
     parser.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS, help="folder of photos to serve")
     parser.add_argument("--out", type=Path, default=REPO / "bench-out" / "download")
     parser.add_argument("--tasks", type=int, default=2, help="datakit: parallel partitions")
+    parser.add_argument("--partition-size", type=int, default=None, help="datakit: items per partition (default: URLs / tasks)")
     parser.add_argument("--processes", type=int, default=2, help="img2dataset: processes")
     parser.add_argument("--threads", type=int, default=32, help="img2dataset: threads per process")
     parser.add_argument("--per-host", type=int, default=16, help="datakit: per_host_concurrency")
@@ -334,7 +336,7 @@ def main(argv=None) -> int:
         for n in sizes:
             urls = make_urls(server, photos, n)
             for r in range(args.rounds):
-                dk = run_datakit_cli(urls, args.out / f"datakit-run-{n}-{r}", args.tasks, settings)
+                dk = run_datakit_cli(urls, args.out / f"datakit-run-{n}-{r}", args.tasks, settings, args.partition_size)
                 rows.append(("datakit run", n, r, dk))
                 print(f"{n} URLs, round {r}: datakit run  {dk['ok']}/{n}, last image at {dk['seconds']:.1f} s, exit "
                       f"{dk['exit_s']:.1f} s, load {dk['load'][0]:.1f}->{dk['load'][1]:.1f}", flush=True)
