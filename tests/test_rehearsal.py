@@ -21,7 +21,8 @@ from devtools.rehearsal.servers import ALL_STAGES
 
 @pytest.mark.timeout(900)
 def test_faults_on_a_two_node_cluster_leave_the_build_unchanged(tmp_path):
-    result = rehearse(tmp_path, items=96, stages=ALL_STAGES, partition_size=12, label="ci")
+    # the clean build's slowest partition takes seconds: a 30 s stall timeout is only the lost node's
+    result = rehearse(tmp_path, items=96, stages=ALL_STAGES, partition_size=12, label="ci", stall_timeout=30)
 
     compare = result["compare"]
     assert compare["problems"] == [], "\n".join(compare["problems"])

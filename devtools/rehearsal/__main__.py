@@ -13,7 +13,8 @@ two local HTTP server processes, and runs ``datakit run --address`` against that
    writes through ``devtools.flakyfs``, a file system that fails one write on demand): the
    engine retries the write, and
    a run that fails anyway is started again. A stage that makes no progress for the recipe's
-   ``ray.stall_timeout`` (60 s here; Ray Data can wait forever on an actor of a lost node)
+   ``ray.stall_timeout`` (60 s here, 30 s in the test's small build; Ray Data can wait forever
+   on an actor of a lost node)
    is restarted by datakit's own watchdog (``datakit.watchdog``); the rehearsal kills a
    driver that makes no progress for ``stall_s`` (300 s) only as a backstop;
 3. the two builds are compared: every manifest (``*.parquet`` of the output folder) has the
@@ -56,8 +57,10 @@ from devtools.rehearsal.costs import paper_model_costs, projection, stage_costs
 
 
 def rehearse(root: Path, items: int, stages: list[str], partition_size: int, faults: bool = True,
-             outage_s: float = 2.0, label: str = "") -> dict:
-    """Clean build (+ memory) and, with ``faults``, a faulty build compared with it."""
+             outage_s: float = 2.0, label: str = "", stall_timeout: float = 60) -> dict:
+    """Clean build (+ memory) and, with ``faults``, a faulty build compared with it.
+    ``stall_timeout``: the recipe's ``ray.stall_timeout``; a small build's partitions finish in
+    seconds, so its test waits less for the stage that lost its node."""
     root.mkdir(parents=True, exist_ok=True)
     fail_flag = root / "fail-next-write"
     servers = [FixedPortServer(f) for f in photo_folders()]
@@ -65,7 +68,8 @@ def rehearse(root: Path, items: int, stages: list[str], partition_size: int, fau
     try:
         for s in servers:
             s.start()
-        recipe = write_recipe(root / "recipe", servers, items, stages, partition_size, fail_flag=fail_flag)
+        recipe = write_recipe(root / "recipe", servers, items, stages, partition_size, fail_flag=fail_flag,
+                              stall_timeout=stall_timeout)
         with ray_cluster() as cluster:
             print(f"[{label}] {items} items, stages {','.join(stages)}, cluster {cluster.address}", flush=True)
             clean = run_clean(recipe, root / "clean", cluster, root / "clean.log")

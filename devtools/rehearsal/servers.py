@@ -93,7 +93,8 @@ def write_url_list(path: Path, folder: Path, n: int, fault_every: int, start: in
 
 
 def write_recipe(folder: Path, servers: list[FixedPortServer], items: int, stages: list[str],
-                 partition_size: int, fault_every: int = 100, fail_flag: Path | None = None) -> Path:
+                 partition_size: int, fault_every: int = 100, fail_flag: Path | None = None,
+                 stall_timeout: float = 60) -> Path:
     import yaml
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -120,7 +121,7 @@ def write_recipe(folder: Path, servers: list[FixedPortServer], items: int, stage
         "name": "rehearsal",
         "output": "out",
         "sources": sources,
-        "ray": {"partition_size": partition_size, "stall_timeout": 60},
+        "ray": {"partition_size": partition_size, "stall_timeout": stall_timeout},
         "stages": {name: settings[name] for name in stages},
     }
     if fail_flag is not None:  # read by devtools.flakyfs when the output is a flaky:// URL
