@@ -20,8 +20,9 @@ says which, ``width``/``height`` stay the image's full size. A 3000x2000 photo t
 instead of ~50 ms to decode for detection (``make bench-faces`` prints the figures). Images
 under twice ``N`` (every demo photo that is kept) and other formats decode in full as before,
 so their results do not change. The checks are the same: every byte is still entropy-decoded.
-Not yet aligned: the trainer's inference (``portrait.faces.reader.load_photo``) decodes in full,
-so a photo at least twice the detection size reads slightly differently there than in the build.
+The trainer's inference decodes a photo for its face the same way (``FaceReader.load_photo``,
+through ``trainer.infer.open_photo``), so a large photo's face reads there as in the build. Not
+yet aligned: ``trainer.evaluate`` decodes its reference and driving photos in full.
 
 Both are thread-safe: they change no global state (no warnings filters), so the download stage
 decodes in several threads at once.

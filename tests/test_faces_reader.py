@@ -33,19 +33,37 @@ def f32(values) -> list[float]:
     return np.asarray(values, dtype=np.float32).reshape(-1).tolist()
 
 
+def web_size_copy(path, folder) -> object:
+    """The photo enlarged to 2,600 px on its longer side, as the web serves it: the build and
+    inference decode it at a reduced scale."""
+    from PIL import Image
+
+    image = Image.open(path).convert("RGB")
+    factor = 2600 / max(image.size)
+    large = folder / f"large-{path.name}"
+    image.resize((round(image.width * factor), round(image.height * factor)), Image.LANCZOS).save(large, quality=92)
+    return large
+
+
 def assert_inference_equals_manifest(paths, rows, reader) -> int:
-    """Every photo: no face on both sides, or the same face to the byte. Returns faces compared."""
+    """Every photo: no face on both sides, or the same face to the byte. Returns faces compared.
+    The manifest holds the full image's coordinates; inference reads the face in the pixels the
+    face stages saw, so its coordinates times that decode's scale (a power of two) are the same."""
+    from PIL import Image
+
     compared = 0
     for path, row in zip(paths, rows):
+        photo = open_photo(str(path), reader)
         if row["status"] != "kept":
-            assert row["reason"] == "no_face" and reader.read(open_photo(str(path))) is None, path
+            assert row["reason"] == "no_face" and reader.read(photo) is None, path
             continue
-        (face,) = analyse_photos([open_photo(str(path))], reader, names=[str(path)])
-        assert f32(face.box) == f32(row["face_box"]), path
-        assert f32(face.landmarks5) == f32(row["landmarks5"]), path
+        scale = Image.open(path).size[0] / photo.shape[1]
+        (face,) = analyse_photos([photo], reader, names=[str(path)])
+        assert f32(np.asarray(face.box) * scale) == f32(row["face_box"]), path
+        assert f32(face.landmarks5 * scale) == f32(row["landmarks5"]), path
         assert (face.landmarks68 is None) == (row["landmarks68"] is None)
         if face.landmarks68 is not None:
-            assert f32(face.landmarks68) == f32(row["landmarks68"]), path
+            assert f32(face.landmarks68 * scale) == f32(row["landmarks68"]), path
         assert face.crop == row["face_crop"], path  # the JPEG bytes the shards hold as K.face.jpg
         assert f32(face.embedding) == f32(row["embedding"]), path
         assert face.embedding_model == row["embedding_model"]
@@ -55,6 +73,7 @@ def assert_inference_equals_manifest(paths, rows, reader) -> int:
 
 def test_dlib_inference_faces_equal_the_manifest(tmp_path):
     paths = fixture_photos(6)
+    paths.append(web_size_copy(paths[1], tmp_path))  # decoded at 1/2 scale by the build and by inference
     crop = {"crop_size": 192, "crop_padding": 0.3, "jpeg_quality": 90}  # not the defaults: they must travel
     rows = manifest_rows(paths, {"backend": "dlib"}, {"embed": crop})
     # the settings as inference gets them: a recipe-shaped file (what build.json records) ...
@@ -62,13 +81,14 @@ def test_dlib_inference_faces_equal_the_manifest(tmp_path):
     config.write_text(yaml.safe_dump({"faces": {"backend": "dlib"}, "stages": {"embed": crop}}))
     reader = FaceReader.from_config(config)
     assert reader.crop == CropSettings(192, 0.3, 90)
+    assert rows[-1]["status"] == "kept" and max(open_photo(str(paths[-1]), reader).shape) <= 1300  # reduced
     assert assert_inference_equals_manifest(paths, rows, reader) >= 5
     # ... and the record a training run keeps (faces.json) gives the same reader
     again = FaceReader.from_record(record(*read_config(config)))
     assert again.crop == reader.crop and again.settings == reader.settings
     # default crop settings would not match: the comparison above can fail
     kept = next(i for i, r in enumerate(rows) if r["status"] == "kept")
-    (default,) = analyse_photos([open_photo(str(paths[kept]))], FaceReader({"backend": "dlib"}))
+    (default,) = analyse_photos([open_photo(str(paths[kept]), reader)], FaceReader({"backend": "dlib"}))
     assert default.crop != rows[kept]["face_crop"]
 
 

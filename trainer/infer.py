@@ -57,10 +57,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def open_photo(path: str) -> np.ndarray:
-    """The photo's pixels, decoded as the build decodes images (portrait.decode)."""
+def open_photo(path: str, reader: FaceReader | None = None) -> np.ndarray:
+    """The photo's pixels, decoded as the build decodes images (portrait.decode); with the face
+    ``reader``, as the build's face stages decode them (a large JPEG at a reduced scale)."""
     try:
-        return load_photo(Path(path).read_bytes())
+        data = Path(path).read_bytes()
+        return reader.load_photo(data) if reader is not None else load_photo(data)
     except OSError as exn:
         raise UsageError(f"{path}: cannot read the file ({exn.strerror or exn})") from None
     except DecodeError as exn:
@@ -113,7 +115,7 @@ def main(argv=None) -> Path:
         raise UsageError(f"--size {size}: this model makes images whose side is a multiple of {pipe.size_multiple}")
 
     try:
-        references = analyse_photos([open_photo(p) for p in args.reference], faces, names=args.reference)
+        references = analyse_photos([open_photo(p, faces) for p in args.reference], faces, names=args.reference)
     except ValueError as exn:
         raise UsageError(str(exn)) from None
     if args.reference_embeddings:
@@ -132,7 +134,7 @@ def main(argv=None) -> Path:
             raise UsageError(f"{args.landmarks}: landmarks must be 68x2 or 5x2, got {landmarks.shape}")
     elif args.driving:
         try:
-            landmarks = driving_landmarks(open_photo(args.driving), references, size, pipe.landmark_points, faces)
+            landmarks = driving_landmarks(open_photo(args.driving, faces), references, size, pipe.landmark_points, faces)
         except ValueError as exn:
             raise UsageError(f"{args.driving}: {exn}") from None
     else:

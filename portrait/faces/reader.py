@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from portrait.decode import DEFAULT_MAX_PIXELS, load_rgb
+from portrait.decode import DEFAULT_MAX_PIXELS, load_rgb, load_rgb_array
 from portrait.faces import FaceSettings, load_backend
 from portrait.faces.base import Face, FaceBackend
 from portrait.faces.geometry import subject_first
@@ -153,6 +153,13 @@ class FaceReader:
 
     # -------------------------------------------------------------- reading
 
+    def load_photo(self, data: bytes) -> np.ndarray:
+        """The pixels the build's face stages look at for these bytes: a JPEG at least twice
+        ``detect_max_side`` is decoded at a reduced scale (1/2, 1/4, 1/8), others in full. Faces
+        read from them are in their frame; the manifest's coordinates are those times the scale,
+        a power of two, so box, landmarks, crop and embedding come out as the build's."""
+        return load_photo(data, min_side=self.settings.detect_max_side)
+
     def faces(self, rgb: np.ndarray) -> list[Face]:
         """Every face, the subject first (the detect stage's order)."""
         return subject_first(self.backend.detect(rgb), rgb.shape[0], rgb.shape[1], self.backend.name, self.subject)
@@ -176,9 +183,12 @@ class FaceReader:
         )
 
 
-def load_photo(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """A photo's bytes as the build decodes them (``portrait.decode``): HxWx3 uint8 RGB."""
-    return np.array(load_rgb(data, max_pixels), dtype=np.uint8)
+def load_photo(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None) -> np.ndarray:
+    """A photo's bytes as the build decodes them (``portrait.decode``): HxWx3 uint8 RGB; with
+    ``min_side`` a large JPEG at the reduced scale that still covers it, as the face stages do."""
+    if min_side is None:
+        return np.array(load_rgb(data, max_pixels), dtype=np.uint8)
+    return load_rgb_array(data, min_side, max_pixels)[0]
 
 
 # ------------------------------------------------------------------ finding the settings
