@@ -255,7 +255,8 @@ def _effects_of(folder: OutputFolder, marked: list[str]) -> tuple[frozenset[str]
     touched = frozenset(r["identity_id"] for r in rows if r["image_id"] in marked_set and r["identity_id"])
     dropped = {
         r["image_id"]: r["detail"] for r in rows
-        if r["identity_id"] in touched and r["drop_stage"] == REDACT_STAGE and r["reason"] == "identity_too_small"
+        if r["identity_id"] in touched and r["image_id"] not in marked_set
+        and r["drop_stage"] == REDACT_STAGE and r["reason"] == "identity_too_small"
     }  # fmt: skip
     return touched, dropped
 
