@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from portrait.decode import DecodeError
-from portrait.faces.reader import FaceReader, load_photo
+from portrait.faces.reader import FaceReader
 from portrait.landmarks import render_landmarks
 from trainer.usage import FILE_ERRORS, Parser, UsageError, first_line, positive_int, quiet_libraries, run
 
@@ -57,12 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def open_photo(path: str, reader: FaceReader | None = None) -> np.ndarray:
-    """The photo's pixels, decoded as the build decodes images (portrait.decode); with the face
-    ``reader``, as the build's face stages decode them (a large JPEG at a reduced scale)."""
+def open_photo(path: str, reader: FaceReader) -> np.ndarray:
+    """The photo's pixels as the build's face stages decode them (``FaceReader.load_photo``)."""
     try:
-        data = Path(path).read_bytes()
-        return reader.load_photo(data) if reader is not None else load_photo(data)
+        return reader.load_photo(Path(path).read_bytes())
     except OSError as exn:
         raise UsageError(f"{path}: cannot read the file ({exn.strerror or exn})") from None
     except DecodeError as exn:

@@ -205,11 +205,11 @@ def redact(
         if interrupted is not None and not dry_run:
             stamp = interrupted["time"]  # the redaction it finishes keeps its time
         ids, already = select(folder, identities, urls, image_ids)
-        mine = []
+        touched, dropped = frozenset(), {}
         if interrupted is not None:  # the rows it marked already: every step again, the same result
-            mine = _marked_at(folder, already, stamp)
+            mine, touched, dropped = _marked_by(folder, already, stamp)
             ids, already = ids + mine, [i for i in already if i not in set(mine)]
-        p = plan(folder, ids, already, int(folder.setting("cluster", "min_images", 5)), *_effects_of(folder, mine))
+        p = plan(folder, ids, already, int(folder.setting("cluster", "min_images", 5)), touched, dropped)
         result = Result(
             time=stamp, reason=reason, selector=selector,
             image_ids=p.redact, also_dropped=sorted(p.also_drop), already_redacted=p.already, shards_rewritten=[],
@@ -237,28 +237,23 @@ def redact(
     return result
 
 
-def _marked_at(folder: OutputFolder, ids: list[str], stamp: str) -> list[str]:
-    rows = folder.read(IMAGES, columns=["image_id", "redacted_at"]).to_pylist()
-    at = {r["image_id"]: r["redacted_at"] for r in rows}
-    return [i for i in ids if at.get(i) == stamp]
-
-
-def _effects_of(folder: OutputFolder, marked: list[str]) -> tuple[frozenset[str], dict[str, str]]:
-    """The identities of rows an interrupted run redacted, and the rows it dropped with them
-    (identity_too_small, with the detail it wrote): the work folder and identities.parquet may not
-    have them yet."""
-    if not marked:
-        return frozenset(), {}
-    cols = ["image_id", "identity_id", "drop_stage", "reason", "detail"]
+def _marked_by(folder: OutputFolder, ids: list[str], stamp: str) -> tuple[list[str], frozenset[str], dict[str, str]]:
+    """What an interrupted run of the redaction stamped ``stamp`` wrote into images.parquet: the
+    rows of ``ids`` it redacted, their identities, and the rows it dropped with them
+    (identity_too_small, with the detail it wrote); identities.parquet and the work folder may
+    not have them yet."""
+    cols = ["image_id", "identity_id", "redacted_at", "drop_stage", "reason", "detail"]
     rows = folder.read(IMAGES, columns=cols).to_pylist()
-    marked_set = set(marked)
-    touched = frozenset(r["identity_id"] for r in rows if r["image_id"] in marked_set and r["identity_id"])
+    at = {r["image_id"]: r["redacted_at"] for r in rows}
+    mine = [i for i in ids if at.get(i) == stamp]
+    marked = set(mine)
+    touched = frozenset(r["identity_id"] for r in rows if r["image_id"] in marked and r["identity_id"])
     dropped = {
         r["image_id"]: r["detail"] for r in rows
-        if r["identity_id"] in touched and r["image_id"] not in marked_set
+        if r["identity_id"] in touched and r["image_id"] not in marked
         and r["drop_stage"] == REDACT_STAGE and r["reason"] == "identity_too_small"
     }  # fmt: skip
-    return touched, dropped
+    return mine, touched, dropped
 
 
 def _logged(folder: OutputFolder, result: Result) -> bool:

@@ -158,7 +158,7 @@ class FaceReader:
         ``detect_max_side`` is decoded at a reduced scale (1/2, 1/4, 1/8), others in full. Faces
         read from them are in their frame; the manifest's coordinates are those times the scale,
         a power of two, so box, landmarks, crop and embedding come out as the build's."""
-        return load_photo(data, min_side=self.settings.detect_max_side)
+        return load_rgb_array(data, self.settings.detect_max_side)[0]
 
     def faces(self, rgb: np.ndarray) -> list[Face]:
         """Every face, the subject first (the detect stage's order)."""
@@ -183,12 +183,9 @@ class FaceReader:
         )
 
 
-def load_photo(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None) -> np.ndarray:
-    """A photo's bytes as the build decodes them (``portrait.decode``): HxWx3 uint8 RGB; with
-    ``min_side`` a large JPEG at the reduced scale that still covers it, as the face stages do."""
-    if min_side is None:
-        return np.array(load_rgb(data, max_pixels), dtype=np.uint8)
-    return load_rgb_array(data, min_side, max_pixels)[0]
+def load_photo(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A photo's bytes as the build decodes them (``portrait.decode``): HxWx3 uint8 RGB."""
+    return np.array(load_rgb(data, max_pixels), dtype=np.uint8)
 
 
 # ------------------------------------------------------------------ finding the settings
