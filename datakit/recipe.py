@@ -124,6 +124,9 @@ class RaySettings(_Strict):
     address: str | None = None  # null: RAY_ADDRESS if set, else a local Ray
     num_cpus: int | None = Field(default=None, ge=1)  # local Ray only
     partition_size: int = Field(default=256, ge=1)  # items per partition (the unit of resume)
+    # Consecutive partition stages without num_gpus or concurrency of their own share one actor
+    # pool, each actor running a partition through all of them; false: a pool per stage.
+    fuse_steps: bool = True
     # When no partition of a running stage finishes for this long, the run restarts that stage's
     # pending partitions (a hung worker or a wedged Ray Data pipeline); null turns it off.
     stall_timeout: float | None = Field(default=900.0, gt=0)
@@ -191,7 +194,7 @@ class Recipe(_Strict):
     def canonical(self) -> dict:
         """What determines the build's output: everything but where Ray runs."""
         data = self.model_dump(mode="json")
-        for key in ("address", "num_cpus", "stall_timeout", "stall_restarts"):
+        for key in ("address", "num_cpus", "stall_timeout", "stall_restarts", "fuse_steps"):
             data["ray"].pop(key, None)
         if not data["redactions"]:
             del data["redactions"]  # so recipes without it keep the hash they had before it existed

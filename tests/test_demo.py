@@ -187,6 +187,10 @@ def test_demo_result_is_pinned_and_a_healthy_build_prints_no_ray_log(demo_build)
     # Ray's own logs went to OUTPUT/logs, not to the terminal
     assert "core_worker" not in stderr and " WARNING " not in stderr and " ERROR " not in stderr, stderr[-2000:]
     assert (out / "logs" / "driver.log").exists() and list((out / "logs").rglob("raylet*"))
+    # the six partition stages ran as one pool of actors, each taking a partition through all of them
+    actors = {line for p in (out / "logs").rglob("worker-*.out") for line in p.read_text().splitlines()
+              if line.startswith(":actor_name:")}
+    assert actors == {":actor_name:download+detect+filter+embed+attributes+phash", ":actor_name:caption+shard_encode"}, actors
 
 
 def test_the_local_executor_builds_the_same_manifests_and_tar_bytes(demo_build, demo_port, tmp_path_factory):

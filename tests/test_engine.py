@@ -8,7 +8,7 @@ import pytest
 
 from datakit import registry, schema
 from datakit.engine.local_executor import run_stages
-from datakit.engine.plan import segments, steps
+from datakit.engine.plan import pools, segments, steps
 from datakit.engine.settle import settle
 from datakit.engine.steps import decide, live_rows
 from datakit.recipe import load_recipe
@@ -148,3 +148,25 @@ def test_the_demo_plan_runs_phash_before_dedup_and_shard_encode_before_shard(mon
     # a step shares its recipe stage's settings
     by_name = {s.name: s for s in plan}
     assert by_name["shard_encode"].settings is by_name["shard"].settings
+
+
+def test_consecutive_cpu_steps_share_a_pool_and_a_gpu_or_sized_step_gets_its_own(monkeypatch):
+    monkeypatch.setenv("DATAKIT_DEMO_BASE_URL", "http://127.0.0.1:1/")
+    from pathlib import Path
+
+    recipe = load_recipe(Path(__file__).resolve().parent.parent / "pipelines" / "demo.yaml")
+    first = segments(steps(recipe))[0]
+
+    def names(groups):
+        return [[s.name for s in g] for g in groups]
+
+    assert names(pools(first)) == [["download", "detect", "filter", "embed", "attributes", "phash"]]
+    assert names(pools(first, fuse=False)) == [[s.name] for s in first]
+    # a GPU step runs in its own pool, so the CPU steps around it (decoding, hashing) never hold the GPU
+    gpu = recipe.model_copy(deep=True)
+    gpu.stages["embed"]["num_gpus"] = 0.25
+    assert names(pools(segments(steps(gpu))[0])) == [["download", "detect", "filter"], ["embed"], ["attributes", "phash"]]
+    # a stage that sizes its own pool (here, downloads with many workers) keeps it
+    sized = recipe.model_copy(deep=True)
+    sized.stages["download"]["concurrency"] = 8
+    assert names(pools(segments(steps(sized))[0])) == [["download"], ["detect", "filter", "embed", "attributes", "phash"]]

@@ -55,7 +55,7 @@ def env_for(options) -> dict:
     }
 
 
-def write_recipe(tmp_path: Path, output: str, storage_options: dict | None = None) -> Path:
+def write_recipe(tmp_path: Path, output: str, storage_options: dict | None = None, stages: dict | None = None) -> Path:
     root = tmp_path / "photos"
     if not root.exists():
         for person in PEOPLE:
@@ -73,6 +73,8 @@ def write_recipe(tmp_path: Path, output: str, storage_options: dict | None = Non
             "cluster": {"min_images": 3}, "shard": {"image_size": 256, "max_samples": 6, "min_shards": 2},
         },
     }  # fmt: skip
+    for name, settings in (stages or {}).items():
+        raw["stages"][name].update(settings)
     if storage_options is not None:
         raw["storage_options"] = storage_options
     path = tmp_path / f"recipe-{hashlib.sha1(output.encode()).hexdigest()[:8]}.yaml"
@@ -219,13 +221,17 @@ def test_a_two_node_cluster_builds_into_s3(s3, builds):
 
     local, url, result, tmp = builds
     target = f"s3://{BUCKET}/builds/two-node"
-    recipe = write_recipe(tmp, target, s3)
+    # detect with a pool of its own: partitions pass between three actor pools (download,
+    # detect, filter+embed) instead of the one a default recipe fuses them into
+    recipe = write_recipe(tmp, target, s3, {"detect": {"concurrency": 2}})
     with ray_cluster() as cluster:
         proc = subprocess.run([sys.executable, "-m", "datakit", "run", str(recipe), "--address", cluster.address, "--quiet"],
                               cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=500)  # fmt: skip
         worker_logs = " ".join(p.read_text(errors="replace") for p in cluster.worker.temp_dir.rglob("worker-*.out"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "MapBatches(" in worker_logs or "_run_global_task" in worker_logs, "no datakit stage ran on the second node"
+    # a partition lane's actor is a class named after its steps ("download+detect+..."), a global step a task
+    assert any(f":actor_name:{pool}\n" in worker_logs for pool in ("download", "detect", "filter+embed")) \
+        or "_run_global_task" in worker_logs, "no datakit stage ran on the second node"
     with fs_of(s3).open(f"{BUCKET}/builds/two-node/images.parquet", "rb") as f:
         two_node = pq.read_table(f)
     local_images = pq.read_table(local / "images.parquet")

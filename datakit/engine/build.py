@@ -45,14 +45,14 @@ class RunResult:
 # ---------------------------------------------------------------- entry point
 
 
-def make_executor(name: str, verbose: bool = False):
+def make_executor(name: str, verbose: bool = False, fuse: bool = True):
     if name == "local":
         from datakit.engine.local_executor import LocalExecutor
 
         return LocalExecutor()
     from datakit.engine.ray_executor import RayExecutor
 
-    return RayExecutor(verbose=verbose)
+    return RayExecutor(verbose=verbose, fuse=fuse)
 
 
 def plan_build(recipe: Recipe, restart: bool = False) -> BuildPlan:
@@ -73,7 +73,7 @@ def run(recipe: Recipe, address: str | None = None, restart: bool = False, quiet
         on_plan(build_plan)
     reuse.apply_plan(work, build_plan, recipe)
     context.update(build_plan.context_entries())
-    runner = make_executor(executor, verbose)
+    runner = make_executor(executor, verbose, recipe.ray.fuse_steps)
     names = [s.name for s in plan]
     display = Display(work, names, enabled=not quiet)
     # a shard step reused as it was keeps its manifests as written (a redaction may have rewritten them since)

@@ -49,6 +49,22 @@ def segments(plan: list[Step]) -> list[list[Step]]:
     return out
 
 
+def pools(segment: list[Step], fuse: bool = True) -> list[list[Step]]:
+    """The steps of a partition segment that share a worker pool. With ``fuse``, consecutive
+    steps that need no GPU and set no ``concurrency`` of their own share one: each worker runs
+    a partition through all of them in turn, so a 2-core machine runs two busy processes instead
+    of a pool per step (each idle Ray worker costs CPU, and the steps wait on each other). A GPU
+    step keeps a pool of its own, so the CPU steps around it (decoding) never hold the GPU."""
+    out: list[list[Step]] = []
+    for step in segment:
+        alone = not fuse or step.settings.num_gpus or step.settings.concurrency
+        if out and not alone and not out[-1][-1].settings.num_gpus and not out[-1][-1].settings.concurrency:
+            out[-1].append(step)
+        else:
+            out.append([step])
+    return out
+
+
 # ---------------------------------------------------------------- fingerprints
 #
 # A partition of a step is reused when the fingerprint it was written with equals the one the

@@ -1,13 +1,17 @@
 """Run a plan on Ray: the only module that imports Ray.
 
-Each segment of partition steps is one Ray Data pipeline over partition numbers, with an actor
-pool per step (a model is loaded once per actor); the data itself moves through the work
-folder, one atomic file per step and partition. A global step runs as one Ray task; the fan-out
+A segment of partition steps runs on Ray actors: a pool per group of steps (``plan.pools``:
+consecutive CPU steps share one unless the recipe says ``ray.fuse_steps: false``; a model is
+loaded once per actor), and the driver hands each partition number to the next free actor of
+the next group (``schedule``), blocking in ``ray.wait`` in between. The data itself moves
+through the work folder, one atomic file per step and partition, so neither the grouping nor the
+order in which actors take partitions changes what is built. (Ray Data's streaming executor did
+this before; it kept three helper actors and a polling driver busy for nothing the work folder
+did not already give.) A global step runs as one Ray task; the fan-out
 it asks for (``stage.fan_out``) becomes one Ray task per call.
 
-Ray's own logs (its workers' output, Ray Data's execution logs) go to files under the session
-folder; ``save_logs`` copies them to ``OUTPUT/logs/`` at the end of a run. ``verbose`` brings
-them back to the terminal, with Ray Data's own progress bars.
+Ray's own logs (its workers' output) go to files under the session folder; ``save_logs`` copies
+them to ``OUTPUT/logs/`` at the end of a run. ``verbose`` brings them back to the terminal.
 """
 
 from __future__ import annotations
@@ -16,21 +20,25 @@ import functools
 import logging
 import os
 import sys
+from collections import Counter, deque
 from contextlib import contextmanager
 from pathlib import Path
 
 from datakit.engine import steps as run_steps
-from datakit.engine.plan import Step
+from datakit.engine.plan import Step, pools
 from datakit.stage import Stage
 from datakit.store import Location, WorkDir
 from portrait.stopping import stop_on_sigterm
+
+log = logging.getLogger("datakit")
 
 
 class RayExecutor:
     name = "ray"
 
-    def __init__(self, verbose: bool = False):
+    def __init__(self, verbose: bool = False, fuse: bool = True):
         self.verbose = verbose
+        self.fuse = fuse  # consecutive CPU steps share a pool (plan.pools)
 
     @contextmanager
     def session(self, address: str | None, num_cpus: int | None, log_dir: Path):
@@ -61,16 +69,11 @@ class RayExecutor:
         else:
             ray.init(num_cpus=num_cpus, **kwargs)
         stop_on_sigterm()  # ray.init made SIGTERM a silent sys.exit(15)
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = self.verbose
-        ctx.enable_operator_progress_bars = self.verbose
-        ctx.print_on_execution_start = False
         if not self.verbose:
             logging.getLogger("ray").setLevel(logging.ERROR)
-            logging.getLogger("ray.data").setLevel(logging.ERROR)
 
     def save_logs(self, log_dir: Path) -> None:
-        """Copy this Ray session's log files (a local cluster's: workers, raylet, Ray Data) to
+        """Copy this Ray session's log files (a local cluster's: workers, raylet) to
         ``log_dir``; a remote cluster keeps its logs on its own nodes."""
         import shutil
 
@@ -94,29 +97,15 @@ class RayExecutor:
 
     def run_partitions(self, work: WorkDir, segment: list[Step], upstream: list[str], context: dict,
                        pending: list[int]) -> None:
-        """One Ray Data pipeline over the pending partitions: an actor pool per step."""
-        import ray
-
-        ds = ray.data.from_items([{"part": p} for p in pending], override_num_blocks=len(pending))
+        """Every pending partition through the segment's steps: an actor pool per group of steps
+        (``plan.pools``), a partition handed to the next group's pool when the group before it
+        is done with it."""
         cpus = self.cluster_cpus()
-        for i, step in enumerate(segment):
-            settings = step.settings
-            # A class named after the step, so Ray's own logs read "MapBatches(detect)".
-            worker = type(step.name, (PartitionWorker,), {})
-            pool = settings.concurrency or max(1, int(cpus if step.cls.uses_model else cpus * 2))
-            ds = ds.map_batches(
-                worker,
-                batch_size=1,
-                fn_constructor_kwargs=dict(
-                    stage_cls=step.cls, settings=settings, context=context,
-                    upstream=upstream + [s.name for s in segment[:i]], output=work.output,
-                ),  # fmt: skip
-                num_cpus=settings.num_cpus,
-                num_gpus=settings.num_gpus or None,
-                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool),
-            )
-        for _ in ds.iter_batches(batch_size=None):
-            pass
+        lanes, done = [], list(upstream)
+        for group in pools(segment, self.fuse):
+            lanes.append(Lane(group, done, context, work.output, cpus))
+            done = done + [s.name for s in group]
+        schedule(lanes, pending)
 
     def run_global(self, work: WorkDir, step: Step, upstream: list[str], context: dict) -> None:
         import ray
@@ -155,18 +144,118 @@ def native_stderr_to(path: Path | None):
 
 
 class PartitionWorker:
-    """One Ray Data worker of a partition step: builds the stage once, then runs partitions."""
+    """One actor of a group of partition steps: builds their stages once (each model loaded
+    once per actor), then runs each partition it is given through them in order."""
 
-    def __init__(self, stage_cls: type[Stage], settings, context: dict, upstream: list[str], output: Location):
-        self.stage: Stage = stage_cls(settings, context)
-        self.stage.setup()
+    def __init__(self, steps: list[tuple[type[Stage], object]], context: dict, upstream: list[str], output: Location):
+        self.stages: list[Stage] = [cls(settings, context) for cls, settings in steps]
+        for stage in self.stages:
+            stage.setup()
         self.work = WorkDir(output)
         self.upstream = upstream
 
-    def __call__(self, batch: dict) -> dict:
-        for part in batch["part"]:
-            run_steps.run_partition(self.stage, self.work, int(part), self.upstream)
-        return batch
+    def run(self, part: int) -> int:
+        done = list(self.upstream)
+        for stage in self.stages:
+            run_steps.run_partition(stage, self.work, part, done)
+            done.append(stage.name)
+        return part
+
+
+RETRIES = 3  # a partition whose actor was lost (its node died, its process crashed) goes to a new actor this often
+
+
+class Lane:
+    """The actor pool of one group of steps: up to ``size`` actors, started when there is a
+    partition for them and room in the cluster, stopped when the group is done."""
+
+    def __init__(self, group: list[Step], upstream: list[str], context: dict, output: Location, cpus: float):
+        first = group[0].settings
+        uses_model = any(s.cls.uses_model for s in group)
+        self.size = first.concurrency or max(1, int(cpus if uses_model else cpus * 2))
+        self.resources = {"CPU": max(s.settings.num_cpus for s in group), "GPU": first.num_gpus}
+        # A class named after the steps, so Ray's process titles and logs read "download+detect".
+        self.cls = type("+".join(s.name for s in group), (PartitionWorker,), {})
+        self.args = ([(s.cls, s.settings) for s in group], context, upstream, output)
+        self.actors: list = []
+        self.idle: list = []
+
+    def free_actor(self):
+        """An idle actor, a new one if the pool may grow and the cluster has room (a pool always
+        gets its first), or None."""
+        if self.idle:
+            return self.idle.pop()
+        if len(self.actors) >= self.size or (self.actors and not self._room()):
+            return None
+        import ray
+
+        actor = ray.remote(self.cls).options(
+            num_cpus=self.resources["CPU"], num_gpus=self.resources["GPU"] or None, scheduling_strategy="SPREAD",
+        ).remote(*self.args)  # fmt: skip
+        self.actors.append(actor)
+        return actor
+
+    def _room(self) -> bool:
+        import ray
+
+        free = ray.available_resources()
+        return all(free.get(k, 0.0) >= v for k, v in self.resources.items() if v)
+
+    def retire(self, actor) -> None:
+        """Stop using an actor that was lost; the next ``free_actor`` starts a new one."""
+        import ray
+
+        if actor in self.actors:
+            self.actors.remove(actor)
+        ray.kill(actor)
+
+    def stop(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors, self.idle = [], []
+
+
+def schedule(lanes: list[Lane], pending: list[int]) -> None:
+    """Move each partition through the lanes in order, as many at once as the lanes have actors.
+    The driver blocks in ``ray.wait`` between answers; a lane's actors stop as soon as no
+    partition can reach it any more, which frees their resources for the lanes after it. A
+    partition whose actor is lost is given to another actor (steps it finished are not redone:
+    each is one atomic file); a stage's own error stops the build."""
+    import ray
+
+    queues = [deque(pending)] + [deque() for _ in lanes[1:]]
+    running: dict = {}  # reference -> (lane index, actor, partition)
+    lost: Counter = Counter()
+    try:
+        while running or any(queues):
+            for i in reversed(range(len(lanes))):  # later lanes first: finish partitions before starting more
+                while queues[i] and (actor := lanes[i].free_actor()) is not None:
+                    part = queues[i].popleft()
+                    running[actor.run.remote(part)] = (i, actor, part)
+            ready, _ = ray.wait(list(running), num_returns=1)
+            i, actor, part = running.pop(ready[0])
+            try:
+                ray.get(ready[0])
+            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as error:
+                lost[part] += 1
+                if lost[part] > RETRIES:
+                    raise
+                log.warning("partition %d: its worker was lost (%s); giving it to another", part, type(error).__name__)
+                lanes[i].retire(actor)
+                queues[i].appendleft(part)
+                continue
+            lanes[i].idle.append(actor)
+            if i + 1 < len(lanes):
+                queues[i + 1].append(part)
+            for j, lane in enumerate(lanes):
+                upstream_busy = any(queues[k] or any(r[0] == k for r in running.values()) for k in range(j + 1))
+                if lane.actors and not upstream_busy:
+                    lane.stop()
+    finally:
+        for lane in lanes:
+            lane.stop()
 
 
 def _global_task(step: Step, context: dict, upstream: list[str], output: Location) -> None:
