@@ -21,8 +21,8 @@ instead of ~50 ms to decode for detection (``make bench-faces`` prints the figur
 under twice ``N`` (every demo photo that is kept) and other formats decode in full as before,
 so their results do not change. The checks are the same: every byte is still entropy-decoded.
 The trainer's inference decodes a photo for its face the same way (``FaceReader.load_photo``,
-through ``trainer.infer.open_photo``), so a large photo's face reads there as in the build. Not
-yet aligned: ``trainer.evaluate`` decodes its reference and driving photos in full.
+through ``trainer.infer.open_photo``), and so does the evaluation (``trainer.scoring.score``) for
+references, driving photos and outputs, so a large photo's face reads there as in the build.
 
 Both are thread-safe: they change no global state (no warnings filters), so the download stage
 decodes in several threads at once.

@@ -206,3 +206,27 @@ def test_report_page_in_chromium(calibrated):
     assert state["outputs"] == 12 and state["refs"] == 12 * 2  # every picture decoded in the browser
     assert {"face_similarity/dlib", "face_similarity/arcface", "clip_t", "clip_i", "pose_error", "expression_error"} <= set(state["metrics"])
     assert all(u.startswith(("data:", "file:")) for u in urls), urls
+
+
+def test_a_large_reference_photo_scores_the_face_the_build_and_inference_read(protocol_file, faces_dir, tmp_path):
+    """A reference photo at web size (2,600 px) is decoded as the face stages and inference decode
+    it (reduced scale), so its embedding is the one inference computes for the same file."""
+    from test_faces_reader import web_size_copy
+
+    from portrait.faces.reader import as_recorded
+    from trainer.infer import open_photo
+    from trainer.scoring.protocol import Identity, Photo, load_protocol
+    from trainer.scoring.score import Scorers
+
+    scorers = Scorers(load_protocol(protocol_file))
+    photos = sorted((faces_dir / "dev" / "Tony_Blair").iterdir())[:2]
+    large = web_size_copy(photos[0], tmp_path)
+    identity = Identity("tony", "Tony Blair", [Photo(p.name, p.read_bytes()) for p in (large, photos[1])])
+    subjects, left_out = scorers.prepare([identity])
+    assert not left_out, left_out
+    reference = subjects[0].references[0]
+    rgb = open_photo(str(large), scorers.reader)
+    assert reference.rgb.shape == rgb.shape and max(rgb.shape) < 2600  # not decoded in full
+    face = as_recorded(scorers.reader.faces(rgb)[0])
+    for recognizer in scorers.recognizers:
+        assert np.array_equal(reference.embeddings[recognizer.name], recognizer.embed(rgb, face)), recognizer.name

@@ -2,7 +2,9 @@
 
 The references and driving photos are read once (``Scorers.prepare``): each reference's face by
 the protocol's face reader, embedded by every recognition model, and its CLIP image embedding;
-each driving photo's head pose and expression. Then each case's image is read the same way
+each driving photo's head pose and expression. Every photo is decoded as the build's face stages
+decode it (``FaceReader.load_photo``: a large JPEG at a reduced scale), so a face scores as the
+build and inference read it. Then each case's image is read the same way
 (``Scorers.score``): a missing or undecodable file, or a face the detector does not find, is a row
 with its status, and the scores that need a face are left empty there (CLIP-T and CLIP-I, which
 need none, are still given). Figures are summarised only over the rows that have them, and the
@@ -51,6 +53,7 @@ class Driving:
 
 
 def decode(data: bytes) -> np.ndarray:
+    """A photo's full pixels (calibration writes real photos out as outputs)."""
     return load_photo(data)
 
 
@@ -79,7 +82,7 @@ class Scorers:
                     subject.spares.append((photo.name, photo.data))
                     continue
                 try:
-                    rgb = decode(photo.data)
+                    rgb = self.reader.load_photo(photo.data)
                 except DecodeError as exn:
                     subject.skipped.append(f"{photo.name}: {exn.reason}")
                     continue
@@ -104,7 +107,7 @@ class Scorers:
         out = []
         for path in self.protocol.driving_paths():
             try:
-                rgb = decode(path.read_bytes())
+                rgb = self.reader.load_photo(path.read_bytes())
             except DecodeError as exn:
                 raise ValueError(f"driving photo {path}: not a usable image ({exn.reason})") from None
             pose, expression = self.pose_and_expression(rgb)
@@ -136,7 +139,7 @@ class Scorers:
         if path is None:
             return {**row, "status": "missing_image"}
         try:
-            rgb = decode(path.read_bytes())
+            rgb = self.reader.load_photo(path.read_bytes())
         except DecodeError as exn:
             return {**row, "status": f"undecodable:{exn.reason}"}
         if self.clip:
