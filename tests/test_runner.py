@@ -1,4 +1,4 @@
-"""The Ray runner: every item accounted for, atomic checkpoints, resume after SIGKILL."""
+"""The Ray runner: every item accounted for, atomic checkpoints, resume after SIGTERM (after SIGKILL: test_rehearsal)."""
 
 from __future__ import annotations
 
@@ -249,9 +249,10 @@ def wait_for_parts(work: WorkDir, stage: str, at_least: int, seconds: float = 12
 
 
 @pytest.mark.timeout(400)
-def test_sigterm_then_sigkill_mid_download_then_rerun_gives_the_clean_manifest(tmp_path):
+def test_sigterm_mid_download_then_rerun_gives_the_clean_manifest(tmp_path):
     """A scheduler's stop (SIGTERM) ends the run cleanly with exit 143 and a line saying how to go
-    on; a kill -9 of the run that resumed it loses nothing either."""
+    on, and the run started again finishes the build (a kill -9 of the driver is the two-node
+    rehearsal's, tests/test_rehearsal.py)."""
     from devtools.photoserver import PhotoServer
 
     with PhotoServer(PHOTOS) as server:
@@ -283,13 +284,7 @@ def test_sigterm_then_sigkill_mid_download_then_rerun_gives_the_clean_manifest(t
         first = len(list(work.stage_dir("download").glob("part-*.parquet")))
         assert 4 <= first < 30 and not work.is_done("download")
 
-        victim = cli_run(recipe, killed_out)
-        wait_for_parts(work, "download", first + 4)
-        os.kill(victim.pid, signal.SIGKILL)
-        victim.wait(timeout=30)
-        done = len(list(work.stage_dir("download").glob("part-*.parquet")))
-        assert first < done < 30, f"the kill should land mid-stage ({done} of 30 partitions done)"
-        assert not work.is_done("download") and not (killed_out / "images.parquet").exists()
+        assert not (killed_out / "images.parquet").exists()
 
         again = cli_run(recipe, killed_out)
         out = again.communicate(timeout=300)[0].decode()
