@@ -128,7 +128,7 @@ class RaySettings(_Strict):
     # pool, each actor running a partition through all of them; false: a pool per stage.
     fuse_steps: bool = True
     # When no partition of a running stage finishes for this long, the run restarts that stage's
-    # pending partitions (a hung worker or a wedged Ray Data pipeline); null turns it off.
+    # pending partitions (a hung worker, or an actor lost with a node that does not come back); null turns it off.
     stall_timeout: float | None = Field(default=900.0, gt=0)
     stall_restarts: int = Field(default=2, ge=0)  # then the run stops with an error; run it again to resume
 

@@ -1,7 +1,7 @@
 """A progress watchdog for the driver: notices when a running stage stops finishing partitions.
 
-On a cluster a Ray Data pipeline can wedge: a worker hangs on a socket, or the executor waits
-for an actor of a node that died and will not come back. Nothing fails, nothing moves. The
+On a cluster a stage can wedge: a worker hangs on a socket, or a call waits on an actor of a
+node that died and will not come back. Nothing fails, nothing moves. The
 runner counts finished partitions (files in the work folder, so work done anywhere in the
 cluster counts); when the count has not changed for ``timeout`` seconds this watchdog
 interrupts the driver's main thread, and the runner starts the stage's pending partitions

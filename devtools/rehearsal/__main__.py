@@ -13,7 +13,7 @@ two local HTTP server processes, and runs ``datakit run --address`` against that
    writes through ``devtools.flakyfs``, a file system that fails one write on demand): the
    engine retries the write, and
    a run that fails anyway is started again. A stage that makes no progress for the recipe's
-   ``ray.stall_timeout`` (60 s here, 30 s in the test's small build; Ray Data can wait forever
+   ``ray.stall_timeout`` (60 s here, 30 s in the test's small build; a call can wait forever
    on an actor of a lost node)
    is restarted by datakit's own watchdog (``datakit.watchdog``); the rehearsal kills a
    driver that makes no progress for ``stall_s`` (300 s) only as a backstop;

@@ -46,7 +46,7 @@ def wait_driver(proc: subprocess.Popen, output: Path, stall_s: float, until=None
     """Wait for the driver to exit (returns its code), or for ``until()`` to hold (returns None).
 
     A run that makes no progress for ``stall_s`` seconds is killed, as an operator would: after
-    a node is lost, Ray Data can keep retrying a task on an actor that never comes back."""
+    a node is lost, a call can keep waiting on an actor that never comes back."""
     last, last_change = progress(output), time.time()
     while True:
         code = proc.poll()
