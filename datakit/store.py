@@ -106,6 +106,13 @@ def read_columns(path: Location, columns: list[str] | None) -> pa.Table:
     return read_table(path, columns=[c for c in dict.fromkeys(["image_id", *columns]) if c in have])
 
 
+def select_columns(table: pa.Table, columns: list[str] | None) -> pa.Table:
+    """What ``read_columns`` reads of a file, from the table that was written to it."""
+    if columns is None:
+        return table
+    return table.select([c for c in dict.fromkeys(["image_id", *columns]) if c in table.column_names])
+
+
 def remove_tree(path: Location) -> None:
     if is_local(path):
         shutil.rmtree(path, ignore_errors=True)
@@ -243,13 +250,19 @@ class WorkDir:
         return [json.loads(p.read_text()) for p in paths]
 
     # reading
-    def read_view(self, part: int, stages: list[str], columns: list[str] | None = None) -> pa.Table:
+    def read_view(self, part: int, stages: list[str], columns: list[str] | None = None,
+                  held: dict[str, pa.Table] | None = None) -> pa.Table:
         """Partition ``part`` as it stands after ``stages`` (in order). With ``columns``, each
         file gives only those columns (bulk bytes stay on disk unless asked for); a column no
-        stage wrote is absent."""
+        stage wrote is absent. ``held``: tables of this partition already in memory (a step's
+        file as it was written, by name), used instead of reading their files again."""
+        held = held if held is not None else {}
         table = read_columns(self.part_path(ITEMS, part), columns)
         for stage in stages:
-            update = read_columns(self.part_path(stage, part), columns)
+            if stage in held:
+                update = select_columns(held[stage], columns)
+            else:
+                update = read_columns(self.part_path(stage, part), columns)
             table = overlay(table, update, where=f"{stage} part {part}")
         if columns is not None:
             table = table.select([c for c in columns if c in table.column_names])

@@ -170,3 +170,37 @@ def test_consecutive_cpu_steps_share_a_pool_and_a_gpu_or_sized_step_gets_its_own
     sized = recipe.model_copy(deep=True)
     sized.stages["download"]["concurrency"] = 8
     assert names(pools(segments(steps(sized))[0])) == [["download"], ["detect", "filter", "embed", "attributes", "phash"]]
+
+
+class Spreader(Stage):
+    """Reads face_count (Sizer's), adds face_area_fraction = face_count / 100."""
+
+    name = "filter"
+    reads = ("face_count",)
+    adds = ("face_area_fraction",)
+
+    def __init__(self, settings=None, context=None):
+        super().__init__(settings or StageSettings(), context or {})
+
+    def process(self, rows: pa.Table) -> Output:
+        return Output({"face_area_fraction": [c / 100 for c in rows.column("face_count").to_pylist()]})
+
+
+def test_a_worker_hands_each_steps_table_to_the_next_instead_of_reading_its_file_back(tmp_path, monkeypatch):
+    from datakit import store
+    from datakit.engine import steps as run_steps
+    from datakit.engine.ray_executor import PartitionWorker
+
+    part = view(["kept", "dropped", "kept"], width=[100, 300, 20])
+    apart = work_folder(tmp_path / "apart", [part])  # each step reads what the one before it wrote
+    for i, stage in enumerate([Sizer(), Spreader()]):
+        run_steps.run_partition(stage, apart, 0, ["detect"][:i])
+
+    together = work_folder(tmp_path / "together", [part])
+    reads = []
+    real = store.read_columns
+    monkeypatch.setattr(store, "read_columns", lambda path, columns: reads.append(path.parent.name) or real(path, columns))
+    PartitionWorker([(Sizer, StageSettings()), (Spreader, StageSettings())], {}, [], together.output).run(0)
+    assert reads == [ITEMS, ITEMS]  # the detect step's file was written, never read back
+    for name in ("detect", "filter"):
+        assert together.part_path(name, 0).read_bytes() == apart.part_path(name, 0).read_bytes()

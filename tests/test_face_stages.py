@@ -361,3 +361,39 @@ def test_runner_builds_a_manifest_that_explains_every_drop(tmp_path, ray_local):
     build = json.loads((tmp_path / "out" / "build.json").read_text())
     files = build["models"]["detect"]["files"]
     assert set(files) == {"landmarks68", "landmarks5", "recognition"} and all(len(f["sha256"]) == 64 for f in files.values())
+
+
+def test_detect_and_embed_decode_each_photo_once_and_build_what_they_built_decoding_twice(monkeypatch):
+    """A worker's face stages share the pixels of the partition at hand (face_model.DecodedPhotos):
+    one decode per photo for detect and embed, and the same columns as when each decodes on its own."""
+    from datakit.stages import face_model
+
+    rows = sources(DEV)[:8]
+    table = input_table([DEV / r["file"] for r in rows])
+    decodes = []
+    real = face_model.load_rgb_array
+
+    def counting(data, min_side):
+        decodes.append(len(data))
+        return real(data, min_side)
+
+    monkeypatch.setattr(face_model, "load_rgb_array", counting)
+    monkeypatch.setattr(face_model, "DECODED", face_model.DecodedPhotos(max_bytes=0))  # nothing kept
+    alone = run_stages(table)
+    embedded = sum(r["status"] == "kept" for r in alone.select(["status"]).to_pylist())
+    assert embedded >= 6 and len(decodes) == len(rows) + embedded
+
+    shared = face_model.DecodedPhotos()
+    monkeypatch.setattr(face_model, "DECODED", shared)
+    decodes.clear()
+    together = run_stages(table)
+    assert len(decodes) == len(rows)
+    assert together.drop_columns(["image_bytes"]).to_pylist() == alone.drop_columns(["image_bytes"]).to_pylist()
+
+    # the next partition's photos replace this one's; a photo over the budget is not kept
+    other = [(DEV / r["file"]).read_bytes() for r in sources(DEV)[8:10]]
+    face_model.Photos(other, {}).decode(0)
+    assert len(shared.kept) == 1 and shared.used == sum(v[0].nbytes for v in shared.kept.values())
+    small = face_model.DecodedPhotos(max_bytes=1)
+    face_model.Photos(other, {}, small).decode(1)
+    assert not small.kept

@@ -155,9 +155,9 @@ class PartitionWorker:
         self.upstream = upstream
 
     def run(self, part: int) -> int:
-        done = list(self.upstream)
+        done, held = list(self.upstream), {}  # each step's table, for the steps after it (no read back)
         for stage in self.stages:
-            run_steps.run_partition(stage, self.work, part, done)
+            run_steps.run_partition(stage, self.work, part, done, held)
             done.append(stage.name)
         return part
 

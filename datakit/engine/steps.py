@@ -119,16 +119,21 @@ def item_by_item(stage: Stage, rows: pa.Table) -> Output:
     return merged
 
 
-def run_partition(stage: Stage, work: WorkDir, part: int, upstream: list[str]) -> None:
+def run_partition(stage: Stage, work: WorkDir, part: int, upstream: list[str],
+                  held: dict[str, pa.Table] | None = None) -> None:
+    """One step on one partition, its file written. ``held``: this partition's tables a worker
+    keeps while it runs several steps on it (``WorkDir.read_view``); the step's own is added."""
     if work.part_done(stage.name, part):
         return
-    view = work.read_view(part, upstream, columns=view_columns(stage))
+    view = work.read_view(part, upstream, columns=view_columns(stage), held=held)
     t0 = time.perf_counter()
     table, digests, carried = decide_reusing(stage, view, reuse.previous_rows(work, stage.name, part))
     table = table.append_column(reuse.DIGEST_COLUMN, digests)  # what a later rebuild compares against
     seconds = time.perf_counter() - t0
     stats = partition_stats(stage.name, part, view, table, seconds) | {"fingerprint": fingerprint(stage, part), "carried": carried}
     write_with_retries(work, stage.name, part, table, stats)
+    if held is not None:
+        held[stage.name] = table
 
 
 def run_global(stage: Stage, work: WorkDir, upstream: list[str]) -> None:

@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from portrait.faces.base import Face, FaceBackend
 from datakit.stage import Drop, Output, Stage, StageSettings
-from datakit.stages.face_model import decode_for_faces
+from datakit.stages.face_model import Photos
 
 NAMES_PACKAGE = "gender-guesser"
 NAME_GENDERS = {"female": "female", "male": "male"}
@@ -193,9 +193,11 @@ class AttributesStage(Stage):
     def _model_attributes(self, rows: pa.Table, values: dict[str, list], drops: dict[int, Drop]) -> None:
         """Age (and gender where still unknown) from the face model, all faces in one batch."""
         ready, inputs = [], []
-        for i, row in enumerate(rows.to_pylist()):
+        listed = rows.to_pylist()
+        photos = Photos([row["image_bytes"] for row in listed], self.context)
+        for i, row in enumerate(listed):
             try:
-                pixels, scale, _, _ = decode_for_faces(row["image_bytes"], self.context)
+                pixels, scale, _, _ = photos.decode(i)
                 inputs.append((pixels, face_from_row(row).scaled(1 / scale)))
                 ready.append(i)
             except Exception as e:  # one bad row must not stop the partition

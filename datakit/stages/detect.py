@@ -21,7 +21,7 @@ from pydantic import Field
 from portrait.decode import DecodeError
 from portrait.faces import geometry, subject
 from datakit.stage import Drop, Output, StageSettings, map_rows
-from datakit.stages.face_model import FaceModelStage, decode_for_faces, floats
+from datakit.stages.face_model import FaceModelStage, Photos, floats
 
 COLUMNS = (
     "face_backend",
@@ -62,11 +62,12 @@ class DetectStage(FaceModelStage):
         """Per row, in order: (decoded, faces) or the DecodeError. ``faces.batch_size`` images are
         decoded, then detected in one backend call (a batch on a batched model)."""
         size = self.backend.batch_size
+        photos = Photos(blobs, self.context)
         for start in range(0, len(blobs), size):
             decoded = []
-            for data in blobs[start : start + size]:
+            for i in range(start, min(start + size, len(blobs))):
                 try:  # download decodes first; this guards work folders made otherwise
-                    decoded.append(decode_for_faces(data, self.context))
+                    decoded.append(photos.decode(i))
                 except DecodeError as e:
                     decoded.append(e)
             faces = iter(self.backend.detect_many([d[0] for d in decoded if not isinstance(d, DecodeError)]))
@@ -77,7 +78,7 @@ class DetectStage(FaceModelStage):
         """Fill the row's columns from what ``_detect_in_batches`` found for it."""
         if isinstance(found, DecodeError):
             return found.reason, found.detail
-        # a large JPEG is decoded at a reduced scale (decode_for_faces); faces are recorded in
+        # a large JPEG is decoded at a reduced scale (face_model.Photos); faces are recorded in
         # the full image's pixels
         (pixels, scale, width, height), faces = found
         faces = [face.scaled(scale) for face in faces]

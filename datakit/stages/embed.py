@@ -19,7 +19,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from datakit.stage import Drop, Output, StageSettings, map_rows
-from datakit.stages.face_model import FaceModelStage, decode_for_faces, face_from_row, floats
+from datakit.stages.face_model import FaceModelStage, Photos, face_from_row, floats
 from portrait.faces.reader import CropSettings, embed_faces
 
 CROP = CropSettings()
@@ -49,17 +49,19 @@ class EmbedStage(FaceModelStage):
         s = self.settings
         crop = CropSettings(s.crop_size, s.crop_padding, s.jpeg_quality)
         size = self.backend.batch_size
+        photos = Photos([row["image_bytes"] for row in rows], self.context)
         for start in range(0, len(rows), size):
-            yield from embed_faces(self.backend, [self._face(row) for row in rows[start : start + size]], crop)
+            faces = [self._face(rows[i], photos.decode(i)) for i in range(start, min(start + size, len(rows)))]
+            yield from embed_faces(self.backend, faces, crop)
 
-    def _face(self, row: dict):
+    def _face(self, row: dict, decoded):
         """The row's pixels (decoded as detect decoded them) and its subject's face in them."""
         if row["face_backend"] != self.backend.name:
             raise ValueError(
                 f"row {row['image_id']}: its face was detected by {row['face_backend']!r} but the "
                 f"embed stage runs {self.backend.name!r}; one build uses one face backend"
             )
-        pixels, scale, _, _ = decode_for_faces(row["image_bytes"], self.context)
+        pixels, scale, _, _ = decoded
         return pixels, face_from_row(row).scaled(1 / scale)
 
     def record(self, out: dict, found) -> Drop | None:

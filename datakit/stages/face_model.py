@@ -6,6 +6,8 @@ engine hands it the live rows only and settles the rest.
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pyarrow as pa
 
@@ -49,13 +51,63 @@ def face_from_row(row: dict) -> Face:
     )
 
 
-def decode_for_faces(data: bytes, context: dict) -> tuple[np.ndarray, int, int, int]:
-    """(pixels, scale, full width, full height) as every face stage decodes an image: a JPEG at
-    least twice the detection size at the reduced scale that still covers the detection copy
-    (portrait/decode.py), so detect, embed and attributes see the same pixels and a large photo
-    is never decoded in full for them. Coordinates in the manifest are the full image's: the
-    pixels' times ``scale``."""
-    return load_rgb_array(data, face_settings(context).detect_max_side)
+# The most decoded pixels a worker keeps for the partition at hand (see Photos).
+KEPT_PIXEL_BYTES = 256 << 20
+
+
+class DecodedPhotos:
+    """The pixels a worker's face stages decoded for the partition they are working on.
+
+    The engine runs a partition through detect, filter, embed and attributes one after another
+    in one worker (a fused pool, ``plan.pools``), and each of them decodes the same photos the
+    same way. Kept here, a photo is decoded once per worker pass instead of up to three times.
+    Keyed by the bytes' SHA-256 and the decode's size, so a kept decode is the decode those
+    bytes give, bit for bit (the arrays are read-only). When a stage starts a partition, the
+    pixels of other partitions go; up to ``max_bytes`` are kept (a photo over the budget is
+    decoded again by the next stage, as before)."""
+
+    def __init__(self, max_bytes: int = KEPT_PIXEL_BYTES):
+        self.max_bytes = max_bytes
+        self.kept: dict[tuple[bytes, int], tuple] = {}
+        self.used = 0
+
+    def start(self, blobs: list, min_side: int) -> list[tuple[bytes, int] | None]:
+        """The keys of a partition's photos; pixels kept for photos outside it are dropped."""
+        keys = [(hashlib.sha256(data).digest(), min_side) if isinstance(data, bytes) else None for data in blobs]
+        wanted = set(keys)
+        for key in [k for k in self.kept if k not in wanted]:
+            self.used -= self.kept.pop(key)[0].nbytes
+        return keys
+
+    def decode(self, data: bytes, key: tuple[bytes, int] | None, min_side: int) -> tuple[np.ndarray, int, int, int]:
+        found = self.kept.get(key)
+        if found is not None:
+            return found
+        decoded = load_rgb_array(data, min_side)  # a DecodeError is raised again by the next stage, not kept
+        if key is not None and self.used + decoded[0].nbytes <= self.max_bytes:
+            self.kept[key] = decoded
+            self.used += decoded[0].nbytes
+        return decoded
+
+
+DECODED = DecodedPhotos()  # one per worker process, shared by its face stages
+
+
+class Photos:
+    """One partition's photos (their bytes, in row order) as every face stage decodes them: a
+    JPEG at least twice the detection size at the reduced scale that still covers the detection
+    copy (portrait/decode.py), so detect, embed and attributes see the same pixels and a large
+    photo is never decoded in full for them. ``decode(i)`` gives (pixels, scale, full width,
+    full height); coordinates in the manifest are the full image's: the pixels' times ``scale``.
+    Decoded once per worker, through its ``DECODED`` pixels."""
+
+    def __init__(self, blobs: list[bytes], context: dict, decoded: DecodedPhotos | None = None):
+        self.blobs, self.decoded = blobs, decoded or DECODED
+        self.min_side = face_settings(context).detect_max_side
+        self.keys = self.decoded.start(blobs, self.min_side)
+
+    def decode(self, i: int) -> tuple[np.ndarray, int, int, int]:
+        return self.decoded.decode(self.blobs[i], self.keys[i], self.min_side)
 
 
 class FaceModelStage(Stage):
