@@ -43,7 +43,7 @@ bench-download: $(STAMP)
 	$(PY) benchmarks/bench_download.py
 
 bench-faces: $(STAMP)
-	$(PY) benchmarks/bench_faces.py
+	$(PY) benchmarks/bench_faces.py $(BENCH_ARGS)
 
 bench-cluster: $(STAMP)
 	$(PY) benchmarks/bench_cluster.py

@@ -92,7 +92,7 @@ def plain_loop(items: list[bytes]) -> dict:
     seconds = defaultdict(float)
     seconds["load models"] = time.perf_counter() - t_start
     cpu0 = time.process_time()
-    kept = 0
+    kept, finished = 0, []
     for data in items:
         t0 = time.perf_counter()
         img = np.array(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
@@ -130,13 +130,33 @@ def plain_loop(items: list[bytes]) -> dict:
             kept += 1
             del vector, shapes
         t5 = time.perf_counter()
+        finished.append(time.time())
         seconds["decode"] += t1 - t0
         seconds["detect"] += t2 - t1
         seconds["landmarks"] += t3 - t2
         seconds["filter"] += t4 - t3
         seconds["embed"] += t5 - t4
     seconds[CPU] = time.process_time() - cpu0
-    return {"wall": time.perf_counter() - t_start, "kept": kept, "seconds": dict(seconds)}
+    return {"wall": time.perf_counter() - t_start, "kept": kept, "seconds": dict(seconds), "finished": finished}
+
+
+def steady_rate(events: list[tuple[float, int]], trim: float = 0.1) -> float:
+    """Images/s once running: the least-squares slope of images finished against time, over the
+    middle of the run (``trim`` of the span between the first and last event left off at each
+    end), so neither start-up (Ray, workers, models) nor the last stragglers and the shutdown
+    count. ``events``: (time, images finished then)."""
+    events = sorted(events)
+    first, last = events[0][0], events[-1][0]
+    lo, hi = first + trim * (last - first), last - trim * (last - first)
+    done, points = 0, []
+    for t, n in events:
+        done += n
+        if lo <= t <= hi:
+            points.append((t, done))
+    if len(points) < 2:
+        return float("nan")
+    t, y = np.array(points, dtype=np.float64).T
+    return float(np.polyfit(t - t[0], y, 1)[0])
 
 
 # ---------------------------------------------------------------- the pipeline on Ray
@@ -341,8 +361,10 @@ def product_run(root: Path, work: Path, cpus: int) -> dict:
     run["kept"] = images.count("kept")
     # the last embedding written (the newest embed partition file): the face stages' end, before
     # the manifests are written and Ray shuts down
-    last = max(f.stat().st_mtime for f in (work / "out" / "_work" / "embed").rglob("*.parquet"))
-    run["to_last"] = last - run["started"]
+    embedded = list((work / "out" / "_work" / "embed").rglob("*.parquet"))
+    run["to_last"] = max(f.stat().st_mtime for f in embedded) - run["started"]
+    # each embed partition file is written when its images are done: (time, images)
+    run["steady"] = steady_rate([(f.stat().st_mtime, pq.read_metadata(f).num_rows) for f in embedded])
     return run
 
 
@@ -367,16 +389,17 @@ def plain_processes(paths: list[Path], processes: int, work: Path) -> dict:
             for i in range(processes)]
     run = run_monitored(cmds)
     run["kept"] = sum(p["kept"] for p in run["printed"])
+    run["steady"] = steady_rate([(t, 1) for p in run["printed"] for t in p["finished"]])
     return run
 
 
 def plain_worker(listing: str, part: int, parts: int) -> None:
     files = json.loads(Path(listing).read_text())[part::parts]
     result = plain_loop([Path(f).read_bytes() for f in files])
-    print(json.dumps({"kept": result["kept"], "wall": result["wall"]}))
+    print(json.dumps({"kept": result["kept"], "wall": result["wall"], "finished": result["finished"]}))
 
 
-def product_comparison(items: int, web_size: bool = False) -> None:
+def product_comparison(items: int, web_size: bool = False, rounds: int = 1) -> None:
     import shutil
     import tempfile
 
@@ -387,34 +410,55 @@ def product_comparison(items: int, web_size: bool = False) -> None:
         size = "re-saved at 2000-3000 px" if web_size else "as they are"
         print(f"{items} photos as a folder source (the {len(dev_files())} dev photos repeated, {size}), {cpus} CPUs; "
               f"load average {os.getloadavg()[0]:.1f} at the start")
-        startup = ray_startup(cpus)
-        runs = {
-            "datakit run": product_run(work / "photos", work, cpus),
-            "plain, 1 process": plain_processes(paths, 1, work),
-            "plain, 2 processes": plain_processes(paths, 2, work),
-        }
-        print(f"Ray start-up (import + ray.init in a fresh process, timed apart): {startup:.1f}s")
-        for name, run in runs.items():
-            ips = items / run["wall"]
-            line = (f"{name:19s}: {run['wall']:6.1f}s, {ips:6.2f} images/s end to end, {run['kept']} kept; "
-                    f"{run['cpu'] / run['wall']:.2f} cores, {1000 * run['cpu'] / items:.0f} CPU ms per image; "
-                    f"peak memory {run['peak_gb']:.2f} GB")
-            if name == "datakit run":
-                line += (f"; once started {items / max(run['wall'] - startup, 1e-9):.2f} images/s; last embedding "
-                         f"written at {run['to_last']:.1f}s, then manifests and Ray's shutdown to exit")
-            print(line)
-        product, to_last = runs["datakit run"]["wall"], runs["datakit run"]["to_last"]
-        for name in ("plain, 1 process", "plain, 2 processes"):
-            other = runs[name]["wall"]
-            print(f"ratio vs {name:18s}: {other / product:.2f}x end to end, "
-                  f"{other / max(product - startup, 1e-9):.2f}x once started "
-                  f"({other / max(to_last - startup, 1e-9):.2f}x to the last embedding written)")
+        ratios = []
+        for r in range(rounds):
+            # the product and the two-process loop alternate, so a slow minute of the machine hits both
+            startup = ray_startup(cpus)
+            runs = {"datakit run": product_run(work / "photos", work, cpus)}
+            if r == 0:
+                runs["plain, 1 process"] = plain_processes(paths, 1, work)
+            runs["plain, 2 processes"] = plain_processes(paths, 2, work)
+            if rounds > 1:
+                print(f"round {r + 1} of {rounds}:")
+            ratios.append(report_round(runs, items, startup))
+        if rounds > 1:
+            names = ("end to end", "once started", "to the last embedding", "once running")
+            medians = np.median(np.array(ratios), axis=0)
+            print("median over the rounds, datakit run vs plain, 2 processes: "
+                  + ", ".join(f"{m:.2f}x {n}" for n, m in zip(names, medians)))
         print("  (cores: CPU time of the process tree / wall; peak memory: summed RSS of the tree, which counts "
               "pages shared between Ray's processes more than once)")
+        print("  (once started: wall minus Ray's start-up; once running: the slope of images finished over time in "
+              "the middle 80% of each run, start-up, the first partition and the shutdown left out on both sides)")
         print(f"  (goals on a quiet 2-core machine: >= 1.5x the one-process loop end to end, >= 0.95x the "
               f"two-process loop once started); load average {os.getloadavg()[0]:.1f} at the end")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def report_round(runs: dict, items: int, startup: float) -> tuple[float, ...]:
+    """Print one round; returns the ratios against the two-process loop (end to end, once started,
+    to the last embedding written, once running)."""
+    print(f"Ray start-up (import + ray.init in a fresh process, timed apart): {startup:.1f}s")
+    for name, run in runs.items():
+        line = (f"{name:19s}: {run['wall']:6.1f}s, {items / run['wall']:6.2f} images/s end to end, {run['kept']} kept; "
+                f"{run['cpu'] / run['wall']:.2f} cores, {1000 * run['cpu'] / items:.0f} CPU ms per image; "
+                f"peak memory {run['peak_gb']:.2f} GB; once running {run['steady']:.2f} images/s")
+        if name == "datakit run":
+            line += (f"; once started {items / max(run['wall'] - startup, 1e-9):.2f} images/s; last embedding "
+                     f"written at {run['to_last']:.1f}s, then manifests and Ray's shutdown to exit")
+        print(line)
+    product, to_last, steady = runs["datakit run"]["wall"], runs["datakit run"]["to_last"], runs["datakit run"]["steady"]
+    ratios = ()
+    for name in ("plain, 1 process", "plain, 2 processes"):
+        if name not in runs:
+            continue
+        other = runs[name]
+        ratios = (other["wall"] / product, other["wall"] / max(product - startup, 1e-9),
+                  other["wall"] / max(to_last - startup, 1e-9), steady / other["steady"])
+        print(f"ratio vs {name:18s}: {ratios[0]:.2f}x end to end, {ratios[1]:.2f}x once started "
+              f"({ratios[2]:.2f}x to the last embedding written), {ratios[3]:.2f}x once running")
+    return ratios
 
 
 # ---------------------------------------------------------------- per-model costs
@@ -582,6 +626,9 @@ def main() -> None:
     parser.add_argument("--skip-models", action="store_true", help="leave out the per-model costs")
     parser.add_argument("--models-only", action="store_true", help="only the per-model costs")
     parser.add_argument("--decode-only", action="store_true", help="only the decode costs")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="product mode: datakit run and the two-process loop this many times, alternating; "
+                             "prints the median ratios")
     parser.add_argument("--web-size", action="store_true",
                         help="product mode: the photos re-saved as 2000-3000 px JPEGs (web size)")
     parser.add_argument("--plain-worker", help=argparse.SUPPRESS)  # one process of the plain loop
@@ -596,7 +643,7 @@ def main() -> None:
     if args.models_only:
         return report_model_costs(model_costs(items))
     if args.mode == "product":
-        product_comparison(args.items, args.web_size)
+        product_comparison(args.items, args.web_size, args.rounds)
         report_decode_costs(decode_costs(items))
         if not args.skip_models:
             report_model_costs(model_costs(items))
