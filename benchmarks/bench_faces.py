@@ -541,10 +541,12 @@ def report_model_costs(costs: dict) -> None:
 def decode_costs(items: list[bytes], sides=(640, 2000, 4000), photos: int = 6, repeat: int = 3) -> list[dict]:
     """CPU ms per image to decode a JPEG for the face stages, before and after the reduced decode
     (portrait/decode.py): the detection copy alone (decode + shrink to 640 px), and a build's
-    decodes of one kept image (detect, embed and attributes each decode it; shard decodes it
-    again and stores it at 1024 px). The dev photos are re-saved at each size (JPEG q90)."""
+    decodes of one kept image: before, detect, embed and attributes each decoded it in full;
+    now they share one reduced decode (face_model.Photos); shard decodes it again and stores it
+    at 1024 px. The dev photos are re-saved at each size (JPEG q90)."""
     from PIL import Image
 
+    from datakit.stages.face_model import DecodedPhotos, Photos
     from portrait.decode import decode_image
     from portrait.faces import geometry
 
@@ -559,9 +561,14 @@ def decode_costs(items: list[bytes], sides=(640, 2000, 4000), photos: int = 6, r
         return image.resize((round(image.width * scale), round(image.height * scale)), resample=3) if scale < 1 else image
 
     def build(data: bytes, reduced: bool):
-        for _ in range(3):  # detect, embed, attributes
-            np.asarray(decode_image(data, min_side=640 if reduced else None).image)
-        stored(data, 1024 if reduced else None)
+        if not reduced:  # before: detect, embed and attributes each decoded in full, shard again
+            for _ in range(3):
+                np.asarray(decode_image(data).image)
+            return stored(data, None)
+        shared = DecodedPhotos()  # now: the stages' own path, the worker's pixels shared by the three
+        for _ in range(3):
+            Photos([data], {}, shared).decode(0)
+        return stored(data, 1024)
 
     rows = []
     for side in sides:
@@ -592,8 +599,8 @@ def report_decode_costs(rows: list[dict]) -> None:
     for r in rows:
         print(f"{r['side']:>10d}px {r['copy_full']:>9.1f} -> {r['copy_reduced']:5.1f} ({r['copy_full'] / r['copy_reduced']:4.1f}x)"
               f" {r['build_full']:>12.1f} -> {r['build_reduced']:5.1f} ({r['build_full'] / r['build_reduced']:4.1f}x)")
-    print("  (detection copy: decode + shrink to 640 px; build: detect, embed and attributes each decode, "
-          f"shard decodes and stores at 1024 px); load {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print("  (detection copy: decode + shrink to 640 px; build: detect, embed and attributes each decoded in full "
+          f"-> one reduced decode they share; shard decodes and stores at 1024 px); load {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
 
 # ---------------------------------------------------------------- report
