@@ -434,3 +434,41 @@ def test_a_link_out_of_the_root_is_a_row_and_is_never_read(tmp_path, capsys):
     assert main(["explain", str(tmp_path / "out"), "Kofi_Annan/passwd.jpg"]) == 0
     explained = capsys.readouterr().out
     assert "final: dropped at sources: outside_root" in explained and "download   not reached" in explained
+
+
+SESSION_PROBE = """
+import json, sys
+from pathlib import Path
+import ray
+import ray._private.node as node_module
+from datakit.engine.ray_executor import RayExecutor
+
+seen = {}
+kill = node_module.Node._kill_process_impl
+def spy(self, process_type, **kwargs):
+    for info in self.all_processes.get(process_type, []):
+        seen[process_type] = info.process.poll() is None  # alive when ray.shutdown comes to it
+    kill(self, process_type, **kwargs)
+node_module.Node._kill_process_impl = spy
+
+executor = RayExecutor()
+with executor.session(None, 1, Path(sys.argv[1])):
+    monitor = ray._private.worker._global_node.all_processes["monitor"][0].process
+    ray.get(ray.remote(lambda: 1).remote())
+print(json.dumps({"initialized": ray.is_initialized(), "alive_when_reached": seen, "monitor_rc": monitor.returncode}))
+"""
+
+
+def test_a_session_stops_the_ray_it_started_and_does_not_wait_on_the_autoscaler_monitor(tmp_path):
+    """Ray's shutdown gives each process a second to exit after SIGTERM, and its autoscaler
+    monitor never takes it: the session kills the monitor first, then shuts Ray down itself
+    before the build returns (not in Ray's exit hook)."""
+    done = subprocess.run([sys.executable, "-c", SESSION_PROBE, str(tmp_path / "logs")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    probe = json.loads(done.stdout.strip().splitlines()[-1])
+    assert probe["initialized"] is False
+    assert probe["alive_when_reached"]["raylet"] is True  # the spy sees what Ray's shutdown meets
+    assert probe["alive_when_reached"]["monitor"] is False
+    assert probe["monitor_rc"] == -signal.SIGKILL
+    assert (tmp_path / "logs" / "raylet.out").exists()  # the logs were saved before the shutdown
