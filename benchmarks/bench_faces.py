@@ -633,9 +633,9 @@ def main() -> None:
     parser.add_argument("--skip-models", action="store_true", help="leave out the per-model costs")
     parser.add_argument("--models-only", action="store_true", help="only the per-model costs")
     parser.add_argument("--decode-only", action="store_true", help="only the decode costs")
-    parser.add_argument("--rounds", type=int, default=1,
+    parser.add_argument("--rounds", type=int, default=3,
                         help="product mode: datakit run and the two-process loop this many times, alternating; "
-                             "prints the median ratios")
+                             "prints the median ratios (one round swings by +-10%% on a shared VM)")
     parser.add_argument("--web-size", action="store_true",
                         help="product mode: the photos re-saved as 2000-3000 px JPEGs (web size)")
     parser.add_argument("--plain-worker", help=argparse.SUPPRESS)  # one process of the plain loop
