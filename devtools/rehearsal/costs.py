@@ -45,7 +45,8 @@ GPU_MS = {
                     "arXiv:2105.04714)"),
     "embed": (1000 * 16 / (3 * 5200), "ArcFace r100: ~5,200 training samples/s on 16 GPUs (insightface "
               "recognition/arcface_torch/README.md, WF42M-PFC-0.2 r100(256*16)); a training step costs ~3 forward "
-              "passes, so ~975 faces/s forward per GPU"),
+              "passes (the backward pass ~2x the forward: Kaplan et al. 2020, arXiv:2001.08361, sec. 2.1), so "
+              "~975 faces/s forward per GPU"),
 }
 PAPER_MODELS = {"detect": ("scrfd_10g_kps", "dlib HOG detector"), "embed": ("arcface_r100", "dlib ResNet (128-d)")}
 
