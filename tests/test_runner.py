@@ -476,14 +476,21 @@ def test_a_session_stops_the_ray_it_started_and_does_not_wait_on_the_autoscaler_
     assert (tmp_path / "logs" / "raylet.out").exists()  # the logs were saved before the shutdown
 
 
-def test_the_entry_point_freezes_what_is_alive_before_the_interpreter_exits(monkeypatch):
-    """``python -m datakit`` returns main's code after gc.freeze(), so the interpreter's exit
-    does not collect the object graphs of Ray, pandas and pyarrow (bench-faces counts that time)."""
+def test_both_entry_points_freeze_what_is_alive_before_the_interpreter_exits(monkeypatch):
+    """The ``datakit`` command and ``python -m datakit`` return main's code after gc.freeze(), so
+    the interpreter's exit does not collect the object graphs of Ray, pandas and pyarrow
+    (bench-faces counts that time)."""
+    from importlib.metadata import entry_points
+
     import datakit.cli
 
     monkeypatch.setattr(datakit.cli, "main", lambda: 3)
+    (command,) = entry_points(group="console_scripts", name="datakit")
     gc.unfreeze()
     try:
+        assert command.load()() == 3
+        assert gc.get_freeze_count() > 0
+        gc.unfreeze()
         with pytest.raises(SystemExit) as exited:
             runpy.run_module("datakit", run_name="__main__")
         assert exited.value.code == 3
