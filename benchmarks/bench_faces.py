@@ -140,11 +140,16 @@ def plain_loop(items: list[bytes]) -> dict:
     return {"wall": time.perf_counter() - t_start, "kept": kept, "seconds": dict(seconds), "finished": finished}
 
 
+MIN_FIT_POINTS = 10
+
+
 def steady_rate(events: list[tuple[float, int]], trim: float = 0.1) -> float:
     """Images/s once running: the least-squares slope of images finished against time, over the
     middle of the run (``trim`` of the span between the first and last event left off at each
     end), so neither start-up (Ray, workers, models) nor the last stragglers and the shutdown
-    count. ``events``: (time, images finished then)."""
+    count. ``events``: (time, images finished then). Fewer than ``MIN_FIT_POINTS`` in the middle
+    (a run of a few partitions) give nan: two partition files written a moment apart would read
+    as hundreds of images/s."""
     events = sorted(events)
     first, last = events[0][0], events[-1][0]
     lo, hi = first + trim * (last - first), last - trim * (last - first)
@@ -153,7 +158,7 @@ def steady_rate(events: list[tuple[float, int]], trim: float = 0.1) -> float:
         done += n
         if lo <= t <= hi:
             points.append((t, done))
-    if len(points) < 2:
+    if len(points) < MIN_FIT_POINTS:
         return float("nan")
     t, y = np.array(points, dtype=np.float64).T
     return float(np.polyfit(t - t[0], y, 1)[0])
@@ -422,10 +427,9 @@ def product_comparison(items: int, web_size: bool = False, rounds: int = 1) -> N
                 print(f"round {r + 1} of {rounds}:")
             ratios.append(report_round(runs, items, startup))
         if rounds > 1:
-            names = ("end to end", "once started", "to the last embedding", "once running")
             medians = np.median(np.array(ratios), axis=0)
             print("median over the rounds, datakit run vs plain, 2 processes: "
-                  + ", ".join(f"{m:.2f}x {n}" for n, m in zip(names, medians)))
+                  + ", ".join(f"{m:.2f}x {n}" for n, m in zip(RATIOS, medians)))
         print("  (cores: CPU time of the process tree / wall; peak memory: summed RSS of the tree, which counts "
               "pages shared between Ray's processes more than once)")
         print("  (once started: wall minus Ray's start-up; once running: the slope of images finished over time in "
@@ -436,9 +440,11 @@ def product_comparison(items: int, web_size: bool = False, rounds: int = 1) -> N
         shutil.rmtree(work, ignore_errors=True)
 
 
+RATIOS = ("end to end", "once started", "to the last embedding written", "once running")
+
+
 def report_round(runs: dict, items: int, startup: float) -> tuple[float, ...]:
-    """Print one round; returns the ratios against the two-process loop (end to end, once started,
-    to the last embedding written, once running)."""
+    """Print one round; returns the ratios (``RATIOS``) against the two-process loop."""
     print(f"Ray start-up (import + ray.init in a fresh process, timed apart): {startup:.1f}s")
     for name, run in runs.items():
         line = (f"{name:19s}: {run['wall']:6.1f}s, {items / run['wall']:6.2f} images/s end to end, {run['kept']} kept; "
@@ -448,17 +454,16 @@ def report_round(runs: dict, items: int, startup: float) -> tuple[float, ...]:
             line += (f"; once started {items / max(run['wall'] - startup, 1e-9):.2f} images/s; last embedding "
                      f"written at {run['to_last']:.1f}s, then manifests and Ray's shutdown to exit")
         print(line)
-    product, to_last, steady = runs["datakit run"]["wall"], runs["datakit run"]["to_last"], runs["datakit run"]["steady"]
-    ratios = ()
+    product = runs["datakit run"]
+
+    def against(other: dict) -> tuple[float, ...]:
+        return (other["wall"] / product["wall"], other["wall"] / max(product["wall"] - startup, 1e-9),
+                other["wall"] / max(product["to_last"] - startup, 1e-9), product["steady"] / other["steady"])
+
     for name in ("plain, 1 process", "plain, 2 processes"):
-        if name not in runs:
-            continue
-        other = runs[name]
-        ratios = (other["wall"] / product, other["wall"] / max(product - startup, 1e-9),
-                  other["wall"] / max(to_last - startup, 1e-9), steady / other["steady"])
-        print(f"ratio vs {name:18s}: {ratios[0]:.2f}x end to end, {ratios[1]:.2f}x once started "
-              f"({ratios[2]:.2f}x to the last embedding written), {ratios[3]:.2f}x once running")
-    return ratios
+        if name in runs:
+            print(f"ratio vs {name:18s}: " + ", ".join(f"{r:.2f}x {n}" for n, r in zip(RATIOS, against(runs[name]))))
+    return against(runs["plain, 2 processes"])
 
 
 # ---------------------------------------------------------------- per-model costs

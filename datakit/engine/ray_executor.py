@@ -91,9 +91,7 @@ class RayExecutor:
         ``log_dir``; a remote cluster keeps its logs on its own nodes."""
         import shutil
 
-        import ray
-
-        node = getattr(ray._private.worker, "_global_node", None)
+        node = ray_node()
         logs = Path(node.get_logs_dir_path()) if node is not None else None
         if logs is None or not logs.is_dir():
             return
@@ -128,16 +126,23 @@ class RayExecutor:
         ray.get(task.remote(step, context, upstream, work.output))
 
 
+def ray_node():
+    """This process's Ray node (Ray's private handle: its log folder and, for a Ray this process
+    started, its processes), or None before ``ray.init``."""
+    import ray
+
+    return getattr(ray._private.worker, "_global_node", None)
+
+
 def kill_autoscaler_monitor() -> None:
     """Kill the autoscaler monitor of the local Ray this process started. ``ray.shutdown`` sends
     each of Ray's processes SIGTERM and waits up to a second for it; the monitor sleeps between
     its updates and never exits in time, so every build waited that second before Ray sent
     SIGKILL (measured: shutdown 1.4 s, 0.45 s with the monitor killed first). A local cluster's
     monitor holds no state. Connected to a cluster, this process started no monitor."""
-    import ray
     from ray._private import ray_constants
 
-    node = getattr(ray._private.worker, "_global_node", None)
+    node = ray_node()
     monitors = node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, []) if node is not None else []
     for info in monitors:
         info.process.kill()
